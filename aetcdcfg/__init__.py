@@ -1,0 +1,45 @@
+"""aetcdcfg: an asyncio etcd v3 configuration and watch client for async Python services.
+
+Users import from here; submodules are private except ``aetcdcfg.fastapi`` and ``aetcdcfg.testing``.
+"""
+
+from .client import EtcdClient as EtcdClient
+from .errors import AetcdcfgError as AetcdcfgError
+from .errors import AuthenticationFailed as AuthenticationFailed
+from .errors import ClientClosedError as ClientClosedError
+from .errors import ConfigRejected as ConfigRejected
+from .errors import ConfigurationError as ConfigurationError
+from .errors import EtcdError as EtcdError
+from .errors import EtcdUnavailable as EtcdUnavailable
+from .errors import PermissionDenied as PermissionDenied
+from .errors import RequestTooLarge as RequestTooLarge
+from .errors import RevisionCompacted as RevisionCompacted
+from .errors import SubscriberLagged as SubscriberLagged
+from .errors import TxnConflict as TxnConflict
+from .events import Event as Event
+from .events import EventType as EventType
+from .events import Snapshot as Snapshot
+from .settings import EtcdSettings as EtcdSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AetcdcfgError",
+    "AuthenticationFailed",
+    "ClientClosedError",
+    "ConfigRejected",
+    "ConfigurationError",
+    "EtcdClient",
+    "EtcdError",
+    "EtcdSettings",
+    "EtcdUnavailable",
+    "Event",
+    "EventType",
+    "PermissionDenied",
+    "RequestTooLarge",
+    "RevisionCompacted",
+    "Snapshot",
+    "SubscriberLagged",
+    "TxnConflict",
+    "__version__",
+]

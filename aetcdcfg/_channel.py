@@ -1,0 +1,205 @@
+"""One grpc.aio channel per etcd endpoint, and picking a member that is reachable.
+
+Channel options carry what aetcd's own client lacks: TLS/mTLS, keepalive that respects etcd's ping
+enforcement, a large receive limit, and fast reconnect backoff so a restarted member is used again soon.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+import structlog
+from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
+
+from .errors import ConfigurationError, EtcdUnavailable
+from .settings import EtcdSettings
+
+__all__ = ["Endpoint", "EndpointPool"]
+
+log = structlog.get_logger("aetcdcfg")
+
+#: Seconds a member that just failed is passed over while another one is reachable.
+FAILURE_PENALTY = 10.0
+
+
+def _read(setting: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(setting, f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+
+
+def _credentials(settings: EtcdSettings) -> grpc.ChannelCredentials:
+    """TLS credentials; verification against ``ca_file`` (or the system roots) is always on."""
+    root = None
+    if settings.ca_file is not None:
+        root = _read("ca_file", settings.ca_file)
+        try:
+            ssl.create_default_context(cadata=root.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigurationError("ca_file", f"{str(settings.ca_file)!r} is not a PEM CA bundle") from exc
+    cert = key = None
+    if settings.cert_file is not None and settings.key_file is not None:
+        cert = _read("cert_file", settings.cert_file)
+        key = _read("key_file", settings.key_file)
+        try:
+            ssl.create_default_context().load_cert_chain(settings.cert_file, settings.key_file)
+        except ssl.SSLError as exc:
+            raise ConfigurationError(
+                "key_file",
+                f"{str(settings.key_file)!r} does not match cert_file {str(settings.cert_file)!r} "
+                f"or is not PEM ({exc.reason or exc})",
+            ) from exc
+    return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
+
+
+def channel_options(settings: EtcdSettings) -> list[tuple[str, Any]]:
+    """gRPC channel arguments derived from the settings."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        # Ping only while a call is active: etcd's default policy GOAWAYs idle pings.
+        ("grpc.keepalive_permit_without_calls", 0),
+        # A quiet watch stream sends no data; without this gRPC stops pinging after two pings.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        # We retry ourselves, knowing which etcd requests are safe to repeat.
+        ("grpc.enable_retries", 0),
+        # Each client gets its own connections, not ones shared process-wide with other clients.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if settings.server_name:
+        options.append(("grpc.ssl_target_name_override", settings.server_name))
+    return options
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One member URL with its channel and stubs; ``last_error`` is the latest failure seen there."""
+
+    url: str
+    channel: grpc.aio.Channel
+    kv: Any = field(init=False)
+    watch: Any = field(init=False)
+    auth: Any = field(init=False)
+    maintenance: Any = field(init=False)
+    last_error: str | None = None
+    failed_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.kv = rpc_pb2_grpc.KVStub(self.channel)
+        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
+        self.auth = rpc_pb2_grpc.AuthStub(self.channel)
+        self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
+
+    def is_ready(self) -> bool:
+        return bool(self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY)
+
+
+class EndpointPool:
+    """The client's endpoints; ``ready()`` returns a member with a live connection, failing over."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self._settings = settings
+        options = channel_options(settings)
+        creds = _credentials(settings) if settings.tls else None
+        self.endpoints: list[Endpoint] = []
+        for url, target in zip(settings.endpoints, settings.targets, strict=True):
+            if creds is not None:
+                channel = grpc.aio.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=options)
+            self.endpoints.append(Endpoint(url, channel))
+        self._current: Endpoint | None = None
+        self._last_used: Endpoint | None = None
+
+    @property
+    def current(self) -> Endpoint | None:
+        return self._current
+
+    def mark_failed(self, endpoint: Endpoint, cause: str) -> None:
+        """Forget ``endpoint`` as the preferred member; the next ``ready()`` looks for another."""
+        endpoint.last_error = cause
+        endpoint.failed_at = anyio.current_time()
+        if self._current is endpoint:
+            self._current = None
+
+    async def ready(self, timeout: float) -> Endpoint:
+        """A member whose channel is connected, preferring the current one, then endpoint order.
+
+        All endpoints connect in parallel, so one dead or black-holed member costs no extra time.
+        Raises :class:`EtcdUnavailable` when none is ready within ``timeout`` seconds.
+        """
+        current = self._current
+        if current is not None and current.is_ready():
+            return current
+        ready: list[Endpoint] = []
+        with anyio.move_on_after(max(timeout, 0.0)):
+            async with anyio.create_task_group() as tg:
+
+                async def wait_ready(ep: Endpoint) -> None:
+                    await ep.channel.channel_ready()
+                    ready.append(ep)
+                    tg.cancel_scope.cancel()
+
+                for ep in self.endpoints:
+                    tg.start_soon(wait_ready, ep)
+        # Several may be ready by now: keep the configured order, but avoid a member that failed
+        # recently while its connection still looks fine (a frozen or partitioned member).
+        now = anyio.current_time()
+        candidates = sorted(
+            (ep for ep in self.endpoints if ep in ready or ep.is_ready()),
+            key=lambda ep: ep.failed_at is not None and now - ep.failed_at < FAILURE_PENALTY,
+        )
+        if not candidates:
+            await self._probe_causes()
+            raise EtcdUnavailable(
+                f"no etcd endpoint reachable within {timeout:.3g}s (connect_timeout)",
+                endpoints=[ep.url for ep in self.endpoints],
+                cause=self._last_cause(),
+            )
+        chosen = candidates[0]
+        previous = self._last_used
+        if previous is None:
+            log.info("etcd.connected", endpoint=chosen.url)
+        elif chosen is not previous:
+            log.warning(
+                "etcd.failover", endpoint=chosen.url, previous=previous.url, cause=previous.last_error
+            )
+        self._last_used = self._current = chosen
+        return chosen
+
+    async def _probe_causes(self) -> None:
+        """Ask each unreachable channel for its connection error, so EtcdUnavailable can name it."""
+
+        async def probe(ep: Endpoint) -> None:
+            try:
+                await ep.maintenance.Status(rpc_pb2.StatusRequest(), timeout=0.2, wait_for_ready=False)
+            except grpc.aio.AioRpcError as exc:
+                ep.last_error = f"{exc.code().name}: {exc.details()}"
+
+        with anyio.move_on_after(0.3):
+            async with anyio.create_task_group() as tg:
+                for ep in self.endpoints:
+                    tg.start_soon(probe, ep)
+
+    def _last_cause(self) -> str:
+        causes = [f"{ep.url}: {ep.last_error}" for ep in self.endpoints if ep.last_error]
+        if causes:
+            return "; ".join(causes)
+        states = [f"{ep.url}: {ep.channel.get_state().name}" for ep in self.endpoints]
+        return "connection state " + ", ".join(states)
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for ep in self.endpoints:
+                await ep.channel.close(grace=None)

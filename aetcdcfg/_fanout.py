@@ -1,0 +1,292 @@
+"""Sharing one prefix watch among any number of subscribers, each with its own bounded buffer.
+
+Policy for slow subscribers: a batch (one revision) is handed to each subscriber's memory stream
+without waiting. When a subscriber's buffer is full it is cut off — never the stream, never the other
+subscribers: it still receives every revision already buffered, then its iterator raises
+:class:`SubscriberLagged` whose ``resume_revision`` is the first revision it did not get. Opening
+``client.watch(prefix, start_revision=exc.resume_revision)`` continues gap-free: from the watch's
+recent history in memory when it still holds that revision, otherwise from a private catch-up stream.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._resume import Batch, WatchState
+from ._stream import WatchLoop
+from .errors import AetcdcfgError, ClientClosedError, SubscriberLagged
+from .events import Event, Snapshot
+
+if TYPE_CHECKING:
+    from .client import EtcdClient
+
+__all__ = ["PrefixWatch", "Subscription"]
+
+log = structlog.get_logger("aetcdcfg")
+
+#: Events of recent revisions kept per prefix so a lagged subscriber can resume without etcd.
+HISTORY_EVENTS = 10_000
+
+
+def _decode(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+class Subscription:
+    """Events of one prefix in revision order: ``async for event in subscription``.
+
+    ``batches()`` yields one tuple per revision instead (all events of a transaction together).
+    Iteration ends with :class:`SubscriberLagged` if this subscriber fell behind its buffer, or with
+    the watch's unfixable error (e.g. :class:`PermissionDenied`); it never ends silently.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        receive: MemoryObjectReceiveStream[Batch],
+        *,
+        start_revision: int,
+        snapshot: Snapshot | None,
+    ) -> None:
+        self.prefix = prefix
+        #: The first revision this subscription can deliver (earlier changes are in ``snapshot``).
+        self.start_revision = start_revision
+        self.snapshot = snapshot
+        self._receive = receive
+        self._batch: Batch = ()
+        self._index = 0
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.prefix!r} from revision {self.start_revision}>"
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._index >= len(self._batch):
+            self._batch = await self._next_batch()
+            self._index = 0
+        event = self._batch[self._index]
+        self._index += 1
+        return event
+
+    async def batches(self) -> AsyncIterator[Sequence[Event]]:
+        """Yield the events of each revision together, in revision order."""
+        if self._index < len(self._batch):
+            rest, self._batch = self._batch[self._index :], ()
+            yield rest
+        while True:
+            try:
+                batch = await self._next_batch()
+            except StopAsyncIteration:
+                return
+            yield batch
+
+    async def _next_batch(self) -> Batch:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._error is not None:
+                raise self._error from None
+            raise StopAsyncIteration from None
+
+
+class _Subscriber:
+    """The hub's side of one subscription."""
+
+    __slots__ = ("catching_up", "error_target", "hub", "last_revision", "pending", "send", "size")
+
+    def __init__(
+        self, hub: PrefixWatch, send: MemoryObjectSendStream[Batch], size: int, last_revision: int
+    ) -> None:
+        self.hub = hub
+        self.send = send
+        self.size = size
+        self.last_revision = last_revision
+        self.catching_up = False
+        self.pending: list[Batch] = []
+        self.error_target: Subscription | None = None
+
+    def offer(self, batch: Batch) -> None:
+        """Hand one revision over without waiting; a full buffer cuts this subscriber off."""
+        revision = batch[0].revision
+        if revision <= self.last_revision:
+            return
+        if self.catching_up:
+            self.pending.append(batch)
+            return
+        self.deliver(batch, revision)
+
+    def deliver(self, batch: Batch, revision: int) -> None:
+        try:
+            self.send.send_nowait(batch)
+        except anyio.WouldBlock:
+            self.hub.log.warning("watch.subscriber_lagged", resume_revision=revision, buffer_size=self.size)
+            self.fail(
+                SubscriberLagged(prefix=self.hub.label, resume_revision=revision, buffer_size=self.size)
+            )
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.hub.discard(self)
+            return
+        self.last_revision = revision
+
+    def offer_caught_up(self, batches: tuple[Batch, ...]) -> None:
+        """Deliver revisions from the private catch-up stream, ahead of the pending live ones."""
+        for batch in batches:
+            revision = batch[0].revision
+            if revision > self.last_revision:
+                self.deliver(batch, revision)
+
+    def finish_catch_up(self) -> None:
+        self.catching_up = False
+        pending, self.pending = self.pending, []
+        for batch in pending:
+            self.offer(batch)
+
+    def fail(self, error: BaseException) -> None:
+        """End this subscription: buffered revisions are still delivered, then ``error`` is raised."""
+        if self.error_target is not None and self.error_target._error is None:
+            self.error_target._error = error
+        self.send.close()
+        self.hub.discard(self)
+
+
+class PrefixWatch:
+    """One server watcher for one prefix, shared by every subscriber of it on one client.
+
+    It lists the prefix once (so it knows the current state and can resync after compaction), then
+    follows it from that revision + 1 with a :class:`WatchLoop`, publishing each revision to the
+    subscribers and into a bounded in-memory history.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: bytes) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.label = _decode(prefix)
+        self.log = log.bind(prefix=self.label)
+        self.state: WatchState | None = None
+        self.subscribers: list[_Subscriber] = []
+        self.history: deque[Batch] = deque()
+        self._history_events = 0
+        self.floor = 0  # history holds every revision from floor to state.delivered
+        self._scope: anyio.CancelScope | None = None
+        self._started = anyio.Event()
+        self._start_error: BaseException | None = None
+        self._starting = False
+        self.closed = False
+        self._holders = 0  # open watch() contexts, lagged or not
+
+    async def ensure_started(self, task_group: anyio.abc.TaskGroup) -> None:
+        """List the prefix and start following it; raises if etcd cannot be read (e.g. unreachable)."""
+        if self._starting:
+            await self._started.wait()
+            if self._start_error is not None:
+                raise self._start_error
+            return
+        self._starting = True
+        try:
+            await task_group.start(self._run)
+        except BaseException as exc:
+            self._start_error = exc
+            self.closed = True
+            raise
+        finally:
+            self._started.set()
+
+    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            listing, revision = await self.client._list_keys(self.prefix)
+            self.state = WatchState(self.prefix, revision, listing)
+            self.floor = revision + 1
+            task_status.started()
+            error: BaseException = ClientClosedError("the EtcdClient was closed")
+            try:
+                await WatchLoop(self.client, self.state, self._publish, label=self.label).run()
+            except AetcdcfgError as exc:
+                self.log.error("watch.failed", error=str(exc))
+                error = exc
+            finally:
+                self.closed = True
+                self.client._forget_watch(self)
+                for sub in list(self.subscribers):
+                    sub.fail(error)
+
+    def _publish(self, batches: tuple[Batch, ...]) -> None:
+        history = self.history
+        for batch in batches:
+            history.append(batch)
+            self._history_events += len(batch)
+            for sub in self.subscribers:
+                sub.offer(batch)
+        while self._history_events > HISTORY_EVENTS and len(history) > 1:
+            dropped = history.popleft()
+            self._history_events -= len(dropped)
+            self.floor = dropped[0].revision + 1
+
+    def subscribe(
+        self, start_revision: int | None, buffer_size: int, *, with_snapshot: bool
+    ) -> tuple[Subscription, _Subscriber]:
+        """Attach a subscriber. Everything it needs up to now is queued before this returns."""
+        state = self.state
+        assert state is not None
+        delivered = state.delivered
+        if start_revision is None:
+            first = delivered + 1
+            replay: list[Batch] = []
+        else:
+            first = start_revision
+            replay = [b for b in self.history if b[0].revision >= first] if first <= delivered else []
+        send, receive = anyio.create_memory_object_stream[Batch](buffer_size + len(replay))
+        sub = _Subscriber(self, send, buffer_size, first - 1)
+        # Older than the history: etcd replays [first, floor) first, and everything here waits.
+        sub.catching_up = first < self.floor
+        snapshot = None
+        if with_snapshot:
+            snapshot = Snapshot(delivered, {_decode(k): v.value for k, v in (state.keys or {}).items()})
+        subscription = Subscription(self.label, receive, start_revision=first, snapshot=snapshot)
+        sub.error_target = subscription
+        for batch in replay:
+            sub.offer(batch)
+        self.subscribers.append(sub)
+        self._holders += 1
+        return subscription, sub
+
+    async def catch_up(self, sub: _Subscriber, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Replay ``[sub.last_revision + 1, floor)`` from etcd on a private stream, then go live."""
+        state = self.state
+        assert state is not None
+        until = self.floor - 1
+        private = WatchState(self.prefix, sub.last_revision)
+        task_status.started()
+        self.log.info("watch.catch_up", from_revision=sub.last_revision + 1, until=until)
+        try:
+            await WatchLoop(self.client, private, sub.offer_caught_up, label=self.label, stop_at=until).run()
+        except AetcdcfgError as exc:
+            sub.fail(exc)
+            return
+        sub.finish_catch_up()
+
+    def discard(self, sub: _Subscriber) -> None:
+        """Stop publishing to a subscriber (it failed, lagged or left)."""
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+        sub.send.close()
+
+    def release(self, sub: _Subscriber) -> None:
+        """A ``watch()`` context ended; the last one to end stops the server watcher."""
+        self.discard(sub)
+        self._holders -= 1
+        if self._holders == 0 and self._scope is not None and not self.closed:
+            self.closed = True
+            self.client._forget_watch(self)
+            self._scope.cancel()

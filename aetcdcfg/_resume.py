@@ -1,0 +1,194 @@
+"""Pure revision bookkeeping for one prefix watch: what to emit, where to resume, when to re-list.
+
+No I/O here. :class:`WatchState` is fed etcd ``WatchResponse`` messages (anything with the same fields)
+and returns a :class:`Step` saying what the I/O loop must do. It guarantees:
+
+* ``delivered`` is a revision such that every event with a mod revision <= it has been emitted, so a
+  new watch resumes at ``delivered + 1`` with nothing missed or repeated. It advances on events (to the
+  last event's mod revision, never to a catch-up response's header revision) and on progress
+  notifications addressed to this watcher (etcd sends those only to synced watchers).
+* Events are emitted as whole revisions: a transaction's events form one batch, fragments are joined
+  first, and a partial fragment sequence is thrown away when the stream breaks.
+* After compaction, ``resync()`` turns a fresh listing into the difference against what was delivered.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .events import Event, EventType
+
+__all__ = ["Batch", "KeyState", "Step", "StepKind", "WatchState"]
+
+Batch = tuple[Event, ...]
+
+# etcd's mvccpb.Event.EventType values
+_PUT = 0
+_DELETE = 1
+
+
+class KeyState(NamedTuple):
+    """What the watch last delivered for one key."""
+
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+
+
+class StepKind(enum.Enum):
+    NOTHING = "nothing"  # keep reading
+    CREATED = "created"  # the server watcher exists; ``revision`` is etcd's current revision
+    EMIT = "emit"  # deliver ``batches`` in order
+    PROGRESS = "progress"  # no events up to ``revision``
+    RELIST = "relist"  # history is gone (``revision`` = compact revision): re-list and call resync()
+    CHECK_REVISION = "check_revision"  # etcd reported a revision below ``delivered``: verify it
+    CANCELED = "canceled"  # the server canceled the watch for ``reason``; reconnect or give up
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    kind: StepKind
+    batches: tuple[Batch, ...] = ()
+    revision: int = 0
+    reason: str = ""
+
+
+_NOTHING = Step(StepKind.NOTHING)
+
+
+def _decode(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class WatchState:
+    """Bookkeeping of one watch over ``prefix`` that has delivered everything up to ``delivered``.
+
+    With ``keys`` (the prefix's contents as of ``delivered``) it keeps a materialised copy of the
+    prefix, fills ``Event.prev_value`` from it and can resync after compaction. Without it (a private
+    catch-up stream) compaction cannot be repaired and is reported as RELIST for the caller to refuse.
+    """
+
+    prefix: bytes
+    delivered: int
+    keys: dict[bytes, KeyState] | None = None
+    watch_id: int | None = None
+    _fragments: list[Any] = field(default_factory=list)
+
+    @property
+    def tracks_state(self) -> bool:
+        return self.keys is not None
+
+    @property
+    def resume_revision(self) -> int:
+        """Where a new server watcher must start."""
+        return self.delivered + 1
+
+    def stream_lost(self) -> None:
+        """The stream broke: forget partial fragments and the server's watch id."""
+        self._fragments.clear()
+        self.watch_id = None
+
+    def on_response(self, response: Any) -> Step:
+        """Digest one WatchResponse."""
+        header_revision = int(response.header.revision)
+        if response.canceled or response.compact_revision:
+            self.stream_lost()
+            if response.compact_revision:
+                return Step(StepKind.RELIST, revision=int(response.compact_revision), reason="compacted")
+            return Step(StepKind.CANCELED, reason=str(response.cancel_reason) or "canceled by server")
+        if response.created:
+            self.watch_id = int(response.watch_id)
+            if header_revision < self.delivered:
+                return Step(StepKind.CHECK_REVISION, revision=header_revision)
+            return Step(StepKind.CREATED, revision=header_revision)
+        if self.watch_id is None or int(response.watch_id) != self.watch_id:
+            # A broadcast (watch id -1) answering a progress request: in etcd < 3.5.8 its header
+            # revision can run ahead of events still being replayed, so it only proves liveness.
+            return _NOTHING
+        if response.fragment:
+            self._fragments.extend(response.events)
+            return _NOTHING
+        events = list(response.events)
+        if self._fragments:
+            events = self._fragments + events
+            self._fragments = []
+        if not events:
+            if header_revision > self.delivered:
+                self.delivered = header_revision
+                return Step(StepKind.PROGRESS, revision=header_revision)
+            return _NOTHING
+        batches = self._batches(events)
+        if not batches:
+            return _NOTHING
+        return Step(StepKind.EMIT, batches=batches, revision=self.delivered)
+
+    def _batches(self, raw_events: Iterable[Any]) -> tuple[Batch, ...]:
+        batches: list[Batch] = []
+        current: list[Event] = []
+        current_revision = 0
+        keys = self.keys
+        for raw in raw_events:
+            kv = raw.kv
+            revision = int(kv.mod_revision)
+            if revision <= self.delivered:
+                continue  # already delivered before a reconnect; never repeat
+            if revision != current_revision and current:
+                batches.append(tuple(current))
+                current = []
+            current_revision = revision
+            key = bytes(kv.key)
+            previous = keys.get(key) if keys is not None else None
+            prev_value = previous.value if previous is not None else None
+            if raw.type == _DELETE:
+                event = Event(EventType.DELETE, _decode(key), b"", revision, prev_value)
+                if keys is not None:
+                    keys.pop(key, None)
+            else:
+                value = bytes(kv.value)
+                create, version = int(kv.create_revision), int(kv.version)
+                event = Event(EventType.PUT, _decode(key), value, revision, prev_value, create, version)
+                if keys is not None:
+                    keys[key] = KeyState(value, revision, create, version)
+            current.append(event)
+        if current:
+            batches.append(tuple(current))
+            self.delivered = current_revision
+        return tuple(batches)
+
+    def resync(self, listing: Mapping[bytes, KeyState], revision: int) -> Batch:
+        """Adopt a fresh listing at ``revision``; return the changes against what was delivered.
+
+        The batch holds a PUT for every new or changed key and a DELETE for every vanished key, all
+        marked ``resync`` and stamped with ``revision`` (the listing's), sorted by key.
+        """
+        if self.keys is None:
+            raise RuntimeError("resync needs a watch that tracks the prefix's keys")
+        old = self.keys
+        events: list[Event] = []
+        for key in sorted(old.keys() | listing.keys()):
+            before, after = old.get(key), listing.get(key)
+            prev_value = before.value if before is not None else None
+            if after is None:
+                events.append(Event(EventType.DELETE, _decode(key), b"", revision, prev_value, resync=True))
+            elif before is None or before.mod_revision != after.mod_revision or before.value != after.value:
+                events.append(
+                    Event(
+                        EventType.PUT,
+                        _decode(key),
+                        after.value,
+                        revision,
+                        prev_value,
+                        after.create_revision,
+                        after.version,
+                        resync=True,
+                    )
+                )
+        self.keys = dict(listing)
+        self.delivered = revision
+        self._fragments.clear()
+        return tuple(events)

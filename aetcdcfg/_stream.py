@@ -1,0 +1,272 @@
+"""WatchLoop: the one I/O loop that keeps a server watcher alive for one WatchState.
+
+It opens a gRPC ``Watch`` stream on a reachable member, creates the watcher at
+``state.resume_revision`` and feeds every response to the state. Any failure — reset, member crash,
+leader loss (require-leader metadata), a silent black hole (found by its own probe: a progress request
+after ``keepalive_time`` of silence that must be answered within ``keepalive_timeout``) — ends the
+session; the loop backs off with jitter, prefers another member, and resumes where the state says.
+Only errors that retrying cannot fix (permission, credentials, compacted history for a stream that
+cannot re-list) leave ``run()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import grpc
+import structlog
+from aetcd.rpc import rpc_pb2
+
+from ._backoff import Backoff
+from ._grpc_errors import Failure, classify, describe, to_error
+from ._resume import Batch, StepKind, WatchState
+from .errors import EtcdUnavailable, PermissionDenied, RevisionCompacted
+
+if TYPE_CHECKING:
+    from ._channel import Endpoint
+    from .client import EtcdClient
+
+__all__ = ["WatchLoop"]
+
+log = structlog.get_logger("aetcdcfg")
+
+
+class _StreamFailed(Exception):
+    """The session ended for a reason that reconnecting can fix."""
+
+    def __init__(self, cause: str, *, penalize: bool = True) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.penalize = penalize
+
+
+class _Relist(Exception):
+    """History is gone (compaction, or etcd's revision went backwards): re-list the prefix."""
+
+    def __init__(self, reason: str, revision: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.revision = revision
+
+
+class WatchLoop:
+    """Keeps one watcher on ``state.prefix`` alive, handing complete revisions to ``on_batches``.
+
+    ``on_batches`` is called synchronously, in revision order, never with a revision twice. With
+    ``stop_at`` the loop returns once everything up to that revision has been delivered.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        state: WatchState,
+        on_batches: Callable[[tuple[Batch, ...]], None],
+        *,
+        label: str,
+        stop_at: int | None = None,
+    ) -> None:
+        self._client = client
+        self._state = state
+        self._on_batches = on_batches
+        self._label = label
+        self._stop_at = stop_at
+        self._last_rx = 0.0
+        self._stalled = False
+        self._connected_once = False
+        self._lost_at: float | None = None
+        self._lost_revision = 0
+        self._fresh_token = False
+        self.connected = anyio.Event()
+
+    @property
+    def _log(self) -> structlog.typing.FilteringBoundLogger:
+        return log.bind(prefix=self._label)  # type: ignore[no-any-return]
+
+    def _reached_stop(self) -> bool:
+        return self._stop_at is not None and self._state.delivered >= self._stop_at
+
+    async def run(self) -> None:
+        """Watch until cancelled (or ``stop_at`` is reached); raises only unfixable errors."""
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        settings = self._client.settings
+        while not self._reached_stop():
+            try:
+                endpoint = await self._client._pool_ready(settings.connect_timeout)
+            except EtcdUnavailable as exc:
+                self._note_lost(str(exc))
+                await anyio.sleep(backoff.next_delay())
+                continue
+            try:
+                if await self._session(endpoint):
+                    return
+            except _StreamFailed as failure:
+                if failure.penalize:
+                    self._client._mark_failed(endpoint, failure.cause)
+                self._note_lost(failure.cause, endpoint=endpoint.url)
+                self._state.stream_lost()
+                await anyio.sleep(backoff.next_delay())
+                continue
+            except _Relist as relist:
+                self._state.stream_lost()
+                await self._relist(relist)
+                backoff.reset()
+                continue
+            backoff.reset()
+
+    def _note_lost(self, cause: str, endpoint: str | None = None) -> None:
+        if self._lost_at is None:
+            self._lost_at = anyio.current_time()
+            self._lost_revision = self._state.delivered
+            self._log.warning(
+                "watch.disconnected", endpoint=endpoint, cause=cause, revision=self._state.delivered
+            )
+        else:
+            self._log.debug("watch.retry", endpoint=endpoint, cause=cause)
+
+    async def _relist(self, relist: _Relist) -> None:
+        state = self._state
+        if not state.tracks_state:
+            raise RevisionCompacted(
+                prefix=self._label, requested_revision=state.resume_revision, compact_revision=relist.revision
+            )
+        if relist.reason == "compacted":
+            self._log.warning(
+                "watch.compacted", resume_revision=state.resume_revision, compact_revision=relist.revision
+            )
+        listing, revision = await self._client._list_keys(state.prefix, retry_forever=True)
+        batch = state.resync(listing, revision)
+        self._log.warning("watch.resynced", reason=relist.reason, revision=revision, changes=len(batch))
+        if batch:
+            self._on_batches((batch,))
+
+    async def _session(self, endpoint: Endpoint) -> bool:
+        """One gRPC stream; True when ``stop_at`` was reached. Raises _StreamFailed or _Relist."""
+        token = self._client._token
+        call = endpoint.watch.Watch(metadata=self._client._metadata())
+        self._last_rx = anyio.current_time()
+        self._stalled = False
+        outcome: bool | Exception = False
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watchdog, call, tg)
+                try:
+                    outcome = await self._read_loop(call, endpoint, token)
+                except Exception as exc:  # carried out of the task group unwrapped
+                    outcome = exc
+                tg.cancel_scope.cancel()
+        finally:
+            call.cancel()
+        if self._stalled:
+            raise _StreamFailed(
+                f"no answer from {endpoint.url} within keepalive_time + keepalive_timeout "
+                f"({self._client.settings.keepalive_time:g}s + {self._client.settings.keepalive_timeout:g}s)"
+            )
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def _watchdog(self, call: grpc.aio.StreamStreamCall, tg: anyio.abc.TaskGroup) -> None:
+        """Probe a silent stream with a progress request; give up on it if that goes unanswered."""
+        settings = self._client.settings
+        while True:
+            idle = anyio.current_time() - self._last_rx
+            if idle < settings.keepalive_time:
+                await anyio.sleep(settings.keepalive_time - idle)
+                continue
+            probe_at = anyio.current_time()
+            request = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
+            tg.start_soon(call.write, request)
+            await anyio.sleep(settings.keepalive_timeout)
+            if self._last_rx < probe_at:
+                self._stalled = True
+                tg.cancel_scope.cancel()
+                return
+
+    async def _read_loop(
+        self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, token: str | None
+    ) -> bool:
+        state = self._state
+        create = rpc_pb2.WatchCreateRequest(
+            key=state.prefix,
+            range_end=self._client._range_end(state.prefix),
+            start_revision=state.resume_revision,
+            progress_notify=True,
+            fragment=True,
+        )
+        try:
+            await call.write(rpc_pb2.WatchRequest(create_request=create))
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise _StreamFailed(f"{endpoint.url} closed the watch stream")
+                self._last_rx = anyio.current_time()
+                step = state.on_response(response)
+                kind = step.kind
+                if kind is StepKind.EMIT:
+                    self._on_batches(step.batches)
+                    if self._reached_stop():
+                        return True
+                elif kind is StepKind.PROGRESS:
+                    if self._reached_stop():
+                        return True
+                elif kind is StepKind.CREATED:
+                    self._on_created(endpoint, step.revision)
+                elif kind is StepKind.RELIST:
+                    raise _Relist("compacted", step.revision)
+                elif kind is StepKind.CHECK_REVISION:
+                    await self._check_revision(step.revision, endpoint)
+                elif kind is StepKind.CANCELED:
+                    await self._on_canceled(step.reason, endpoint, token)
+        except grpc.aio.AioRpcError as exc:
+            kind_ = classify(exc)
+            if kind_ is Failure.AUTH_EXPIRED and self._client.settings.username:
+                await self._client._reauthenticate(endpoint, token)
+                raise _StreamFailed("auth token expired; authenticated again", penalize=False) from None
+            if kind_ in (Failure.AUTH_FAILED, Failure.PERMISSION):
+                raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
+            raise _StreamFailed(describe(exc)) from None
+
+    def _on_created(self, endpoint: Endpoint, revision: int) -> None:
+        self._fresh_token = False
+        state = self._state
+        if self._lost_at is not None:
+            self._log.info(
+                "watch.resumed",
+                endpoint=endpoint.url,
+                revision=state.delivered,
+                outage_s=round(anyio.current_time() - self._lost_at, 3),
+                behind=max(revision - state.delivered, 0),
+            )
+            self._lost_at = None
+        elif not self._connected_once:
+            self._log.info("watch.connected", endpoint=endpoint.url, revision=state.delivered)
+        self._connected_once = True
+        self.connected.set()
+
+    async def _check_revision(self, reported: int, endpoint: Endpoint) -> None:
+        """A member reported a revision below what was delivered: lagging member, or a reset cluster?"""
+        current = await self._client._cluster_revision(self._state.prefix)
+        if current < self._state.delivered:
+            self._log.error(
+                "watch.revision_reset",
+                endpoint=endpoint.url,
+                delivered=self._state.delivered,
+                etcd_revision=current,
+            )
+            raise _Relist("revision_reset", current)
+        self._log.info("watch.member_behind", endpoint=endpoint.url, member_revision=reported)
+
+    async def _on_canceled(self, reason: str, endpoint: Endpoint, token: str | None) -> None:
+        if "permission denied" in reason.lower():
+            # etcd 3.5 also says this when the stream's token expired: re-authenticate once first.
+            if self._client.settings.username and not self._fresh_token:
+                self._fresh_token = True
+                await self._client._reauthenticate(endpoint, token)
+                raise _StreamFailed("watch refused; authenticated again", penalize=False)
+            raise PermissionDenied(
+                "the etcd user's role does not permit watching", key=self._label, endpoint=endpoint.url
+            )
+        raise _StreamFailed(f"watch canceled by {endpoint.url}: {reason}")

@@ -1,0 +1,146 @@
+"""The one exception tree of aetcdcfg.
+
+Every error the public API raises derives from :class:`AetcdcfgError`; no raw ``grpc`` error escapes::
+
+    AetcdcfgError
+    ├── ConfigurationError      bad client settings (endpoints, TLS files, ...); names the setting
+    ├── ClientClosedError       the EtcdClient is not open (use ``async with``) or was closed
+    ├── EtcdError               an etcd request failed
+    │   ├── EtcdUnavailable     no endpoint answered in time; lists endpoints tried and the last cause
+    │   ├── AuthenticationFailed    wrong user name or password (retrying cannot fix it)
+    │   ├── PermissionDenied    the user's etcd role does not cover the key or prefix
+    │   ├── RequestTooLarge     a value or request over etcd's ``--max-request-bytes``
+    │   ├── RevisionCompacted   a watch asked for history etcd has compacted away
+    │   └── TxnConflict         a guarded write found that etcd changed since it was read
+    ├── SubscriberLagged        a watch subscriber fell behind its buffer; resume from ``resume_revision``
+    └── ConfigRejected          a settings change failed validation; the last good settings stay
+
+Messages never contain passwords, tokens or secret values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AetcdcfgError",
+    "AuthenticationFailed",
+    "ClientClosedError",
+    "ConfigRejected",
+    "ConfigurationError",
+    "EtcdError",
+    "EtcdUnavailable",
+    "PermissionDenied",
+    "RequestTooLarge",
+    "RevisionCompacted",
+    "SubscriberLagged",
+    "TxnConflict",
+]
+
+
+class AetcdcfgError(Exception):
+    """Root of every error aetcdcfg raises."""
+
+
+class ConfigurationError(AetcdcfgError, ValueError):
+    """The client's settings cannot work; ``setting`` names the field to fix."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {message}")
+
+
+class ClientClosedError(AetcdcfgError, RuntimeError):
+    """The client is not open: enter it with ``async with EtcdClient(...)`` first."""
+
+
+class EtcdError(AetcdcfgError):
+    """An etcd request failed; ``endpoint`` is the member that answered, when known."""
+
+    def __init__(self, message: str, *, endpoint: str | None = None) -> None:
+        self.endpoint = endpoint
+        super().__init__(message if endpoint is None else f"{message} (endpoint {endpoint})")
+
+
+class EtcdUnavailable(EtcdError):
+    """No endpoint could serve the request before its deadline."""
+
+    def __init__(self, message: str, *, endpoints: Sequence[str], cause: str | None = None) -> None:
+        self.endpoints = tuple(endpoints)
+        self.cause = cause
+        text = f"{message}; endpoints tried: {', '.join(self.endpoints) or '(none)'}"
+        if cause:
+            text += f"; last cause: {cause}"
+        super().__init__(text)
+
+
+class AuthenticationFailed(EtcdError):
+    """etcd refused the user name or password (or auth is needed and none was given)."""
+
+
+class PermissionDenied(EtcdError):
+    """The authenticated user may not read or write the key range; ``key`` names it."""
+
+    def __init__(self, message: str, *, key: str | None = None, endpoint: str | None = None) -> None:
+        self.key = key
+        super().__init__(message if key is None else f"{message}: {key!r}", endpoint=endpoint)
+
+
+class RequestTooLarge(EtcdError):
+    """The request exceeds etcd's ``--max-request-bytes`` (1.5 MiB by default)."""
+
+
+class RevisionCompacted(EtcdError):
+    """History from ``requested_revision`` is gone; the oldest available is ``compact_revision + 1``."""
+
+    def __init__(self, *, prefix: str, requested_revision: int, compact_revision: int) -> None:
+        self.prefix = prefix
+        self.requested_revision = requested_revision
+        self.compact_revision = compact_revision
+        super().__init__(
+            f"watch of {prefix!r} from revision {requested_revision} is impossible: etcd compacted "
+            f"history up to revision {compact_revision}; re-read the prefix with get_prefix()"
+        )
+
+
+class TxnConflict(EtcdError):
+    """A write guarded by a revision found that the prefix changed after it was read."""
+
+    def __init__(self, *, prefix: str, expected_revision: int) -> None:
+        self.prefix = prefix
+        self.expected_revision = expected_revision
+        super().__init__(
+            f"{prefix!r} changed after revision {expected_revision}; nothing was written, read it again"
+        )
+
+
+class SubscriberLagged(AetcdcfgError):
+    """A subscriber's buffer overflowed; every event before ``resume_revision`` was delivered to it.
+
+    Resume gap-free with ``client.watch(prefix, start_revision=exc.resume_revision)``.
+    """
+
+    def __init__(self, *, prefix: str, resume_revision: int, buffer_size: int) -> None:
+        self.prefix = prefix
+        self.resume_revision = resume_revision
+        self.buffer_size = buffer_size
+        super().__init__(
+            f"subscriber of {prefix!r} fell more than {buffer_size} revisions behind; "
+            f"resume with start_revision={resume_revision}"
+        )
+
+
+class ConfigRejected(AetcdcfgError, ValueError):
+    """A settings change from etcd failed validation and was not applied.
+
+    ``keys`` are the etcd keys involved, ``problems`` one line each (never the secret values), ``revision``
+    the etcd revision that was rejected.
+    """
+
+    def __init__(self, *, prefix: str, revision: int, keys: Sequence[str], problems: Sequence[str]) -> None:
+        self.prefix = prefix
+        self.revision = revision
+        self.keys = tuple(keys)
+        self.problems = tuple(problems)
+        lines = "; ".join(self.problems)
+        super().__init__(f"config under {prefix!r} at revision {revision} rejected: {lines}")

@@ -1,0 +1,51 @@
+"""Small immutable values that the watch and KV APIs hand out."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["Event", "EventType", "Snapshot"]
+
+
+class EventType(enum.Enum):
+    """What happened to a key."""
+
+    PUT = "PUT"
+    DELETE = "DELETE"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change to one key at one etcd revision.
+
+    ``revision`` is the key's mod revision: all events of one transaction share it. ``prev_value`` is the
+    value the subscriber's stream had delivered before (``None`` if the key was absent or unknown).
+    ``resync`` marks events synthesised after a compaction gap: they bring the state up to date, but the
+    individual intermediate changes are gone from etcd's history.
+    """
+
+    type: EventType
+    key: str
+    value: bytes
+    revision: int
+    prev_value: bytes | None = None
+    create_revision: int = 0
+    version: int = 0
+    resync: bool = False
+
+    def __repr__(self) -> str:
+        flag = ", resync" if self.resync else ""
+        return f"Event({self.type.value} {self.key!r} @{self.revision}, {len(self.value)} bytes{flag})"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The keys under a prefix as of one etcd revision (``items`` maps full key to value)."""
+
+    revision: int
+    items: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Snapshot(revision={self.revision}, {len(self.items)} keys)"
