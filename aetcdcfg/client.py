@@ -120,7 +120,9 @@ class EtcdClient:
     ) -> bool | None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            return await stack.__aexit__(exc_type, exc, tb)
+            # Not handing the body's exception to our task group keeps it from being wrapped in an
+            # ExceptionGroup: users see their own exception, unchanged.
+            await stack.aclose()
         return None
 
     async def _close_pool(self) -> None:

@@ -1,0 +1,281 @@
+"""LiveSettings: a validated settings object that follows an etcd prefix, swapped whole per revision."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.abc
+import structlog
+from pydantic import BaseModel, ValidationError
+from pydantic_settings import BaseSettings
+
+from ._fanout import Subscription
+from .client import EtcdClient
+from .errors import AetcdcfgError, ConfigRejected, SubscriberLagged
+from .events import Event, EventType
+from .settings import EtcdSettings
+from .source import DecodedConfig, EtcdSettingsSource, current_config, decode_items
+
+__all__ = ["LiveSettings"]
+
+log = structlog.get_logger("aetcdcfg")
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _lists_etcd_source(model: type[BaseModel]) -> bool:
+    """Whether the model's own settings_customise_sources places an EtcdSettingsSource itself."""
+    if not issubclass(model, BaseSettings):
+        return False
+    probe = EtcdSettingsSource(model)
+    try:
+        sources = model.settings_customise_sources(model, probe, probe, probe, probe)
+    except Exception:
+        return False
+    return any(isinstance(s, EtcdSettingsSource) and s is not probe for s in sources)
+
+
+class LiveSettings(Generic[ModelT]):
+    """``model`` filled from the keys under ``prefix``, re-validated at every etcd revision.
+
+    ``async with LiveSettings(Settings, prefix="/myservice/") as live:`` loads the prefix at one
+    revision and follows it from the next. ``live.current`` is always a complete, valid object; a
+    change that fails validation is rejected whole (``live.last_error``, log ``config.rejected``) and
+    the last good object stays. Without ``client`` one is made from ``EtcdSettings()`` (``ETCD_*``).
+    """
+
+    def __init__(
+        self,
+        model: type[ModelT],
+        *,
+        prefix: str,
+        client: EtcdClient | None = None,
+        allow_defaults: bool = False,
+        on_change: Callable[[ModelT], object] | None = None,
+        init_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not prefix:
+            raise ValueError("prefix must not be empty (use e.g. '/myservice/')")
+        #: Always ends with "/" so that "/app" never also matches "/apple/...".
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.model = model
+        self._client = client
+        self._allow_defaults = allow_defaults
+        self._on_change = on_change
+        self._init_kwargs = dict(init_kwargs or {})
+        self._source_listed = _lists_etcd_source(model)
+        self._items: dict[str, bytes] = {}
+        self._items_revision = 0  # the revision _items reflects (may be a rejected one)
+        self._current: ModelT | None = None
+        self._revision = 0
+        self.last_error: ConfigRejected | None = None
+        self._version = 0
+        self._changed = anyio.Event()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._log = log.bind(prefix=self.prefix, model=model.__name__)
+
+    def __repr__(self) -> str:
+        return f"<LiveSettings {self.model.__name__} from {self.prefix!r} @ revision {self._revision}>"
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> ModelT:
+        """The settings in force: a new object after every applied change; treat it as read-only."""
+        if self._current is None:
+            raise RuntimeError("LiveSettings is not loaded yet: use `async with live:` first")
+        return self._current
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision that ``current`` reflects."""
+        return self._revision
+
+    async def updates(self) -> AsyncIterator[ModelT]:
+        """Yield each new valid settings object as it is applied, from now on.
+
+        A consumer slower than the changes skips intermediate objects and gets the newest one (config
+        is a state, not a log); it never misses the latest. Any number of tasks may iterate at once.
+        """
+        seen = self._version
+        while True:
+            if self._version == seen:
+                await self._changed.wait()
+            seen = self._version
+            yield self.current
+
+    async def wait_for(self, predicate: Callable[[ModelT], bool], timeout: float | None = None) -> ModelT:
+        """Return the first settings (current or future) for which ``predicate`` is true.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        with anyio.fail_after(math.inf if timeout is None else timeout):
+            if predicate(self.current):
+                return self.current
+            async for settings in self.updates():
+                if predicate(settings):
+                    return settings
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> LiveSettings[ModelT]:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            client = self._client
+            if client is None:
+                client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
+            sub = await stack.enter_async_context(client.watch(self.prefix, with_snapshot=True))
+            assert sub.snapshot is not None
+            self._load(sub.snapshot.items, sub.snapshot.revision)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            task_group.start_soon(self._follow, client, sub)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            # Not handing the body's exception to our task group keeps it from being wrapped in an
+            # ExceptionGroup: users see their own exception, unchanged.
+            await stack.aclose()
+        return None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[dict[str, Any]]:
+        """A FastAPI/Starlette lifespan: ``FastAPI(lifespan=live.lifespan)``; config loads before serving."""
+        async with self:
+            yield {"live_settings": self}
+
+    async def _follow(self, client: EtcdClient, first: Subscription) -> None:
+        """Apply every revision after the load; re-subscribes gap-free if it lags or the watch fails."""
+        sub: Subscription | None = first
+        while True:
+            try:
+                if sub is not None:
+                    await self._consume(sub)
+                else:
+                    async with client.watch(self.prefix, start_revision=self._items_revision + 1) as resumed:
+                        await self._consume(resumed)
+            except SubscriberLagged as exc:
+                self._log.warning("config.lagged", resume_revision=exc.resume_revision)
+            except AetcdcfgError as exc:
+                # Unfixable for now (e.g. permission revoked): keep serving the last good settings.
+                self._log.error("config.watch_failed", error=str(exc), revision=self._revision)
+                await anyio.sleep(2.0)
+            sub = None
+
+    async def _consume(self, sub: Subscription) -> None:
+        async for batch in sub.batches():
+            self._apply(batch)
+
+    def _load(self, items: Mapping[str, bytes], revision: int) -> None:
+        self._items = {key[len(self.prefix) :]: value for key, value in items.items()}
+        self._items_revision = revision
+        try:
+            settings = self._build(revision)
+        except ConfigRejected as exc:
+            if not self._allow_defaults:
+                raise
+            self._log.warning(
+                "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
+            )
+            self.last_error = exc
+            settings = self._build(revision, use_etcd=False)
+        self._current = settings
+        self._revision = revision
+        self._log.info("config.loaded", revision=revision, keys=len(self._items))
+
+    def _apply(self, batch: Sequence[Event]) -> None:
+        """One revision: update the raw keys, validate the whole model, swap it in or reject it."""
+        items = self._items
+        cut = len(self.prefix)
+        for event in batch:
+            if event.type is EventType.PUT:
+                items[event.key[cut:]] = event.value
+            else:
+                items.pop(event.key[cut:], None)
+        revision = batch[-1].revision
+        self._items_revision = revision
+        try:
+            settings = self._build(revision, changed=[e.key for e in batch])
+        except ConfigRejected as exc:
+            self.last_error = exc
+            self._log.warning(
+                "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
+            )
+            return
+        self._current = settings
+        self._revision = revision
+        self.last_error = None
+        self._version += 1
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+        self._log.info("config.applied", revision=revision, keys=[e.key for e in batch])
+        if self._on_change is not None:
+            try:
+                self._on_change(settings)
+            except Exception as exc:
+                self._log.error("config.on_change_failed", error=repr(exc))
+
+    def _build(self, revision: int, *, use_etcd: bool = True, changed: Sequence[str] = ()) -> ModelT:
+        """Validate the model from the current keys; raise ConfigRejected naming keys, never values."""
+        decoded = decode_items(self.model, self._items if use_etcd else {})
+        if decoded.problems:
+            keys = [self.prefix + k for k in decoded.problems]
+            problems = [f"{self.prefix}{k}: {why}" for k, why in decoded.problems.items()]
+            raise ConfigRejected(prefix=self.prefix, revision=revision, keys=keys, problems=problems)
+        token = current_config.set(decoded)
+        try:
+            if self._source_listed:
+                return self.model(**self._init_kwargs)
+            return self.model.model_validate(_merge(decoded.data, self._init_kwargs))
+        except ValidationError as exc:
+            keys, problems = self._explain(exc, decoded, changed)
+            raise ConfigRejected(
+                prefix=self.prefix, revision=revision, keys=keys, problems=problems
+            ) from None
+        finally:
+            current_config.reset(token)
+
+    def _explain(
+        self, exc: ValidationError, decoded: DecodedConfig, changed: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        problems: list[str] = []
+        for error in exc.errors(include_input=False, include_url=False, include_context=False):
+            loc = tuple(str(part) for part in error["loc"])
+            origin = None
+            for depth in range(len(loc), 0, -1):
+                origin = decoded.origins.get(loc[:depth])
+                if origin is not None:
+                    break
+            where = self.prefix + origin if origin is not None else ".".join(loc) + " (not from etcd)"
+            if origin is not None and where not in keys:
+                keys.append(where)
+            problems.append(f"{where}: {error['msg']}")
+        if not keys:
+            keys = list(changed)
+        return keys, problems

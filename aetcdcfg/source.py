@@ -1,0 +1,237 @@
+"""EtcdSettingsSource: the keys under an etcd prefix as a pydantic-settings source.
+
+Mapping: the key ``<prefix>rate_limit`` fills field ``rate_limit``; ``<prefix>db/url`` fills
+``db.url`` of a nested model (and ``<prefix>db`` may hold the whole nested model as JSON; deeper keys
+win); ``<prefix>limits/eu`` fills key ``eu`` of a ``dict`` field. Field names match exactly, then by
+alias, then case-insensitively. Values: structured fields (models, dicts, lists, ...) must be JSON;
+``str`` fields take the text as is (a JSON string literal such as ``"x"`` is unquoted); other fields
+take the value as JSON when it parses and as text otherwise, and pydantic validates as usual.
+Keys that match no field are ignored with a ``config.unknown_key`` debug log (for a plain pydantic
+model with ``extra="forbid"`` they are passed on, and pydantic rejects them).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Union
+
+import structlog
+from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+__all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items"]
+
+log = structlog.get_logger("aetcdcfg")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodedConfig:
+    """Etcd keys turned into model input: ``data`` for pydantic, where each field path came from,
+    and the keys that could not be decoded (``problems``: key -> reason, never the value)."""
+
+    data: dict[str, Any]
+    origins: dict[tuple[str, ...], str]
+    problems: dict[str, str]
+
+
+#: What LiveSettings is applying right now, read by EtcdSettingsSource instances it triggers.
+current_config: contextvars.ContextVar[DecodedConfig | None] = contextvars.ContextVar(
+    "aetcdcfg_current_config", default=None
+)
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The alternatives of an annotation with Optional/Union/Annotated peeled off."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        out: list[Any] = []
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                out.extend(_unwrap(arg))
+        return out
+    return [annotation]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and (issubclass(tp, BaseModel) or dataclasses.is_dataclass(tp))
+
+
+_STRUCTURED = (dict, list, set, frozenset, tuple, Mapping, typing.Sequence)
+
+
+def _is_structured(tp: Any) -> bool:
+    origin = typing.get_origin(tp) or tp
+    if _is_model(tp):
+        return True
+    return isinstance(origin, type) and origin is not str and issubclass(origin, _STRUCTURED)
+
+
+def _is_text(tp: Any) -> bool:
+    return tp in (str, SecretStr, bytes, SecretBytes)
+
+
+def _is_mapping(tp: Any) -> bool:
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and issubclass(origin, (dict, Mapping))
+
+
+def _match_field(model: type[BaseModel], part: str) -> str | None:
+    fields = model.model_fields
+    if part in fields:
+        return part
+    for name, info in fields.items():
+        if info.alias == part or info.validation_alias == part:
+            return name
+    if not model.model_config.get("case_sensitive", False):
+        lowered = part.lower()
+        for name, info in fields.items():
+            if name.lower() == lowered or (info.alias or "").lower() == lowered:
+                return name
+    return None
+
+
+def _forbids_extra(model: type[BaseModel]) -> bool:
+    """Unknown keys are rejected only for a plain pydantic model configured with extra="forbid".
+
+    BaseSettings forbids extras by default, aimed at init kwargs and dotenv files; stray keys under a
+    shared etcd prefix should not take a service's config down, so for settings models they are
+    ignored (with a ``config.unknown_key`` debug log).
+    """
+    if issubclass(model, BaseSettings):
+        return False
+    return model.model_config.get("extra") == "forbid"
+
+
+def _decode_value(raw: bytes, annotation: Any) -> tuple[Any, str | None]:
+    """(value, problem) for one etcd value aimed at a field of type ``annotation``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"value is not UTF-8 text (invalid byte at position {exc.start})"
+    options = _unwrap(annotation) if annotation is not None else [Any]
+    if all(_is_structured(tp) for tp in options):
+        try:
+            return json.loads(text), None
+        except json.JSONDecodeError as exc:
+            what = "empty value" if not text.strip() else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            return None, f"structured field needs JSON: {what}"
+    if all(_is_text(tp) for tp in options):
+        if text.startswith('"') and text.endswith('"') and len(text) >= 2:
+            try:
+                decoded = json.loads(text)
+            except json.JSONDecodeError:
+                return text, None
+            return (decoded if isinstance(decoded, str) else text), None
+        return text, None
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError:
+        return text, None
+
+
+def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = target
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    leaf = path[-1]
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        merged = dict(value)
+        merged.update(node[leaf])  # deeper keys, applied earlier, win over a whole-object JSON value
+        node[leaf] = merged
+    else:
+        node[leaf] = value
+
+
+def decode_items(model: type[BaseModel], items: Mapping[str, bytes]) -> DecodedConfig:
+    """Turn ``{relative key: raw value}`` into model input, without validating it yet."""
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    problems: dict[str, str] = {}
+    # Deeper keys first, so that _set_path lets them win over a shallower whole-object value.
+    for key in sorted(items, key=lambda k: (-k.count("/"), k)):
+        parts = [p for p in key.split("/") if p]
+        if not parts:
+            continue
+        target: type[BaseModel] = model
+        path: list[str] = []
+        annotation: Any = None
+        resolved = True
+        index = 0
+        while index < len(parts):
+            part = parts[index]
+            name = _match_field(target, part)
+            if name is None:
+                if _forbids_extra(target):
+                    path.append(part)  # pydantic will say "extra inputs are not permitted"
+                    annotation = None
+                    index += 1
+                    if index < len(parts):
+                        resolved = False
+                    break
+                resolved = False
+                break
+            path.append(name)
+            annotation = target.model_fields[name].annotation
+            index += 1
+            if index == len(parts):
+                break
+            options = _unwrap(annotation)
+            nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
+            if nested is not None:
+                target = nested
+                continue
+            mapping = next((tp for tp in options if _is_mapping(tp)), None)
+            if mapping is not None:
+                path.append("/".join(parts[index:]))
+                args = typing.get_args(mapping)
+                annotation = args[1] if len(args) == 2 else Any
+                index = len(parts)
+                break
+            resolved = False
+            break
+        if not resolved or index < len(parts):
+            log.debug("config.unknown_key", key=key)
+            continue
+        value, problem = _decode_value(items[key], annotation)
+        if problem is not None:
+            problems[key] = problem
+            continue
+        _set_path(data, tuple(path), value)
+        origins[tuple(path)] = key
+    return DecodedConfig(data, origins, problems)
+
+
+class EtcdSettingsSource(PydanticBaseSettingsSource):
+    """Settings from etcd, for ``settings_customise_sources``; LiveSettings supplies the keys.
+
+    Listing it in your model's ``settings_customise_sources`` lets you choose its priority; without
+    it, LiveSettings applies etcd above env, dotenv and secrets files, and below init kwargs.
+    Outside LiveSettings (e.g. a plain ``Model()``) it contributes nothing, unless given ``items``.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], items: Mapping[str, bytes] | None = None) -> None:
+        super().__init__(settings_cls)
+        self._explicit = decode_items(settings_cls, items) if items is not None else None
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        data = self()
+        return data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        config = self._explicit if self._explicit is not None else current_config.get()
+        return dict(config.data) if config is not None else {}
+
+    def __repr__(self) -> str:
+        return "EtcdSettingsSource()"
