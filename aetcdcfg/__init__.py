@@ -3,6 +3,7 @@
 Users import from here; submodules are private except ``aetcdcfg.fastapi`` and ``aetcdcfg.testing``.
 """
 
+from ._fanout import Subscription as Subscription
 from .client import EtcdClient as EtcdClient
 from .errors import AetcdcfgError as AetcdcfgError
 from .errors import AuthenticationFailed as AuthenticationFailed
@@ -19,7 +20,9 @@ from .errors import TxnConflict as TxnConflict
 from .events import Event as Event
 from .events import EventType as EventType
 from .events import Snapshot as Snapshot
+from .live import LiveSettings as LiveSettings
 from .settings import EtcdSettings as EtcdSettings
+from .source import EtcdSettingsSource as EtcdSettingsSource
 
 __version__ = "0.1.0"
 
@@ -32,14 +35,17 @@ __all__ = [
     "EtcdClient",
     "EtcdError",
     "EtcdSettings",
+    "EtcdSettingsSource",
     "EtcdUnavailable",
     "Event",
     "EventType",
+    "LiveSettings",
     "PermissionDenied",
     "RequestTooLarge",
     "RevisionCompacted",
     "Snapshot",
     "SubscriberLagged",
+    "Subscription",
     "TxnConflict",
     "__version__",
 ]

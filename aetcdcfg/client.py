@@ -377,6 +377,7 @@ class EtcdClient:
             yield subscription
         finally:
             hub.release(sub)
+            subscription._receive.close()
 
     async def put(self, key: KeyLike, value: KeyLike) -> int:
         """Set ``key`` to ``value``; returns the new revision."""

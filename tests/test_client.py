@@ -99,6 +99,7 @@ async def test_requests_need_an_open_client(etcd_server: EtcdServer) -> None:
 @pytest.mark.cluster
 async def test_cluster_with_dead_first_endpoint_still_serves(cluster: EtcdCluster, etcd_prefix: str) -> None:
     cluster.kill(0)
+    await anyio.to_thread.run_sync(cluster.wait_leader)
     async with EtcdClient(endpoints=cluster.endpoints, connect_timeout=3) as client:
         revision = await client.put(etcd_prefix + "k", "v")
         assert await client.get(etcd_prefix + "k") == b"v"

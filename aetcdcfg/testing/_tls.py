@@ -1,0 +1,47 @@
+"""Throw-away certificates for TLS tests, made with trustme (the ``testing`` extra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["TLSFiles"]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files: a CA, a server certificate for 127.0.0.1/localhost, a client certificate, and an
+    unrelated CA (``other_ca_file``) for tests that must fail verification."""
+
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca_file: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> TLSFiles:
+        try:
+            import trustme
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("TLSFiles needs trustme: pip install 'aetcdcfg[testing]'") from exc
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        server = ca.issue_cert("127.0.0.1", "localhost")
+        client = ca.issue_cert("aetcdcfg-client")
+        files = cls(
+            ca_file=directory / "ca.pem",
+            server_cert=directory / "server.pem",
+            server_key=directory / "server-key.pem",
+            client_cert=directory / "client.pem",
+            client_key=directory / "client-key.pem",
+            other_ca_file=directory / "other-ca.pem",
+        )
+        ca.cert_pem.write_to_path(str(files.ca_file))
+        server.cert_chain_pems[0].write_to_path(str(files.server_cert))
+        server.private_key_pem.write_to_path(str(files.server_key))
+        client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+        client.private_key_pem.write_to_path(str(files.client_key))
+        trustme.CA().cert_pem.write_to_path(str(files.other_ca_file))
+        return files

@@ -1,0 +1,1 @@
+"""aetcdcfg benchmarks: ``make bench`` runs them all (``python -m benchmarks``)."""

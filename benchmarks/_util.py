@@ -1,0 +1,44 @@
+"""Small helpers shared by the benchmarks: percentiles, RSS, the writer process, tables."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def start_writer(endpoint: str, prefix: str, count: int, interval: float) -> anyio.abc.Process:
+    """The writer runs as its own process so its CPU is not billed to the subscribers."""
+    command = [sys.executable, "-m", "benchmarks.writer", endpoint, prefix, str(count), str(interval)]
+    return await anyio.open_process(command, cwd=ROOT, env=dict(os.environ), stdout=None, stderr=None)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table, so results paste straight into the README."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

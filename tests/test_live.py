@@ -1,0 +1,263 @@
+"""LiveSettings against real etcd: load, atomic swaps per revision, rejection, defaults, secrets."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from structlog.testing import capture_logs
+
+from aetcdcfg import ConfigRejected, EtcdClient, EtcdSettingsSource, EtcdUnavailable, LiveSettings
+from aetcdcfg.testing import EtcdServer, FaultProxy
+
+pytestmark = pytest.mark.anyio
+
+
+class Database(BaseModel):
+    url: str = "sqlite://"
+    pool: int = 5
+    password: SecretStr = SecretStr("")
+
+
+class AppSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MYAPP_")
+
+    rate_limit: int = Field(default=100, ge=1)
+    maintenance: bool = False
+    name: str = "svc"
+    tags: list[str] = []
+    db: Database = Database()
+
+
+class Pair(BaseSettings):
+    a: int = 0
+    b: int = 0
+
+
+async def test_initial_load_fills_nested_models_and_parses_values(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many(
+            {
+                etcd_prefix + "rate_limit": "150",
+                etcd_prefix + "maintenance": "true",
+                etcd_prefix + "name": "123",  # a str field keeps the text, even when it looks like JSON
+                etcd_prefix + "tags": '["a", "b"]',
+                etcd_prefix + "db": '{"url": "postgres://whole", "pool": 9}',
+                etcd_prefix + "db/url": "postgres://deeper-wins",
+                etcd_prefix + "unknown/key": "ignored",
+            }
+        )
+        async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client) as live:
+            current = live.current
+            revision = live.revision
+        snapshot = await client.get_prefix(etcd_prefix)
+    assert revision == snapshot.revision
+    assert current.rate_limit == 150
+    assert current.maintenance is True
+    assert current.name == "123"
+    assert current.tags == ["a", "b"]
+    assert current.db.url == "postgres://deeper-wins"
+    assert current.db.pool == 9
+    assert live.last_error is None
+
+
+async def test_prefix_without_slash_does_not_match_sibling(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({etcd_prefix + "app/rate_limit": "7", etcd_prefix + "apple/rate_limit": "abc"})
+        async with LiveSettings(AppSettings, prefix=etcd_prefix + "app", client=client) as live:
+            assert live.current.rate_limit == 7
+            assert live.prefix == etcd_prefix + "app/"
+
+
+async def test_two_key_transactions_are_never_seen_torn(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    """300 txns set a and b together; every object any reader sees has a == b."""
+    seen_current: list[tuple[int, int, int]] = []
+    seen_updates: list[tuple[int, int]] = []
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({etcd_prefix + "a": "0", etcd_prefix + "b": "0"})
+        async with LiveSettings(Pair, prefix=etcd_prefix, client=client) as live:
+            done = anyio.Event()
+
+            async def sampler() -> None:
+                while not done.is_set():
+                    current, revision = live.current, live.revision
+                    seen_current.append((current.a, current.b, revision))
+                    await anyio.lowlevel.checkpoint()
+
+            async def reader() -> None:
+                async for settings in live.updates():
+                    seen_updates.append((settings.a, settings.b))
+                    if settings.a == 300:
+                        return
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sampler)
+                    tg.start_soon(reader)
+                    await anyio.lowlevel.checkpoint()
+                    for i in range(1, 301):
+                        await client.put_many({etcd_prefix + "a": str(i), etcd_prefix + "b": str(i)})
+                    await live.wait_for(lambda s: s.a == 300)
+                    done.set()
+    assert all(a == b for a, b, _ in seen_current)
+    assert all(a == b for a, b in seen_updates)
+    assert [r for _, _, r in seen_current] == sorted(r for _, _, r in seen_current)
+    assert [a for a, _ in seen_updates] == sorted(a for a, _ in seen_updates)
+    assert seen_updates[-1] == (300, 300)
+    assert len({a for a, _, _ in seen_current}) > 10  # it really sampled while changes landed
+
+
+async def test_bad_value_keeps_last_good_and_fix_applies(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "rate_limit", "100")
+        async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client) as live:
+            good = live.current
+            good_revision = live.revision
+            with capture_logs() as logs:
+                bad_revision = await client.put(etcd_prefix + "rate_limit", "-5")
+                with anyio.fail_after(5):
+                    while live.last_error is None:
+                        await anyio.sleep(0.01)
+            assert live.current is good
+            assert live.revision == good_revision
+            error = live.last_error
+            assert isinstance(error, ConfigRejected)
+            assert error.revision == bad_revision
+            assert error.keys == (etcd_prefix + "rate_limit",)
+            assert "greater than or equal to 1" in str(error)
+            rejected = [e for e in logs if e["event"] == "config.rejected"]
+            assert rejected
+            assert rejected[0]["keys"] == [etcd_prefix + "rate_limit"]
+
+            await client.put(etcd_prefix + "tags", "not json")
+            with anyio.fail_after(5):
+                while live.last_error is None or live.last_error.revision == bad_revision:
+                    await anyio.sleep(0.01)
+            assert "structured field needs JSON" in str(live.last_error)
+
+            await client.put_many({etcd_prefix + "rate_limit": "250", etcd_prefix + "tags": '["x"]'})
+            fixed = await live.wait_for(lambda s: s.rate_limit == 250, timeout=5)
+            assert fixed.tags == ["x"]
+            assert live.last_error is None
+
+
+async def test_deleted_key_falls_back_to_default_then_env(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({etcd_prefix + "rate_limit": "300", etcd_prefix + "maintenance": "true"})
+        monkeypatch.setenv("MYAPP_MAINTENANCE", "false")
+        async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client) as live:
+            assert live.current.rate_limit == 300
+            assert live.current.maintenance is True  # etcd over env by default
+            await client.delete(etcd_prefix + "rate_limit")
+            await client.delete(etcd_prefix + "maintenance")
+            settings = await live.wait_for(lambda s: s.rate_limit == 100, timeout=5)
+            settings = await live.wait_for(lambda s: not s.maintenance, timeout=5)
+            assert settings.rate_limit == 100
+
+
+async def test_user_can_put_env_above_etcd(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class EnvFirst(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="ENVFIRST_")
+        rate_limit: int = 1
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, EtcdSettingsSource(settings_cls)
+
+    monkeypatch.setenv("ENVFIRST_RATE_LIMIT", "42")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "rate_limit", "7")
+        async with LiveSettings(EnvFirst, prefix=etcd_prefix, client=client) as live:
+            assert live.current.rate_limit == 42
+        monkeypatch.delenv("ENVFIRST_RATE_LIMIT")
+        async with LiveSettings(EnvFirst, prefix=etcd_prefix, client=client) as live:
+            assert live.current.rate_limit == 7
+
+
+async def test_invalid_initial_config_fails_entry_naming_the_key(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "db/pool", "many")
+        with pytest.raises(ConfigRejected, match="db/pool") as info:
+            async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client):
+                pass
+        assert info.value.keys == (etcd_prefix + "db/pool",)
+        async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client, allow_defaults=True) as live:
+            assert live.current.db.pool == 5
+            assert live.last_error is not None
+
+
+async def test_unreachable_etcd_fails_entry_with_etcd_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETCD_ENDPOINTS", "http://127.0.0.1:1")
+    monkeypatch.setenv("ETCD_CONNECT_TIMEOUT", "0.5")
+    with pytest.raises(EtcdUnavailable, match="127.0.0.1:1"):
+        async with LiveSettings(AppSettings, prefix="/x/"):
+            pass
+
+
+async def test_secrets_never_reach_logs_or_errors(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    class Secretive(BaseSettings):
+        token: SecretStr = Field(default=SecretStr("x" * 12), min_length=12)
+        port: int = 1
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with LiveSettings(Secretive, prefix=etcd_prefix, client=client) as live:
+            with capture_logs() as logs:
+                await client.put(etcd_prefix + "token", "hunter2")  # too short: rejected
+                await client.put(etcd_prefix + "port", "hunter2-port")
+                with anyio.fail_after(5):
+                    while live.last_error is None or "port" not in str(live.last_error):
+                        await anyio.sleep(0.01)
+                await client.put_many({etcd_prefix + "token": "s3cr3t-long-token", etcd_prefix + "port": "8"})
+                settings = await live.wait_for(lambda s: s.port == 8, timeout=5)
+    assert settings.token.get_secret_value() == "s3cr3t-long-token"
+    text = repr(logs) + repr(settings) + str(live.last_error)
+    for secret in ("hunter2", "s3cr3t-long-token"):
+        assert secret not in text
+    assert any(e["event"] == "config.rejected" for e in logs)
+
+
+async def test_updates_survive_connection_resets(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+        EtcdClient(endpoints=[fault_proxy.endpoint], keepalive_time=1, keepalive_timeout=1) as watcher,
+    ):
+        await writer.put_many({etcd_prefix + "a": "0", etcd_prefix + "b": "0"})
+        async with LiveSettings(Pair, prefix=etcd_prefix, client=watcher) as live:
+            seen: list[int] = []
+
+            async def reader() -> None:
+                async for settings in live.updates():
+                    assert settings.a == settings.b
+                    seen.append(settings.a)
+                    if settings.a == 100:
+                        return
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(reader)
+                    await anyio.lowlevel.checkpoint()
+                    for i in range(1, 101):
+                        await writer.put_many({etcd_prefix + "a": str(i), etcd_prefix + "b": str(i)})
+                        if i % 10 == 0:
+                            fault_proxy.reset()
+                        await anyio.sleep(0.01)
+    assert seen[-1] == 100
+    assert seen == sorted(seen)
