@@ -16,4 +16,4 @@ def anyio_backend() -> str:
 async def _one_event_loop(anyio_backend: str) -> AsyncIterator[None]:
     """grpc.aio binds its completion queue to the first event loop it sees; a session-scoped async
     fixture keeps anyio's runner, and so a single loop, alive for every test."""
-    yield
+    yield  # noqa: PT022 (the fixture's lifetime is the point)

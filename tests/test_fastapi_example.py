@@ -51,7 +51,7 @@ async def test_rate_limit_and_maintenance_follow_etcd(
     with anyio.fail_after(5):
         while (await http.get("/config")).json()["revision"] < revision:
             await anyio.sleep(0.01)
-    assert all((await http.get("/")).status_code == 200 for _ in range(20))
+    assert [(await http.get("/")).status_code for _ in range(20)] == [200] * 20
 
     await client.put(prefix + "maintenance", "on")
     with anyio.fail_after(5):
