@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def start_copy(port: int, endpoint: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ETCD_ENDPOINTS": endpoint, "SERVICE_PREFIX": PREFIX}
+    env = {**os.environ, "ETCD_ENDPOINTS": endpoint, "SERVICE_PREFIX": PREFIX, "LOG_LEVEL": "warning"}
     command = [
         sys.executable,
         "-m",

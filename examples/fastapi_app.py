@@ -7,16 +7,25 @@ milliseconds, without a restart.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Annotated, Any
 
+import structlog
 from fastapi import Depends, FastAPI, HTTPException
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aetcdcfg import LiveSettings
 from aetcdcfg.fastapi import settings_dependency
+
+# Logging is the application's choice (the library never configures it): LOG_LEVEL=warning quiets it.
+structlog.configure(
+    wrapper_class=structlog.make_filtering_bound_logger(
+        logging.getLevelNamesMapping()[os.environ.get("LOG_LEVEL", "info").upper()]
+    )
+)
 
 
 class Database(BaseModel):
