@@ -29,9 +29,20 @@ def rss_bytes() -> int:
     return 0
 
 
-async def start_writer(endpoint: str, prefix: str, count: int, interval: float) -> anyio.abc.Process:
+async def start_writer(
+    endpoint: str, prefix: str, count: int, interval: float, keys: int = 10
+) -> anyio.abc.Process:
     """The writer runs as its own process so its CPU is not billed to the subscribers."""
-    command = [sys.executable, "-m", "benchmarks.writer", endpoint, prefix, str(count), str(interval)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.writer",
+        endpoint,
+        prefix,
+        str(count),
+        str(interval),
+        str(keys),
+    ]
     return await anyio.open_process(command, cwd=ROOT, env=dict(os.environ), stdout=None, stderr=None)
 
 

@@ -114,6 +114,10 @@ async def run(endpoint: str, ks: list[int]) -> list[Result]:
 async def main(ks: list[int] | None = None) -> str:
     with EtcdServer() as server:
         results = await run(server.endpoint, ks or [1, 100, 1000])
+    return report(results)
+
+
+def report(results: list[Result]) -> str:
     headers = [
         "client",
         "K",
@@ -139,3 +143,4 @@ async def main(ks: list[int] | None = None) -> str:
 
 if __name__ == "__main__":
     print(anyio.run(main))
+    print("\nuvloop:\n" + anyio.run(main, backend_options={"use_uvloop": True}))

@@ -1,6 +1,6 @@
 """A separate writer process: puts ``time.time_ns()`` under a prefix every ``interval`` seconds.
 
-Run as ``python -m benchmarks.writer ENDPOINT PREFIX COUNT INTERVAL``; being its own process, its CPU
+Run as ``python -m benchmarks.writer ENDPOINT PREFIX COUNT INTERVAL [KEYS]``; being its own process, its CPU
 does not count against the subscribers being measured.
 """
 
@@ -14,11 +14,11 @@ import anyio
 from aetcdcfg import EtcdClient
 
 
-async def write(endpoint: str, prefix: str, count: int, interval: float) -> None:
+async def write(endpoint: str, prefix: str, count: int, interval: float, keys: int = 10) -> None:
     async with EtcdClient(endpoints=[endpoint]) as client:
         next_at = time.monotonic()
         for i in range(count):
-            await client.put(f"{prefix}k{i % 10}", str(time.time_ns()))
+            await client.put(f"{prefix}k{i % keys}", str(time.time_ns()))
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -27,4 +27,5 @@ async def write(endpoint: str, prefix: str, count: int, interval: float) -> None
 
 if __name__ == "__main__":
     endpoint, prefix, count, interval = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    anyio.run(write, endpoint, prefix, count, interval)
+    keys = int(sys.argv[5]) if len(sys.argv) > 5 else 10
+    anyio.run(write, endpoint, prefix, count, interval, keys)
