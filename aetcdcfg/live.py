@@ -11,43 +11,20 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.abc
 import structlog
-from pydantic import BaseModel, ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import BaseModel
 
 from ._fanout import Subscription
+from ._validate import build_model, lists_etcd_source
 from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, SubscriberLagged
 from .events import Event, EventType
 from .settings import EtcdSettings
-from .source import DecodedConfig, EtcdSettingsSource, current_config, decode_items
 
 __all__ = ["LiveSettings"]
 
 log = structlog.get_logger("aetcdcfg")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _lists_etcd_source(model: type[BaseModel]) -> bool:
-    """Whether the model's own settings_customise_sources places an EtcdSettingsSource itself."""
-    if not issubclass(model, BaseSettings):
-        return False
-    probe = EtcdSettingsSource(model)
-    try:
-        sources = model.settings_customise_sources(model, probe, probe, probe, probe)
-    except Exception:
-        return False
-    return any(isinstance(s, EtcdSettingsSource) and s is not probe for s in sources)
 
 
 class LiveSettings(Generic[ModelT]):
@@ -78,7 +55,7 @@ class LiveSettings(Generic[ModelT]):
         self._allow_defaults = allow_defaults
         self._on_change = on_change
         self._init_kwargs = dict(init_kwargs or {})
-        self._source_listed = _lists_etcd_source(model)
+        self._source_listed = lists_etcd_source(model)
         self._items: dict[str, bytes] = {}
         self._items_revision = 0  # the revision _items reflects (may be a rejected one)
         self._current: ModelT | None = None
@@ -242,40 +219,12 @@ class LiveSettings(Generic[ModelT]):
 
     def _build(self, revision: int, *, use_etcd: bool = True, changed: Sequence[str] = ()) -> ModelT:
         """Validate the model from the current keys; raise ConfigRejected naming keys, never values."""
-        decoded = decode_items(self.model, self._items if use_etcd else {})
-        if decoded.problems:
-            keys = [self.prefix + k for k in decoded.problems]
-            problems = [f"{self.prefix}{k}: {why}" for k, why in decoded.problems.items()]
-            raise ConfigRejected(prefix=self.prefix, revision=revision, keys=keys, problems=problems)
-        token = current_config.set(decoded)
-        try:
-            if self._source_listed:
-                return self.model(**self._init_kwargs)
-            return self.model.model_validate(_merge(decoded.data, self._init_kwargs))
-        except ValidationError as exc:
-            keys, problems = self._explain(exc, decoded, changed)
-            raise ConfigRejected(
-                prefix=self.prefix, revision=revision, keys=keys, problems=problems
-            ) from None
-        finally:
-            current_config.reset(token)
-
-    def _explain(
-        self, exc: ValidationError, decoded: DecodedConfig, changed: Sequence[str]
-    ) -> tuple[list[str], list[str]]:
-        keys: list[str] = []
-        problems: list[str] = []
-        for error in exc.errors(include_input=False, include_url=False, include_context=False):
-            loc = tuple(str(part) for part in error["loc"])
-            origin = None
-            for depth in range(len(loc), 0, -1):
-                origin = decoded.origins.get(loc[:depth])
-                if origin is not None:
-                    break
-            where = self.prefix + origin if origin is not None else ".".join(loc) + " (not from etcd)"
-            if origin is not None and where not in keys:
-                keys.append(where)
-            problems.append(f"{where}: {error['msg']}")
-        if not keys:
-            keys = list(changed)
-        return keys, problems
+        return build_model(
+            self.model,
+            self.prefix,
+            self._items if use_etcd else {},
+            revision,
+            init_kwargs=self._init_kwargs,
+            source_listed=self._source_listed,
+            changed=changed,
+        )

@@ -148,15 +148,17 @@ async def test_deleted_key_falls_back_to_default_then_env(
     etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
-        await client.put_many({etcd_prefix + "rate_limit": "300", etcd_prefix + "maintenance": "true"})
-        monkeypatch.setenv("MYAPP_MAINTENANCE", "false")
+        await client.put_many({etcd_prefix + "rate_limit": "300", etcd_prefix + "name": "from-etcd"})
+        monkeypatch.setenv("MYAPP_NAME", "from-env")
         async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client) as live:
             assert live.current.rate_limit == 300
-            assert live.current.maintenance is True  # etcd over env by default
+            assert live.current.name == "from-etcd"  # etcd over env by default
             await client.delete(etcd_prefix + "rate_limit")
-            await client.delete(etcd_prefix + "maintenance")
-            settings = await live.wait_for(lambda s: s.rate_limit == 100, timeout=5)
-            settings = await live.wait_for(lambda s: not s.maintenance, timeout=5)
+            settings = await live.wait_for(lambda s: s.rate_limit == 100, timeout=5)  # the default
+            assert settings.name == "from-etcd"
+            await client.delete(etcd_prefix + "name")
+            settings = await live.wait_for(lambda s: s.name != "from-etcd", timeout=5)
+            assert settings.name == "from-env"  # env, next in the source order
             assert settings.rate_limit == 100
 
 

@@ -1,0 +1,103 @@
+"""Building a settings model from etcd keys, shared by LiveSettings and the ``aetcdcfg`` command.
+
+A BaseSettings model is constructed (so env, dotenv and secrets sources apply below etcd); a plain
+pydantic model is validated. Failures become :class:`ConfigRejected` naming keys, never values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_settings import BaseSettings
+
+from .errors import ConfigRejected
+from .source import DecodedConfig, EtcdSettingsSource, current_config, decode_items
+
+__all__ = ["build_model", "lists_etcd_source"]
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``top``, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def lists_etcd_source(model: type[BaseModel]) -> bool:
+    """Whether the model's own ``settings_customise_sources`` places an EtcdSettingsSource itself."""
+    if not issubclass(model, BaseSettings):
+        return False
+    probe = EtcdSettingsSource(model)
+    try:
+        sources = model.settings_customise_sources(model, probe, probe, probe, probe)
+    except Exception:
+        return False
+    return any(isinstance(s, EtcdSettingsSource) and s is not probe for s in sources)
+
+
+def build_model(
+    model: type[ModelT],
+    prefix: str,
+    items: Mapping[str, bytes],
+    revision: int,
+    *,
+    init_kwargs: Mapping[str, Any] | None = None,
+    source_listed: bool | None = None,
+    changed: Sequence[str] = (),
+) -> ModelT:
+    """Validate ``model`` from ``items`` (keys relative to ``prefix``) as of ``revision``.
+
+    Order of sources: init kwargs > etcd > env > dotenv > secrets files, unless the model lists an
+    :class:`EtcdSettingsSource` itself (then its own order applies).
+    """
+    decoded = decode_items(model, items)
+    if decoded.problems:
+        keys = [prefix + k for k in decoded.problems]
+        problems = [f"{prefix}{k}: {why}" for k, why in decoded.problems.items()]
+        raise ConfigRejected(prefix=prefix, revision=revision, keys=keys, problems=problems)
+    if source_listed is None:
+        source_listed = lists_etcd_source(model)
+    kwargs = dict(init_kwargs or {})
+    token = current_config.set(decoded)
+    try:
+        if source_listed:
+            return model(**kwargs)
+        merged = merge(decoded.data, kwargs)
+        if issubclass(model, BaseSettings):
+            return model(**merged)  # init kwargs outrank env/dotenv/secrets in pydantic-settings
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        keys, problems = explain(exc, decoded, prefix, changed)
+        raise ConfigRejected(prefix=prefix, revision=revision, keys=keys, problems=problems) from None
+    finally:
+        current_config.reset(token)
+
+
+def explain(
+    exc: ValidationError, decoded: DecodedConfig, prefix: str, changed: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(keys, problems) for a validation error: each problem names its etcd key, never its value."""
+    keys: list[str] = []
+    problems: list[str] = []
+    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+        loc = tuple(str(part) for part in error["loc"])
+        origin = None
+        for depth in range(len(loc), 0, -1):
+            origin = decoded.origins.get(loc[:depth])
+            if origin is not None:
+                break
+        where = prefix + origin if origin is not None else ".".join(loc) + " (not from etcd)"
+        if origin is not None and where not in keys:
+            keys.append(where)
+        problems.append(f"{where}: {error['msg']}")
+    if not keys:
+        keys = list(changed)
+    return keys, problems
