@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +23,7 @@ from .errors import (
     ConfigurationError,
     EtcdError,
     EtcdUnavailable,
+    TxnConflict,
 )
 from .events import Snapshot
 from .settings import EtcdSettings
@@ -32,6 +33,8 @@ __all__ = ["EtcdClient", "prefix_range_end"]
 log = structlog.get_logger("aetcdcfg")
 
 KeyLike = str | bytes
+#: Mapping is invariant in its key type, so spell out the shapes callers actually have.
+Items = Mapping[str, str] | Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[KeyLike, KeyLike]
 _RawKV = tuple[bytes, bytes, int, int, int]
 
 #: etcd's metadata key asking a member to refuse requests while it has no leader.
@@ -386,13 +389,57 @@ class EtcdClient:
         )
         return int(response.header.revision)
 
-    async def put_many(self, items: Mapping[KeyLike, KeyLike]) -> int:
+    async def put_many(self, items: Items) -> int:
         """Set several keys in one transaction, so watchers see them at one revision; returns it."""
         ops = [
             rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=_b(k), value=_b(v)))
             for k, v in items.items()
         ]
         response = await self._unary("kv", "Txn", rpc_pb2.TxnRequest(success=ops), idempotent=False)
+        return int(response.header.revision)
+
+    async def apply_if_unchanged(
+        self,
+        prefix: KeyLike,
+        puts: Items,
+        deletes: Iterable[KeyLike] = (),
+        *,
+        since_revision: int,
+    ) -> int:
+        """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
+
+        Refused with :class:`TxnConflict`, writing nothing, if any key under ``prefix`` was created
+        or changed after ``since_revision``, or a key this call changes was deleted since. (A
+        deletion of another key under the prefix is not detected: etcd cannot compare a count.)
+        One transaction holds at most etcd's ``--max-txn-ops`` (128 by default) operations.
+        """
+        raw = _b(prefix)
+        compare = [
+            rpc_pb2.Compare(
+                target=rpc_pb2.Compare.MOD,
+                result=rpc_pb2.Compare.LESS,
+                key=raw,
+                range_end=prefix_range_end(raw),
+                mod_revision=since_revision + 1,
+            )
+        ]
+        delete_keys = [_b(k) for k in deletes]
+        ops = [
+            rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=_b(k), value=_b(v))) for k, v in puts.items()
+        ]
+        ops += [
+            rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)) for k in delete_keys
+        ]
+        for key in delete_keys:  # still there, as it was when the caller read it
+            compare.append(
+                rpc_pb2.Compare(
+                    target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.GREATER, key=key, version=0
+                )
+            )
+        request = rpc_pb2.TxnRequest(compare=compare, success=ops)
+        response = await self._unary("kv", "Txn", request, idempotent=False, key=decode_key(raw))
+        if not response.succeeded:
+            raise TxnConflict(prefix=decode_key(raw), expected_revision=since_revision)
         return int(response.header.revision)
 
     async def delete(self, key: KeyLike) -> int:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-__all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items"]
+__all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items", "is_secret", "resolve_key"]
 
 log = structlog.get_logger("aetcdcfg")
 
@@ -154,6 +154,46 @@ def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None
         node[leaf] = value
 
 
+def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any] | None:
+    """The field path and annotation a relative key fills, or None if it matches no field."""
+    parts = [p for p in key.split("/") if p]
+    if not parts:
+        return None
+    target: type[BaseModel] = model
+    path: list[str] = []
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        name = _match_field(target, part)
+        if name is None:
+            if _forbids_extra(target) and index == len(parts) - 1:
+                return (*path, part), None  # pydantic will say "extra inputs are not permitted"
+            return None
+        path.append(name)
+        annotation = target.model_fields[name].annotation
+        index += 1
+        if index == len(parts):
+            return tuple(path), annotation
+        options = _unwrap(annotation)
+        nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
+        if nested is not None:
+            target = nested
+            continue
+        mapping = next((tp for tp in options if _is_mapping(tp)), None)
+        if mapping is not None:
+            args = typing.get_args(mapping)
+            return (*path, "/".join(parts[index:])), (args[1] if len(args) == 2 else Any)
+        return None
+    return None
+
+
+def is_secret(annotation: Any) -> bool:
+    """Whether a field holds a secret (SecretStr/SecretBytes): never print its value."""
+    return (
+        any(tp in (SecretStr, SecretBytes) for tp in _unwrap(annotation)) if annotation is not None else False
+    )
+
+
 def decode_items(model: type[BaseModel], items: Mapping[str, bytes]) -> DecodedConfig:
     """Turn ``{relative key: raw value}`` into model input, without validating it yet."""
     data: dict[str, Any] = {}
@@ -161,55 +201,17 @@ def decode_items(model: type[BaseModel], items: Mapping[str, bytes]) -> DecodedC
     problems: dict[str, str] = {}
     # Deeper keys first, so that _set_path lets them win over a shallower whole-object value.
     for key in sorted(items, key=lambda k: (-k.count("/"), k)):
-        parts = [p for p in key.split("/") if p]
-        if not parts:
-            continue
-        target: type[BaseModel] = model
-        path: list[str] = []
-        annotation: Any = None
-        resolved = True
-        index = 0
-        while index < len(parts):
-            part = parts[index]
-            name = _match_field(target, part)
-            if name is None:
-                if _forbids_extra(target):
-                    path.append(part)  # pydantic will say "extra inputs are not permitted"
-                    annotation = None
-                    index += 1
-                    if index < len(parts):
-                        resolved = False
-                    break
-                resolved = False
-                break
-            path.append(name)
-            annotation = target.model_fields[name].annotation
-            index += 1
-            if index == len(parts):
-                break
-            options = _unwrap(annotation)
-            nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
-            if nested is not None:
-                target = nested
-                continue
-            mapping = next((tp for tp in options if _is_mapping(tp)), None)
-            if mapping is not None:
-                path.append("/".join(parts[index:]))
-                args = typing.get_args(mapping)
-                annotation = args[1] if len(args) == 2 else Any
-                index = len(parts)
-                break
-            resolved = False
-            break
-        if not resolved or index < len(parts):
+        resolved = resolve_key(model, key)
+        if resolved is None:
             log.debug("config.unknown_key", key=key)
             continue
+        path, annotation = resolved
         value, problem = _decode_value(items[key], annotation)
         if problem is not None:
             problems[key] = problem
             continue
-        _set_path(data, tuple(path), value)
-        origins[tuple(path)] = key
+        _set_path(data, path, value)
+        origins[path] = key
     return DecodedConfig(data, origins, problems)
 
 

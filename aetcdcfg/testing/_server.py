@@ -61,6 +61,7 @@ class EtcdMember:
         progress_notify_interval: float | None = None,
         quota_bytes: int | None = None,
         extra_args: Sequence[str] = (),
+        client_port: int | None = None,
     ) -> None:
         self.name = name
         self._own_dir = base_dir is None
@@ -76,7 +77,8 @@ class EtcdMember:
         self.progress_notify_interval = progress_notify_interval
         self.quota_bytes = quota_bytes
         self.extra_args = list(extra_args)
-        self.client_port, self.peer_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.client_port = client_port or free_port()
+        self.peer_port, self.metrics_port = free_port(), free_port()
         self.initial_cluster = f"{name}={self.peer_url}"
         self.process: subprocess.Popen[bytes] | None = None
         self._started_once = False

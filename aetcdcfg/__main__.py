@@ -1,0 +1,5 @@
+"""``python -m aetcdcfg``: the same as the ``aetcdcfg`` console script."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,307 @@
+"""The aetcdcfg command through the real console script, against real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.streams.text import TextReceiveStream
+
+from aetcdcfg import EtcdClient, EtcdUnavailable
+from aetcdcfg.cli import cli, flatten, unflatten
+from aetcdcfg.testing import EtcdServer
+
+pytestmark = pytest.mark.anyio
+
+SCRIPT = shutil.which("aetcdcfg", path=str(Path(sys.executable).parent)) or "aetcdcfg"
+
+MODEL = """
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class Database(BaseModel):
+    url: str = "sqlite://"
+    password: SecretStr = SecretStr("")
+
+
+class Settings(BaseSettings):
+    rate_limit: int = Field(default=100, ge=1)
+    maintenance: bool = False
+    db: Database = Database()
+    tags: list[str] = []
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "svc_settings.py").write_text(MODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ETCD_ENDPOINTS", etcd_server.endpoint)
+    return tmp_path
+
+
+async def run(*args: str, check: bool = True) -> tuple[int, str, str]:
+    result = await anyio.run_process([SCRIPT, *args], check=False, env=dict(os.environ))
+    out, err = result.stdout.decode(), result.stderr.decode()
+    if check and result.returncode != 0:
+        raise AssertionError(f"aetcdcfg {' '.join(args)} exited {result.returncode}:\n{out}\n{err}")
+    return result.returncode, out, err
+
+
+async def test_get_prints_revision_and_masks_secrets(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        revision = await client.put_many(
+            {etcd_prefix + "rate_limit": "5", etcd_prefix + "db/password": "hunter2"}
+        )
+    _, out, _ = await run("get", etcd_prefix, "--model", "svc_settings:Settings")
+    assert f"at revision {revision}" in out
+    assert f"{etcd_prefix}rate_limit = 5" in out
+    assert "hunter2" not in out
+    assert f"{etcd_prefix}db/password = **********" in out
+    _, out, _ = await run("get", etcd_prefix, "--json")
+    data = json.loads(out)
+    assert data["revision"] == revision
+    assert data["items"][etcd_prefix + "rate_limit"] == "5"
+
+
+async def test_watch_prints_events_and_exits_cleanly_on_sigint_and_sigterm(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        async with await anyio.open_process([SCRIPT, "watch", etcd_prefix, "--json"]) as proc:
+            assert proc.stderr is not None
+            assert proc.stdout is not None
+            with anyio.fail_after(10):
+                async for text in TextReceiveStream(proc.stderr):
+                    if "# watching" in text:
+                        break
+            async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+                first = await client.put(etcd_prefix + "a", "1")
+                await client.put_many({etcd_prefix + "b": "2", etcd_prefix + "c": "3"})
+                await client.delete(etcd_prefix + "a")
+            lines: list[dict[str, object]] = []
+            buffer = ""
+            with anyio.fail_after(10):
+                async for text in TextReceiveStream(proc.stdout):
+                    buffer += text
+                    while "\n" in buffer:
+                        line, buffer = buffer.split("\n", 1)
+                        lines.append(json.loads(line))
+                    if len(lines) >= 4:
+                        break
+            proc.send_signal(sig)
+            with anyio.fail_after(10):
+                code = await proc.wait()
+        assert code == 0, sig
+        assert [(e["revision"], e["type"], e["key"], e["value"]) for e in lines] == [
+            (first, "PUT", etcd_prefix + "a", "1"),
+            (first + 1, "PUT", etcd_prefix + "b", "2"),
+            (first + 1, "PUT", etcd_prefix + "c", "3"),
+            (first + 2, "DELETE", etcd_prefix + "a", None),
+        ]
+
+
+async def test_check_lists_every_problem_by_key(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({etcd_prefix + "rate_limit": "7", etcd_prefix + "tags": '["x"]'})
+        code, out, _ = await run("check", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        assert code == 0
+        assert out.startswith("OK:")
+        await client.put_many({etcd_prefix + "rate_limit": "0", etcd_prefix + "tags": "not json"})
+    code, out, _ = await run(
+        "check", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, check=False
+    )
+    assert code == 1
+    assert "INVALID" in out
+    assert f"{etcd_prefix}tags: structured field needs JSON" in out
+    # pydantic runs only once the values decode; the tags problem is reported first
+    assert "rate_limit" not in out or "greater than or equal to 1" in out
+
+
+async def test_push_validates_diffs_and_writes_one_revision(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "cfg.yaml").write_text(
+        "rate_limit: 200\nmaintenance: true\ndb:\n  url: postgres://db/app\n  password: hunter2\ntags: [a, b]\n"
+    )
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "rate_limit", "100")
+        _, out, _ = await run(
+            "push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, "--dry-run"
+        )
+        assert f"~ {etcd_prefix}rate_limit: 100 -> 200" in out
+        assert f"+ {etcd_prefix}db/password = **********" in out
+        assert "hunter2" not in out
+        assert (await client.get_prefix(etcd_prefix)).items == {etcd_prefix + "rate_limit": b"100"}
+
+        before = (await client.get_prefix(etcd_prefix)).revision
+        _, out, _ = await run("push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        assert "wrote 5 put(s)" in out
+        written = int(out.strip().rsplit(" ", 1)[1])
+        snapshot = await client.get_prefix(etcd_prefix)
+        assert snapshot.items == {
+            etcd_prefix + "rate_limit": b"200",
+            etcd_prefix + "maintenance": b"true",
+            etcd_prefix + "db/url": b"postgres://db/app",
+            etcd_prefix + "db/password": b"hunter2",
+            etcd_prefix + "tags": b'["a","b"]',
+        }
+        assert written == before + 1  # five keys, one transaction, one revision
+
+        _, out, _ = await run("push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        assert "no changes" in out
+
+
+async def test_push_refuses_invalid_or_unknown_and_changes_nothing(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "bad.json").write_text(json.dumps({"rate_limit": 0, "tags": ["a"]}))
+    (workdir / "typo.toml").write_text("rate_limt = 5\n")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        before = await client.put(etcd_prefix + "rate_limit", "100")
+        code, out, _ = await run(
+            "push", "bad.json", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, check=False
+        )
+        assert code == 1
+        assert f"{etcd_prefix}rate_limit: Input should be greater than or equal to 1" in out
+        assert "nothing was written" in out
+        code, out, _ = await run(
+            "push", "typo.toml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, check=False
+        )
+        assert code == 1
+        assert f"{etcd_prefix}rate_limt" in out
+        snapshot = await client.get_prefix(etcd_prefix)
+    assert snapshot.items == {etcd_prefix + "rate_limit": b"100"}
+    assert snapshot.revision >= before
+
+
+async def test_push_detects_a_change_made_after_the_reviewed_diff(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "cfg.json").write_text(json.dumps({"rate_limit": 300}))
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        reviewed = await client.put(etcd_prefix + "rate_limit", "100")
+        await client.put(etcd_prefix + "maintenance", "true")  # someone else, after the review
+        code, _, err = await run(
+            "push", "cfg.json", "--model", "svc_settings:Settings", "--prefix", etcd_prefix,
+            "--expect-revision", str(reviewed), check=False,
+        )  # fmt: skip
+        assert code == 1
+        assert f"changed after revision {reviewed}; nothing was written" in err
+        assert len(err.strip().splitlines()) == 1
+        assert await client.get(etcd_prefix + "rate_limit") == b"100"
+
+
+async def test_push_prune_deletes_keys_the_file_lacks(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "cfg.yaml").write_text("rate_limit: 5\n")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({etcd_prefix + "rate_limit": "1", etcd_prefix + "maintenance": "true"})
+        _, out, _ = await run("push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        assert "kept (use --prune" in out
+        assert await client.get(etcd_prefix + "maintenance") == b"true"
+        _, out, _ = await run(
+            "push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, "--prune"
+        )
+        assert f"- {etcd_prefix}maintenance" in out
+        assert (await client.get_prefix(etcd_prefix)).items == {etcd_prefix + "rate_limit": b"5"}
+
+
+async def test_dump_then_push_round_trips_and_masked_secrets_keep_their_value(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    source = {
+        "rate_limit": "42",
+        "maintenance": "false",
+        "db": '{"url": "postgres://whole"}',
+        "db/url": "postgres://deeper",
+        "db/password": "s3cret",
+        "tags": '["a", "b"]',
+        "notes": "  spaces and\nnewlines  ",
+    }
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({etcd_prefix + "src/" + k: v for k, v in source.items()})
+        for fmt in ("yaml", "json"):
+            args = ["dump", etcd_prefix + "src/"] + (["--json"] if fmt == "json" else [])
+            _, out, _ = await run(*args)
+            (workdir / f"dump.{fmt}").write_text(out)
+            target = f"{etcd_prefix}copy-{fmt}/"
+            # notes is no field of the model, so this round trip goes through a permissive model
+            (workdir / "loose.py").write_text(
+                "from pydantic import BaseModel, ConfigDict\n"
+                "class Loose(BaseModel):\n    model_config = ConfigDict(extra='allow')\n"
+                "    rate_limit: str = ''\n    maintenance: str = ''\n    db: dict[str, str] = {}\n"
+                "    tags: str = ''\n    notes: str = ''\n"
+            )
+            await run("push", f"dump.{fmt}", "--model", "loose:Loose", "--prefix", target)
+            copied = (await client.get_prefix(target)).items
+            assert {k[len(target) :]: v.decode() for k, v in copied.items()} == source
+
+        # a dump with --model masks the secret; pushing it back keeps etcd's value
+        await client.put_many(
+            {etcd_prefix + "svc/db/password": "s3cret", etcd_prefix + "svc/rate_limit": "3"}
+        )
+        _, out, _ = await run("dump", etcd_prefix + "svc/", "--model", "svc_settings:Settings")
+        assert "s3cret" not in out
+        (workdir / "masked.yaml").write_text(out.replace("'3'", "'4'"))
+        await run("push", "masked.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix + "svc/")
+        assert await client.get(etcd_prefix + "svc/db/password") == b"s3cret"
+        assert await client.get(etcd_prefix + "svc/rate_limit") == b"4"
+
+
+async def test_dev_starts_etcd_prints_exports_and_stops_on_ctrl_c(workdir: Path) -> None:
+    async with await anyio.open_process([SCRIPT, "dev"]) as proc:
+        assert proc.stdout is not None
+        endpoint = None
+        buffer = ""
+        with anyio.fail_after(30):
+            async for text in TextReceiveStream(proc.stdout):
+                buffer += text
+                for line in buffer.splitlines():
+                    if line.startswith("export ETCD_ENDPOINTS="):
+                        endpoint = line.split("=", 1)[1]
+                if endpoint:
+                    break
+        assert endpoint is not None
+        async with EtcdClient(endpoints=[endpoint]) as client:
+            await client.put("/dev/k", "v")
+            assert await client.get("/dev/k") == b"v"
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(15):
+            assert await proc.wait() == 0
+    with pytest.raises(EtcdUnavailable):  # the dev etcd is gone
+        async with EtcdClient(endpoints=[endpoint], connect_timeout=0.5):
+            pass
+
+
+async def test_unreachable_etcd_is_one_line_without_traceback(workdir: Path) -> None:
+    code, out, err = await run(
+        "get", "/x/", "--endpoints", "http://127.0.0.1:1", "--connect-timeout", "0.5", check=False
+    )
+    assert code == 1
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("aetcdcfg: EtcdUnavailable: no etcd endpoint reachable")
+    assert "Traceback" not in err
+
+
+def test_bad_model_spec_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("check", "--model", "nomodule", "--prefix", "/x/") == 2
+    assert "expected module:Class" in capsys.readouterr().err
+
+
+def test_flatten_and_unflatten_are_inverse_for_dumped_text() -> None:
+    items = {"a": b"1", "b/c": b"x", "b/d": b'{"k": 1}', "e": b"\xff\x00"}
+    assert flatten(unflatten(items)) == items
