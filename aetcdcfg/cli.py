@@ -488,7 +488,6 @@ def cli(*argv: str) -> int:
     """Run the command line; returns the exit code (0 ok, 1 refused or failed, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    _configure_logging(args.verbose)
     try:
         if getattr(args, "prefix", None) is not None and args.command in ("get", "watch"):
             args.prefix = _prefix(args.prefix)
@@ -504,5 +503,7 @@ def cli(*argv: str) -> int:
 
 
 def main() -> None:
-    """The console script."""
+    """The console script. Only here, in the program, is logging configured: ``cli()`` may run
+    inside someone else's process (tests, an admin tool) whose logging is not ours to change."""
+    _configure_logging("-v" in sys.argv or "--verbose" in sys.argv)
     raise SystemExit(cli(*sys.argv[1:]))

