@@ -26,5 +26,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),10)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
