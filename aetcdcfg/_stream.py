@@ -164,6 +164,9 @@ class WatchLoop:
                 f"no answer from {endpoint.url} within keepalive_time + keepalive_timeout "
                 f"({self._client.settings.keepalive_time:g}s + {self._client.settings.keepalive_timeout:g}s)"
             )
+        if isinstance(outcome, EtcdUnavailable):
+            # e.g. re-authenticating or checking the revision on a member that just went away
+            raise _StreamFailed(str(outcome))
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
