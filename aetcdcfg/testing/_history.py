@@ -13,18 +13,28 @@ from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
 from ..client import prefix_range_end
 from ..events import Event
+from ._tls import TLSFiles
 
 __all__ = ["Record", "as_records", "etcd_history"]
 
 Record = tuple[int, str, str, bytes]  # (revision, key, "PUT"/"DELETE", value)
 
 
-async def etcd_history(endpoint: str, prefix: str, first: int, last: int) -> list[Record]:
-    """Every event under ``prefix`` with revision in [first, last], straight from etcd (http only)."""
+async def etcd_history(
+    endpoint: str, prefix: str, first: int, last: int, *, tls: TLSFiles | None = None
+) -> list[Record]:
+    """Every event under ``prefix`` with revision in [first, last], straight from etcd."""
     target = endpoint.split("://", 1)[1]
     records: list[Record] = []
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    if tls is not None:
+        credentials = grpc.ssl_channel_credentials(
+            tls.ca_file.read_bytes(), tls.client_key.read_bytes(), tls.client_cert.read_bytes()
+        )
+        channel = grpc.aio.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.aio.insecure_channel(target, options=options)
+    async with channel:
         call = rpc_pb2_grpc.WatchStub(channel).Watch()
         raw = prefix.encode()
         create = rpc_pb2.WatchCreateRequest(
