@@ -92,6 +92,7 @@ class Endpoint:
     watch: Any = field(init=False)
     auth: Any = field(init=False)
     maintenance: Any = field(init=False)
+    cluster: Any = field(init=False)
     last_error: str | None = None
     failed_at: float | None = None
 
@@ -100,6 +101,7 @@ class Endpoint:
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)
         self.auth = rpc_pb2_grpc.AuthStub(self.channel)
         self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
+        self.cluster = rpc_pb2_grpc.ClusterStub(self.channel)
 
     def is_ready(self) -> bool:
         return bool(self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY)
@@ -112,15 +114,39 @@ class EndpointPool:
         self._settings = settings
         options = channel_options(settings)
         creds = _credentials(settings) if settings.tls else None
-        self.endpoints: list[Endpoint] = []
-        for url, target in zip(settings.endpoints, settings.targets, strict=True):
-            if creds is not None:
-                channel = grpc.aio.secure_channel(target, creds, options=options)
-            else:
-                channel = grpc.aio.insecure_channel(target, options=options)
-            self.endpoints.append(Endpoint(url, channel))
+        self._options = options
+        self._creds = creds
+        self.endpoints: list[Endpoint] = [self._open(url) for url in settings.endpoints]
         self._current: Endpoint | None = None
         self._last_used: Endpoint | None = None
+
+    def _open(self, url: str) -> Endpoint:
+        target = url.split("://", 1)[1]
+        if self._creds is not None:
+            channel = grpc.aio.secure_channel(target, self._creds, options=self._options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=self._options)
+        return Endpoint(url, channel)
+
+    async def update(self, urls: list[str]) -> None:
+        """Follow the cluster's membership: add new members' URLs, drop departed ones.
+
+        The configured endpoints stay first in the preference order; a dropped member's channel
+        is closed unless it is the one in use (then it goes when it fails).
+        """
+        known = {ep.url: ep for ep in self.endpoints}
+        wanted = list(dict.fromkeys([*self._settings.endpoints, *urls]))
+        endpoints = [known.get(url) or self._open(url) for url in wanted]
+        if self._current is not None and self._current not in endpoints:
+            endpoints.append(self._current)
+        added = [url for url in wanted if url not in known]
+        removed = [ep for ep in self.endpoints if ep not in endpoints]
+        if not added and not removed:
+            return
+        self.endpoints = endpoints
+        log.info("etcd.endpoints_changed", added=added, removed=[ep.url for ep in removed])
+        for ep in removed:
+            await ep.channel.close(grace=None)
 
     @property
     def current(self) -> Endpoint | None:

@@ -140,6 +140,37 @@ class EtcdClient:
         if self.settings.username is not None:
             with anyio.fail_after(self.settings.request_timeout):
                 await self._authenticate(endpoint)
+        if self.settings.discover_endpoints:
+            await self.sync_endpoints()
+            assert self._task_group is not None
+            self._task_group.start_soon(self._discover_forever)
+
+    async def sync_endpoints(self) -> list[str]:
+        """Read the cluster's member list and use every started member's client URLs too.
+
+        Only URLs with the configured scheme are taken (a cluster advertising http to an https
+        client is a misconfiguration we do not follow). Returns the endpoints now in use.
+        """
+        pool = self._open_pool()
+        response = await self._unary("cluster", "MemberList", rpc_pb2.MemberListRequest(), idempotent=True)
+        scheme = self.settings.endpoints[0].split("://", 1)[0] + "://"
+        urls = [
+            url.rstrip("/")
+            for member in response.members
+            if not member.isLearner
+            for url in member.clientURLs
+            if url.startswith(scheme)
+        ]
+        await pool.update(urls)
+        return [ep.url for ep in pool.endpoints]
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.discovery_interval)
+            try:
+                await self.sync_endpoints()
+            except EtcdError as exc:
+                log.warning("etcd.discovery_failed", error=str(exc))
 
     def _open_pool(self) -> EndpointPool:
         if self._pool is None:

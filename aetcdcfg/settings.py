@@ -49,6 +49,12 @@ class EtcdSettings(BaseSettings):
     keepalive_timeout: float = Field(
         default=5.0, gt=0, description="Seconds a probe may go unanswered before the connection is dropped."
     )
+    discover_endpoints: bool = Field(
+        default=False,
+        description="Also use every member the cluster lists (re-read each discovery_interval), so "
+        "a client configured with one member follows the cluster.",
+    )
+    discovery_interval: float = Field(default=60.0, gt=0, description="Seconds between member list reads.")
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest gRPC message accepted."
     )

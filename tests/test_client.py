@@ -217,3 +217,18 @@ async def test_expired_token_is_renewed_transparently(etcd_auth_server: EtcdServ
             assert await client.get("/app/ttl") == b"1"
     assert [entry["event"] for entry in logs].count("etcd.reauthenticated") == 1
     assert "apppw" not in repr(logs)
+
+
+@pytest.mark.cluster
+async def test_discovery_follows_the_cluster_from_one_configured_member(
+    cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    async with EtcdClient(
+        endpoints=[cluster.endpoints[0]], discover_endpoints=True, connect_timeout=3
+    ) as client:
+        assert sorted(await client.sync_endpoints()) == sorted(cluster.endpoints)
+        await client.put(etcd_prefix + "k", "1")
+        cluster.kill(0)
+        await anyio.to_thread.run_sync(cluster.wait_leader)
+        assert await client.get(etcd_prefix + "k") == b"1"
+        assert client.endpoint in cluster.endpoints[1:]
