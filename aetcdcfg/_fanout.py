@@ -80,15 +80,6 @@ class Subscription:
         if index < len(batch):
             self._index = index + 1
             return batch[index]
-        if not self._available and not self._ended:
-            # Inlined wait (see _next_batch): this is the per-event path of a subscriber that
-            # keeps up, and a nested coroutine here costs measurably at 1,000 subscribers.
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
         batch = await self._next_batch()
         self._batch = batch
         self._index = 1
