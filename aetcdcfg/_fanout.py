@@ -253,7 +253,10 @@ class PrefixWatch:
             task_status.started()
             error: BaseException = ClientClosedError("the EtcdClient was closed")
             try:
-                await WatchLoop(self.client, self.state, self._publish, label=self.label).run()
+                loop = WatchLoop(
+                    self.client, self.state, self._publish, label=self.label, on_reset=self._reset
+                )
+                await loop.run()
             except AetcdcfgError as exc:
                 self.log.error("watch.failed", error=str(exc))
                 error = exc
@@ -274,6 +277,15 @@ class PrefixWatch:
             dropped = history.popleft()
             self._history_events -= len(dropped)
             self.floor = dropped[0].revision + 1
+
+    def _reset(self, revision: int) -> None:
+        """etcd's history was replaced (a wiped cluster): forget revisions of the old one, so the
+        resync at ``revision`` and what follows reach subscribers although they are lower."""
+        self.history.clear()
+        self._history_events = 0
+        self.floor = revision + 1
+        for sub in self.subscribers:
+            sub.last_revision = min(sub.last_revision, revision - 1)
 
     def subscribe(
         self, start_revision: int | None, buffer_size: int, *, with_snapshot: bool

@@ -67,8 +67,10 @@ class WatchLoop:
         *,
         label: str,
         stop_at: int | None = None,
+        on_reset: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_reset = on_reset
         self._state = state
         self._on_batches = on_batches
         self._label = label
@@ -79,6 +81,7 @@ class WatchLoop:
         self._lost_at: float | None = None
         self._lost_revision = 0
         self._fresh_token = False
+        self._history_checked = False
         self.connected = anyio.Event()
 
     @property
@@ -95,9 +98,15 @@ class WatchLoop:
         while not self._reached_stop():
             try:
                 endpoint = await self._client._pool_ready(settings.connect_timeout)
+                if self._lost_at is not None and not self._history_checked and self._state.tracks_state:
+                    await self._check_history()
             except EtcdUnavailable as exc:
                 self._note_lost(str(exc))
                 await anyio.sleep(backoff.next_delay())
+                continue
+            except _Relist as relist:
+                await self._relist(relist)
+                backoff.reset()
                 continue
             try:
                 if await self._session(endpoint):
@@ -116,8 +125,19 @@ class WatchLoop:
                 continue
             backoff.reset()
 
+    async def _check_history(self) -> None:
+        """After an outage, make sure etcd still has the history we delivered (not a wiped cluster)."""
+        state = self._state
+        assert state.keys is not None
+        same = await self._client._history_matches(state.prefix, state.delivered, state.keys)
+        self._history_checked = True
+        if same is False:
+            self._log.error("watch.revision_reset", delivered=state.delivered, reason="history_changed")
+            raise _Relist("history_changed", 0)
+
     def _note_lost(self, cause: str, endpoint: str | None = None) -> None:
         if self._lost_at is None:
+            self._history_checked = False
             self._lost_at = anyio.current_time()
             self._lost_revision = self._state.delivered
             self._log.warning(
@@ -137,6 +157,8 @@ class WatchLoop:
                 "watch.compacted", resume_revision=state.resume_revision, compact_revision=relist.revision
             )
         listing, revision = await self._client._list_keys(state.prefix, retry_forever=True)
+        if relist.reason != "compacted" and self._on_reset is not None:
+            self._on_reset(revision)  # a new history: revisions restart below what was delivered
         batch = state.resync(listing, revision)
         self._log.warning("watch.resynced", reason=relist.reason, revision=revision, changes=len(batch))
         if batch:

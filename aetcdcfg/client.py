@@ -286,17 +286,22 @@ class EtcdClient:
         items, revision = await self._range_pages(raw)
         return Snapshot(revision=revision, items={decode_key(item[0]): item[1] for item in items})
 
-    async def _range_pages(self, prefix: bytes) -> tuple[list[_RawKV], int]:
-        """(key, value, mod, create, version) of every key under ``prefix``, all at one revision."""
+    async def _range_pages(
+        self, prefix: bytes, *, at_revision: int = 0, keys_only: bool = False
+    ) -> tuple[list[_RawKV], int]:
+        """(key, value, mod, create, version) of every key under ``prefix``, all at one revision
+        (the current one, or ``at_revision``)."""
         end = prefix_range_end(prefix)
         while True:  # starts over if the pinned revision is compacted mid-way
             items: list[_RawKV] = []
-            revision = 0
+            revision = at_revision
             start = prefix
             limit = PAGE_SIZE
             try:
                 while True:
-                    request = rpc_pb2.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+                    request = rpc_pb2.RangeRequest(
+                        key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only
+                    )
                     try:
                         response = await self._unary(
                             "kv", "Range", request, idempotent=True, key=decode_key(prefix)
@@ -316,9 +321,28 @@ class EtcdClient:
                         return items, revision
                     start = bytes(response.kvs[-1].key) + b"\0"
             except EtcdError as exc:
-                if "has been compacted" in str(exc):
+                if "has been compacted" in str(exc) and not at_revision:
                     continue
                 raise
+
+    async def _history_matches(
+        self, prefix: bytes, revision: int, keys: Mapping[bytes, KeyState]
+    ) -> bool | None:
+        """Does etcd's prefix at ``revision`` hold exactly these keys at these mod revisions?
+
+        A watch asks this before resuming after an outage: a cluster restarted on an empty data dir
+        has a different history, even once its revision has caught up. None when etcd can no longer
+        tell (compacted; the watch itself will then report the compaction).
+        """
+        try:
+            items, _ = await self._range_pages(prefix, at_revision=revision, keys_only=True)
+        except EtcdError as exc:
+            if "has been compacted" in str(exc):
+                return None
+            if "future revision" in str(exc):
+                return False
+            raise
+        return {item[0]: item[2] for item in items} == {k: v.mod_revision for k, v in keys.items()}
 
     async def _list_keys(
         self, prefix: bytes, *, retry_forever: bool = False

@@ -336,3 +336,39 @@ async def test_exact_history_while_members_are_killed_and_restarted(
     alive = cluster.endpoints[0]
     expected = await etcd_history(alive, etcd_prefix, start, last)
     assert as_records(events) == expected
+
+
+@pytest.mark.parametrize("catch_up", [False, True], ids=["revision-behind", "revision-caught-up"])
+async def test_cluster_wiped_and_restarted_is_detected_and_resynced(catch_up: bool, etcd_prefix: str) -> None:
+    """etcd restarted on an empty data dir: its history is new even once its revision passes ours."""
+    with EtcdServer(keepalive_min_time=1, progress_notify_interval=1) as server:
+        async with (
+            EtcdClient(endpoints=[server.endpoint], keepalive_time=1, keepalive_timeout=1) as watcher,
+            watcher.watch(etcd_prefix, with_snapshot=True) as sub,
+        ):
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                for i in range(20):
+                    await writer.put(f"{etcd_prefix}old{i % 3}", str(i))
+            state: dict[str, bytes] = {}
+            with anyio.fail_after(10):
+                async for event in sub:
+                    state[event.key] = event.value
+                    if event.value == b"19":
+                        break
+            with capture_logs() as logs:
+                await anyio.to_thread.run_sync(server.wipe_and_restart)
+                async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                    rounds = 40 if catch_up else 2
+                    for i in range(rounds):
+                        last = await writer.put(f"{etcd_prefix}new{i % 2}", str(i))
+                    with anyio.fail_after(20):
+                        async for event in sub:
+                            if event.type is EventType.PUT:
+                                state[event.key] = event.value
+                            else:
+                                state.pop(event.key, None)
+                            if event.revision >= last and event.value == str(rounds - 1).encode():
+                                break
+                    final = await writer.get_prefix(etcd_prefix)
+    assert state == dict(final.items)
+    assert any(e["event"] == "watch.revision_reset" for e in logs)
