@@ -426,8 +426,6 @@ class EtcdClient:
                 raise
             if not hub.closed:
                 break
-        if start_revision is not None and start_revision <= 0:
-            raise ValueError("start_revision must be positive")
         subscription, sub = hub.subscribe(start_revision, buffer_size, with_snapshot=with_snapshot)
         try:
             if sub.catching_up:
