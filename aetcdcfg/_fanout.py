@@ -231,9 +231,9 @@ class PrefixWatch:
         """List the prefix and start following it; raises if etcd cannot be read (e.g. unreachable)."""
         if self._starting:
             await self._started.wait()
-            if self._start_error is not None:
+            if isinstance(self._start_error, Exception):
                 raise self._start_error
-            return
+            return  # the starter was cancelled: the hub is closed and the caller makes a new one
         self._starting = True
         try:
             await task_group.start(self._run)
