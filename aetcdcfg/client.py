@@ -246,8 +246,12 @@ class EtcdClient:
                 tried.append(endpoint.url)
             token = self._token
             call = getattr(getattr(endpoint, service), method)
+            attempt = remaining
+            if idempotent and len(pool.endpoints) > 1:
+                # A frozen member answers nothing; keep half the budget to try another one.
+                attempt = max(remaining / 2, min(remaining, 1.0))
             try:
-                return await call(request, timeout=remaining, metadata=self._metadata())
+                return await call(request, timeout=attempt, metadata=self._metadata())
             except grpc.aio.AioRpcError as exc:
                 kind = classify(exc)
                 cause = describe(exc)

@@ -232,3 +232,18 @@ async def test_discovery_follows_the_cluster_from_one_configured_member(
         await anyio.to_thread.run_sync(cluster.wait_leader)
         assert await client.get(etcd_prefix + "k") == b"1"
         assert client.endpoint in cluster.endpoints[1:]
+
+
+@pytest.mark.cluster
+async def test_read_on_a_frozen_member_fails_over_within_request_timeout(
+    cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=cluster.endpoints, request_timeout=4, keepalive_time=10) as client:
+        await client.put(etcd_prefix + "k", "v")
+        used = cluster.endpoints.index(client.endpoint or "")
+        cluster.members[used].pause()  # SIGSTOP: the TCP connection stays up, nothing answers
+        await anyio.to_thread.run_sync(cluster.wait_leader)
+        started = time.monotonic()
+        assert await client.get(etcd_prefix + "k") == b"v"
+        assert time.monotonic() - started < 4
+        assert client.endpoint != cluster.endpoints[used]
