@@ -1,0 +1,111 @@
+"""Authentication under a running watch: token expiry mid-stream, and permissions that do not fit."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import pytest
+from pydantic_settings import BaseSettings
+from structlog.testing import capture_logs
+
+from aetcdcfg import EtcdClient, Event, LiveSettings, PermissionDenied
+from aetcdcfg.testing import EtcdServer, FaultProxy
+
+pytestmark = pytest.mark.anyio
+
+APP = {"username": "app", "password": "apppw"}
+
+
+async def test_watch_survives_token_expiry_and_reconnect_without_gap(etcd_auth_server: EtcdServer) -> None:
+    """Tokens live 2 s; the stream breaks after they expired, so the new stream needs a new token."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    written: list[tuple[int, str, str, bytes]] = []
+    with FaultProxy.to(etcd_auth_server.endpoint) as proxy:
+        async with (
+            EtcdClient(endpoints=[etcd_auth_server.endpoint], **APP) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], keepalive_time=1, keepalive_timeout=1, **APP) as watcher,
+            watcher.watch(prefix) as sub,
+        ):
+
+            async def write(n: int) -> None:
+                for i in range(n):
+                    key, value = f"{prefix}k{i % 3}", f"v{len(written)}"
+                    written.append((await writer.put(key, value), key, "PUT", value.encode()))
+
+            seen: list[Event] = []
+            with capture_logs() as logs, anyio.fail_after(30):
+                await write(5)
+                await anyio.sleep(3)  # outlive the server's 2 s token TTL
+                proxy.reset()
+                await write(5)
+                async for event in sub:
+                    seen.append(event)
+                    if len(seen) == len(written):
+                        break
+    assert [(e.revision, e.key, e.type.value, e.value) for e in seen] == written
+    # the watcher itself (it alone talks through the proxy) got a new token
+    assert any(e["event"] == "etcd.reauthenticated" and e["endpoint"] == proxy.endpoint for e in logs)
+    assert "apppw" not in repr(logs)
+
+
+async def test_watch_outside_the_roles_range_is_permission_denied_not_a_retry_loop(
+    etcd_auth_server: EtcdServer,
+) -> None:
+    async with EtcdClient(
+        endpoints=[etcd_auth_server.endpoint], username="reader", password="readerpw"
+    ) as client:
+        with anyio.fail_after(5), pytest.raises(PermissionDenied, match="/other/"):
+            async with client.watch("/other/"):
+                pass
+
+
+async def test_revoked_permission_ends_a_running_watch_with_permission_denied(
+    etcd_auth_server: EtcdServer,
+) -> None:
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    root = "root:rootpw"
+    with FaultProxy.to(etcd_auth_server.endpoint) as proxy:
+        async with EtcdClient(
+            endpoints=[proxy.endpoint],
+            username="reader",
+            password="readerpw",
+            keepalive_time=1,
+            keepalive_timeout=1,
+        ) as client:
+            async with client.watch(prefix) as sub:
+                etcd_auth_server.etcdctl(
+                    "role", "revoke-permission", "reader-role", "/app/", "--prefix=true", user=root
+                )
+                try:
+                    proxy.reset()  # the new stream is checked against the new permissions
+                    with anyio.fail_after(15), pytest.raises(PermissionDenied):
+                        async for _ in sub:
+                            pass
+                finally:
+                    etcd_auth_server.etcdctl(
+                        "role", "grant-permission", "reader-role", "read", "/app/", "--prefix=true", user=root
+                    )
+
+
+class Pair(BaseSettings):
+    a: int = 0
+    b: int = 0
+
+
+async def test_live_settings_survive_token_expiry(etcd_auth_server: EtcdServer) -> None:
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    with FaultProxy.to(etcd_auth_server.endpoint) as proxy:
+        async with (
+            EtcdClient(endpoints=[etcd_auth_server.endpoint], **APP) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], keepalive_time=1, keepalive_timeout=1, **APP) as watcher,
+            LiveSettings(Pair, prefix=prefix, client=watcher) as live,
+        ):
+            await writer.put_many({prefix + "a": "1", prefix + "b": "1"})
+            await live.wait_for(lambda s: s.a == 1, timeout=5)
+            await anyio.sleep(3)
+            proxy.reset()
+            await writer.put_many({prefix + "a": "2", prefix + "b": "2"})
+            settings = await live.wait_for(lambda s: s.a == 2, timeout=15)
+            assert settings.b == 2
+            assert live.last_error is None
