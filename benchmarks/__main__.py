@@ -1,21 +1,30 @@
-"""``make bench``: every benchmark, each against its baseline in the same run."""
+"""``make bench``: every benchmark, each against its baseline in the same run.
+
+Each section runs in a process of its own: grpc.aio binds to the first event loop of a process,
+so a second ``anyio.run`` (say, with uvloop) in the same process would measure a broken client.
+"""
 
 from __future__ import annotations
 
-import anyio
+import subprocess
+import sys
 
-from . import fanout, live
+SECTIONS = [
+    ("## Fan-out: put-to-subscriber latency (writer process puts every 5 ms), asyncio loop", ["fanout"]),
+    ("## Fan-out again on uvloop (what uvicorn uses when installed)", ["fanout", "--uvloop"]),
+    ("## LiveSettings: put-to-settings latency (writer process puts every 5 ms)", ["live"]),
+]
 
 
-async def main() -> None:
-    print(await fanout.main())
+def main() -> int:
+    failed = 0
+    for title, args in SECTIONS:
+        print(f"{title}\n", flush=True)
+        module, *rest = args
+        failed |= subprocess.call([sys.executable, "-m", f"benchmarks.{module}", *rest])
+        print(flush=True)
+    return failed
 
 
 if __name__ == "__main__":
-    print("## Fan-out: put-to-subscriber latency (writer process puts every 5 ms)\n")
-    print("asyncio event loop:\n")
-    anyio.run(main)
-    print("\nuvloop event loop (what uvicorn uses when installed):\n")
-    anyio.run(main, backend_options={"use_uvloop": True})
-    print("\n## LiveSettings: put-to-settings latency (writer process puts every 5 ms)\n")
-    print(anyio.run(live.main))
+    raise SystemExit(main())

@@ -142,5 +142,10 @@ def report(results: list[Result]) -> str:
 
 
 if __name__ == "__main__":
-    print(anyio.run(main))
-    print("\nuvloop:\n" + anyio.run(main, backend_options={"use_uvloop": True}))
+    import sys
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # quiet: warnings up
+    options = {"use_uvloop": True} if "--uvloop" in sys.argv else {}
+    print(anyio.run(main, backend_options=options))

@@ -132,4 +132,7 @@ async def main() -> str:
 
 
 if __name__ == "__main__":
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # quiet: warnings up
     print(anyio.run(main))
