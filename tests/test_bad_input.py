@@ -94,38 +94,29 @@ async def test_large_empty_and_odd_keys_are_handled(etcd_server: EtcdServer, etc
     assert unknown == {"ümlaut key", "rate_limit/extra"}
 
 
-def test_certificate_that_does_not_match_its_key_names_key_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("server_key", "key_file: .* does not match cert_file"),  # the server's key, not the client's
+        ("missing", r"key_file: cannot read .*missing-key\.pem"),
+    ],
+)
+def test_a_bad_client_key_is_named_before_connecting(tmp_path: Path, key: str, expected: str) -> None:
     files = TLSFiles.create(tmp_path)
+    key_file = files.server_key if key == "server_key" else tmp_path / "missing-key.pem"
 
     async def connect() -> None:
         async with EtcdClient(
             endpoints=["https://127.0.0.1:1"],
             ca_file=files.ca_file,
             cert_file=files.client_cert,
-            key_file=files.server_key,  # the server's key, not the client's
+            key_file=key_file,
         ):
             pass
 
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(ConfigurationError, match=expected) as info:
         anyio.run(connect)
     assert info.value.setting == "key_file"
-    assert "does not match cert_file" in str(info.value)
-
-
-def test_unreadable_key_file_is_named(tmp_path: Path) -> None:
-    files = TLSFiles.create(tmp_path)
-
-    async def connect() -> None:
-        async with EtcdClient(
-            endpoints=["https://127.0.0.1:1"],
-            ca_file=files.ca_file,
-            cert_file=files.client_cert,
-            key_file=tmp_path / "missing-key.pem",
-        ):
-            pass
-
-    with pytest.raises(ConfigurationError, match=r"key_file: cannot read .*missing-key\.pem"):
-        anyio.run(connect)
 
 
 # -- properties of the pure parts ------------------------------------------------------------------
