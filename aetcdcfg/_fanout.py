@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._resume import Batch, WatchState
 from ._stream import WatchLoop
-from .errors import AetcdcfgError, ClientClosedError, SubscriberLagged
+from .errors import AetcdcfgError, ClientClosedError, EtcdError, SubscriberLagged
 from .events import Event, Snapshot
 
 if TYPE_CHECKING:
@@ -260,6 +260,9 @@ class PrefixWatch:
             except AetcdcfgError as exc:
                 self.log.error("watch.failed", error=str(exc))
                 error = exc
+            except Exception as exc:  # a bug of ours: end this prefix's subscriptions, not the client
+                self.log.exception("watch.crashed", error=repr(exc))
+                error = EtcdError(f"the watch of {self.label!r} stopped on an internal error: {exc!r}")
             finally:
                 self.closed = True
                 self.client._forget_watch(self)

@@ -11,6 +11,8 @@ cannot re-list) leave ``run()``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -202,13 +204,19 @@ class WatchLoop:
                 await anyio.sleep(settings.keepalive_time - idle)
                 continue
             probe_at = anyio.current_time()
-            request = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
-            tg.start_soon(call.write, request)
+            tg.start_soon(self._probe, call)
             await anyio.sleep(settings.keepalive_timeout)
             if self._last_rx < probe_at:
                 self._stalled = True
                 tg.cancel_scope.cancel()
                 return
+
+    @staticmethod
+    async def _probe(call: grpc.aio.StreamStreamCall) -> None:
+        """Ask for a progress notification; a stream that already ended is the reader's to report."""
+        request = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(request)
 
     async def _read_loop(
         self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, token: str | None
@@ -222,7 +230,10 @@ class WatchLoop:
             fragment=True,
         )
         try:
-            await call.write(rpc_pb2.WatchRequest(create_request=create))
+            try:
+                await call.write(rpc_pb2.WatchRequest(create_request=create))
+            except asyncio.InvalidStateError:
+                raise _StreamFailed(f"{endpoint.url} ended the stream before the watch was created") from None
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:

@@ -9,17 +9,51 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import anyio
 import pytest
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, EtcdError, Event, LiveSettings
-from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, as_records, etcd_history
+from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, TLSFiles, as_records, etcd_history
 
 pytestmark = pytest.mark.anyio
 
 Fault = Callable[[], Awaitable[None]]
+
+
+def tls_options(tls: TLSFiles | None) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    return {"ca_file": tls.ca_file, "cert_file": tls.client_cert, "key_file": tls.client_key}
+
+
+@pytest.fixture(params=["plain", "mtls"])
+def security(request: pytest.FixtureRequest, etcd_tls_files: TLSFiles) -> TLSFiles | None:
+    """Every fault twice: over plain TCP, and over mTLS (the proxy passes TLS through untouched)."""
+    return etcd_tls_files if request.param == "mtls" else None
+
+
+def member_options(tls: TLSFiles | None) -> dict[str, Any]:
+    return {
+        "keepalive_min_time": 1,
+        "progress_notify_interval": 1,
+        "tls": tls,
+        "client_cert_auth": tls is not None,
+    }
+
+
+@pytest.fixture
+def any_cluster(security: TLSFiles | None, etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
+    """The shared cluster for plain TCP; a private mTLS cluster otherwise."""
+    if security is None:
+        etcd_cluster.ensure_all_running()
+        yield etcd_cluster
+        etcd_cluster.ensure_all_running()
+        return
+    with EtcdCluster(3, **member_options(security)) as private:
+        yield private
 
 
 class Pair(BaseSettings):
@@ -35,6 +69,7 @@ async def run_fault(
     write_endpoints: list[str],
     history_endpoint: Callable[[], str],
     fault: Fault,
+    tls: TLSFiles | None = None,
     writes: int = 30,
 ) -> float:
     """Write before, during and after ``fault`` (which injects, holds and removes the fault);
@@ -42,10 +77,11 @@ async def run_fault(
     subscriber has the first write made after it."""
     torn: list[tuple[int, int]] = []
     events: list[Event] = []
+    secure = tls_options(tls)
     async with (
-        EtcdClient(endpoints=write_endpoints, request_timeout=3) as writer,
+        EtcdClient(endpoints=write_endpoints, request_timeout=3, **secure) as writer,
         EtcdClient(
-            endpoints=watch_endpoints, keepalive_time=1, keepalive_timeout=1, request_timeout=3
+            endpoints=watch_endpoints, keepalive_time=1, keepalive_timeout=1, request_timeout=3, **secure
         ) as watcher,
         watcher.watch(prefix) as sub,
         LiveSettings(Pair, prefix=prefix, client=watcher) as live,
@@ -98,22 +134,24 @@ async def run_fault(
                 while events[-1].revision < last:
                     await anyio.sleep(0.005)
                 tg.cancel_scope.cancel()
-    expected = await etcd_history(history_endpoint(), prefix, start, last)
+    expected = await etcd_history(history_endpoint(), prefix, start, last, tls=tls)
     assert as_records(events) == expected
     assert torn == []
-    print(f"RECOVERY {name} {recovery:.3f}")
+    print(f"RECOVERY {name}{' (mTLS)' if tls else ''} {recovery:.3f}")
     return recovery
 
 
 @pytest.fixture
-def server() -> Iterator[EtcdServer]:
+def server(security: TLSFiles | None) -> Iterator[EtcdServer]:
     """A server of this test's own, since the test freezes, kills or stops it."""
-    with EtcdServer(keepalive_min_time=1, progress_notify_interval=1) as private:
+    with EtcdServer(**member_options(security)) as private:
         yield private
 
 
-async def test_added_latency_of_500ms_keeps_history_exact(etcd_server: EtcdServer, etcd_prefix: str) -> None:
-    with FaultProxy.to(etcd_server.endpoint) as proxy:
+async def test_added_latency_of_500ms_keeps_history_exact(
+    server: EtcdServer, security: TLSFiles | None, etcd_prefix: str
+) -> None:
+    with FaultProxy.to(server.endpoint) as proxy:
 
         async def latency() -> None:
             proxy.set_delay(0.5)
@@ -124,9 +162,10 @@ async def test_added_latency_of_500ms_keeps_history_exact(etcd_server: EtcdServe
             "latency-500ms",
             etcd_prefix,
             watch_endpoints=[proxy.endpoint],
-            write_endpoints=[etcd_server.endpoint],
-            history_endpoint=lambda: etcd_server.endpoint,
+            write_endpoints=[server.endpoint],
+            history_endpoint=lambda: server.endpoint,
             fault=latency,
+            tls=security,
         )
 
 
@@ -153,7 +192,11 @@ async def outage(server: EtcdServer) -> None:
     ("name", "fault"), [("sigstop-3s", freeze), ("sigkill-restart", crash), ("all-down-10s", outage)]
 )
 async def test_single_member_fault_resumes_without_gap(
-    server: EtcdServer, etcd_prefix: str, name: str, fault: Callable[[EtcdServer], Awaitable[None]]
+    server: EtcdServer,
+    security: TLSFiles | None,
+    etcd_prefix: str,
+    name: str,
+    fault: Callable[[EtcdServer], Awaitable[None]],
 ) -> None:
     recovery = await run_fault(
         name,
@@ -162,17 +205,21 @@ async def test_single_member_fault_resumes_without_gap(
         write_endpoints=[server.endpoint],
         history_endpoint=lambda: server.endpoint,
         fault=functools.partial(fault, server),
+        tls=security,
     )
     assert recovery < 5  # the reconnect backoff is capped at 2 s
 
 
 async def test_compaction_and_defragmentation_during_outage_resync(
-    etcd_server: EtcdServer, etcd_prefix: str
+    server: EtcdServer, security: TLSFiles | None, etcd_prefix: str
 ) -> None:
-    with FaultProxy.to(etcd_server.endpoint) as proxy:
+    secure = tls_options(security)
+    with FaultProxy.to(server.endpoint) as proxy:
         async with (
-            EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
-            EtcdClient(endpoints=[proxy.endpoint], keepalive_time=1, keepalive_timeout=1) as watcher,
+            EtcdClient(endpoints=[server.endpoint], **secure) as writer,
+            EtcdClient(
+                endpoints=[proxy.endpoint], keepalive_time=1, keepalive_timeout=1, **secure
+            ) as watcher,
             LiveSettings(Pair, prefix=etcd_prefix, client=watcher) as live,
         ):
             await writer.put_many({etcd_prefix + "a": "1", etcd_prefix + "b": "1"})
@@ -181,8 +228,8 @@ async def test_compaction_and_defragmentation_during_outage_resync(
             proxy.reset()
             for i in range(2, 20):
                 last = await writer.put_many({etcd_prefix + "a": str(i), etcd_prefix + "b": str(i)})
-            etcd_server.etcdctl("compact", str(last))
-            etcd_server.etcdctl("defrag")
+            server.etcdctl("compact", str(last))
+            server.etcdctl("defrag")
             removed = time.monotonic()
             proxy.refuse(False)
             settings = await live.wait_for(lambda s: s.a == 19, timeout=15)
@@ -191,7 +238,11 @@ async def test_compaction_and_defragmentation_during_outage_resync(
 
 
 @pytest.mark.cluster
-async def test_leader_change_keeps_history_exact(cluster: EtcdCluster, etcd_prefix: str) -> None:
+async def test_leader_change_keeps_history_exact(
+    any_cluster: EtcdCluster, security: TLSFiles | None, etcd_prefix: str
+) -> None:
+    cluster = any_cluster
+
     async def move() -> None:
         leader = await anyio.to_thread.run_sync(cluster.wait_leader)
         await anyio.to_thread.run_sync(cluster.move_leader, (leader + 1) % 3)
@@ -204,16 +255,18 @@ async def test_leader_change_keeps_history_exact(cluster: EtcdCluster, etcd_pref
         write_endpoints=cluster.endpoints,
         history_endpoint=lambda: cluster.endpoints[0],
         fault=move,
+        tls=security,
     )
 
 
 @pytest.mark.cluster
 async def test_member_cut_off_from_majority_is_left_for_one_with_a_leader(
-    cluster: EtcdCluster, etcd_prefix: str
+    any_cluster: EtcdCluster, security: TLSFiles | None, etcd_prefix: str
 ) -> None:
     """The watcher reaches member 0 first; members 1 and 2 go down, so member 0 has no leader.
     require-leader makes member 0 fail the stream instead of serving it silently; once the others
     are back, the watch continues with nothing missed."""
+    cluster = any_cluster
     proxies = [FaultProxy.to(endpoint) for endpoint in cluster.endpoints]
     for proxy in proxies:
         proxy.start()
@@ -233,6 +286,7 @@ async def test_member_cut_off_from_majority_is_left_for_one_with_a_leader(
             write_endpoints=cluster.endpoints,
             history_endpoint=lambda: cluster.endpoints[0],
             fault=isolate,
+            tls=security,
         )
     finally:
         for proxy in proxies:
@@ -240,8 +294,8 @@ async def test_member_cut_off_from_majority_is_left_for_one_with_a_leader(
 
 
 @pytest.mark.cluster
-async def test_member_removed_from_cluster_is_left(etcd_prefix: str) -> None:
-    with EtcdCluster(3, keepalive_min_time=1, progress_notify_interval=1) as private:  # it loses a member
+async def test_member_removed_from_cluster_is_left(security: TLSFiles | None, etcd_prefix: str) -> None:
+    with EtcdCluster(3, **member_options(security)) as private:  # private: it loses a member
 
         async def remove() -> None:
             member_id = await anyio.to_thread.run_sync(private.member_id, 0)
@@ -266,4 +320,5 @@ async def test_member_removed_from_cluster_is_left(etcd_prefix: str) -> None:
             write_endpoints=private.endpoints[1:],
             history_endpoint=lambda: private.endpoints[1],
             fault=remove,
+            tls=security,
         )
