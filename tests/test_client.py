@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import anyio
@@ -208,15 +209,23 @@ async def test_role_without_write_permission_is_permission_denied(etcd_auth_serv
             await client.get("/other/k")
 
 
-async def test_expired_token_is_renewed_transparently(etcd_auth_server: EtcdServer) -> None:
+async def test_expired_token_is_renewed_transparently(
+    etcd_auth_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """The server's --auth-token-ttl is 2 s; after it passes the next request re-authenticates."""
+    caplog.set_level(logging.DEBUG)
     async with EtcdClient(endpoints=[etcd_auth_server.endpoint], username="app", password="apppw") as client:
         await client.put("/app/ttl", "1")
+        old_token = client._token
         await anyio.sleep(3.2)  # waiting out the server's token TTL, not synchronising
         with capture_logs() as logs:
             assert await client.get("/app/ttl") == b"1"
+        new_token = client._token
+    assert old_token and new_token and old_token != new_token
+    for token in (old_token, new_token):
+        assert token not in repr(logs) + caplog.text
     assert [entry["event"] for entry in logs].count("etcd.reauthenticated") == 1
-    assert "apppw" not in repr(logs)
+    assert "apppw" not in repr(logs) + caplog.text
 
 
 @pytest.mark.cluster

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import pytest
 from pydantic import BaseModel, Field, SecretStr
@@ -212,11 +214,14 @@ async def test_unreachable_etcd_fails_entry_with_etcd_unavailable(monkeypatch: p
             pass
 
 
-async def test_secrets_never_reach_logs_or_errors(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+async def test_secrets_never_reach_logs_or_errors(
+    etcd_server: EtcdServer, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     class Secretive(BaseSettings):
         token: SecretStr = Field(default=SecretStr("x" * 12), min_length=12)
         port: int = 1
 
+    caplog.set_level(logging.DEBUG)  # stdlib logging too (grpc, pydantic, anything underneath)
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         async with LiveSettings(Secretive, prefix=etcd_prefix, client=client) as live:
             with capture_logs() as logs:
@@ -228,7 +233,7 @@ async def test_secrets_never_reach_logs_or_errors(etcd_server: EtcdServer, etcd_
                 await client.put_many({etcd_prefix + "token": "s3cr3t-long-token", etcd_prefix + "port": "8"})
                 settings = await live.wait_for(lambda s: s.port == 8, timeout=5)
     assert settings.token.get_secret_value() == "s3cr3t-long-token"
-    text = repr(logs) + repr(settings) + str(live.last_error)
+    text = repr(logs) + repr(settings) + str(live.last_error) + caplog.text
     for secret in ("hunter2", "s3cr3t-long-token"):
         assert secret not in text
     assert any(e["event"] == "config.rejected" for e in logs)

@@ -1,0 +1,573 @@
+"""One test per fault, against real etcd, while a writer writes.
+
+In each, a subscriber (``client.watch``) and a ``LiveSettings`` on the same watcher client follow a
+prefix through the fault. The subscriber's (revision, key, type, value) sequence must equal etcd's
+own history (or, after compaction or a wiped cluster, its materialized state must equal
+``get_prefix``); every ``LiveSettings`` object ever applied holds two ints written together in one
+transaction, so a torn object would show ``a != b``; and everything runs under deadlines, so a hang
+fails. Each test prints ``RECOVERY <fault> <seconds>``: from the fault's removal until the
+subscriber has the first write made after it (run pytest with ``-s`` to see them).
+
+The watcher uses ``keepalive_time=1, keepalive_timeout=1`` so a stall is found in about 2 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+from pydantic_settings import BaseSettings
+from structlog.testing import capture_logs
+
+from aetcdcfg import EtcdClient, EtcdError, Event, EventType, LiveSettings, PermissionDenied, Subscription
+from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, as_records, etcd_history
+
+pytestmark = pytest.mark.anyio
+
+#: What a private etcd (one a test freezes, kills or wipes) runs with, like the shared ones.
+MEMBER_OPTIONS: dict[str, Any] = {"keepalive_min_time": 1, "progress_notify_interval": 1}
+#: The watcher probes a silent stream after 1 s and gives up on it 1 s later.
+WATCHER_OPTIONS: dict[str, Any] = {"keepalive_time": 1, "keepalive_timeout": 1, "request_timeout": 3}
+#: The longest a recovery may take: the watch's backoff is capped at 2 s (+30 % jitter), the
+#: keepalive window is 2 s, and the endpoint pool waits up to connect_timeout (5 s) for a channel
+#: that is still connecting to a member that just came back. Measured values are far lower.
+RECOVERY_BOUND = 10.0
+
+
+class Pair(BaseSettings):
+    """Written together in one transaction: a LiveSettings object with ``a != b`` is torn."""
+
+    a: int = 0
+    b: int = 0
+
+
+@dataclass
+class Run:
+    """A watcher client with a subscription and a LiveSettings on one prefix, and a writer client."""
+
+    prefix: str
+    writer: EtcdClient
+    watcher: EtcdClient
+    sub: Subscription
+    live: LiveSettings[Pair]
+    applied: list[Pair]
+    batches: AsyncGenerator[Sequence[Event], None]
+    events: list[Event] = field(default_factory=list)
+    writes: int = 0
+    last: int = 0
+
+    @property
+    def start(self) -> int:
+        return self.sub.start_revision
+
+    async def write(self, *, pair: bool = False) -> int:
+        """One change — a two-key txn for the LiveSettings, a put, or a delete — retried through the
+        fault (etcd's history is the reference, so a write that was applied twice is fine).
+        Returns etcd's revision after it."""
+        self.writes += 1
+        n = self.writes
+        while True:
+            try:
+                if pair or n % 3 == 0:
+                    return await self.writer.put_many(
+                        {self.prefix + "live/a": str(n), self.prefix + "live/b": str(n)}
+                    )
+                if n % 3 == 1:
+                    return await self.writer.put(f"{self.prefix}k{n % 4}", str(n))
+                return await self.writer.delete(f"{self.prefix}k{n % 4}")
+            except EtcdError:
+                await anyio.sleep(0.05)
+
+    async def keep_writing(self) -> None:
+        while True:
+            await self.write()
+            await anyio.sleep(0.02)
+
+    async def until(self, done: Callable[[Event], bool]) -> None:
+        """Take whole revisions from the subscription until an event satisfies ``done``."""
+        while True:
+            batch = await anext(self.batches)
+            self.events.extend(batch)
+            if any(done(event) for event in batch):
+                return
+
+    async def received(self, revision: int) -> None:
+        """Take events until the subscriber has everything up to ``revision``."""
+        if self.events and self.events[-1].revision >= revision:
+            return
+        await self.until(lambda event: event.revision >= revision)
+
+    async def through(self, fault: Callable[[], Awaitable[None]]) -> float:
+        """Await ``fault`` (it injects, holds and removes the fault) while writes go on; returns the
+        moment it was removed."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.keep_writing)
+            await fault()
+            removed = time.monotonic()
+            tg.cancel_scope.cancel()
+        return removed
+
+    async def recovery(self, removed: float) -> float:
+        """Seconds from ``removed`` until the subscriber has a write made now."""
+        with anyio.fail_after(RECOVERY_BOUND):
+            marker = await self.write(pair=True)
+            await self.received(marker)
+        return time.monotonic() - removed
+
+    async def finish(self) -> None:
+        """A last two-key write: the subscriber and the LiveSettings must both get it."""
+        self.last = await self.write(pair=True)
+        final = self.writes
+        with anyio.fail_after(RECOVERY_BOUND):
+            await self.received(self.last)
+            await self.live.wait_for(lambda s: s.a == final)
+        assert [(s.a, s.b) for s in self.applied if s.a != s.b] == []  # never torn
+        assert (self.live.current.a, self.live.current.b) == (final, final)
+
+    async def check_history(self, endpoint: str) -> None:
+        assert self.last, "finish() first"
+        expected = await etcd_history(endpoint, self.prefix, self.start, self.last)
+        assert as_records(self.events) == expected
+
+    def state(self) -> dict[str, bytes]:
+        """The prefix as the subscriber knows it: the snapshot at entry plus every event since."""
+        assert self.sub.snapshot is not None
+        state = dict(self.sub.snapshot.items)
+        for event in self.events:
+            if event.type is EventType.PUT:
+                state[event.key] = event.value
+            else:
+                state.pop(event.key, None)
+        return state
+
+
+@contextlib.asynccontextmanager
+async def following(
+    prefix: str, *, watch: list[str], write: list[str], **credentials: str
+) -> AsyncIterator[Run]:
+    applied: list[Pair] = []
+    async with (
+        EtcdClient(endpoints=write, request_timeout=2, **credentials) as writer,
+        EtcdClient(endpoints=watch, **WATCHER_OPTIONS, **credentials) as watcher,
+        # big enough for every event of a test, so the subscriber can be read only at checkpoints
+        watcher.watch(prefix, buffer_size=100_000, with_snapshot=True) as sub,
+        LiveSettings(Pair, prefix=prefix + "live/", client=watcher, on_change=applied.append) as live,
+    ):
+        batches = sub.batches()
+        assert isinstance(batches, AsyncGenerator)  # closed when the run ends
+        try:
+            yield Run(prefix, writer, watcher, sub, live, applied, batches)
+        finally:
+            await batches.aclose()
+
+
+def report(fault: str, seconds: float) -> None:
+    print(f"\nRECOVERY {fault} {seconds:.3f}")
+
+
+def logged(logs: list[dict[str, Any]], event: str, prefix: str) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == event and entry.get("prefix") == prefix]
+
+
+async def wait_logged(logs: list[dict[str, Any]], event: str, prefix: str, timeout: float) -> dict[str, Any]:
+    with anyio.fail_after(timeout):
+        while not logged(logs, event, prefix):
+            await anyio.sleep(0.02)
+    return logged(logs, event, prefix)[0]
+
+
+@pytest.fixture
+def server() -> Iterator[EtcdServer]:
+    """A single member of this test's own: the test freezes, kills or wipes it."""
+    with EtcdServer(**MEMBER_OPTIONS) as private:
+        yield private
+
+
+# -- the network between watcher and etcd ---------------------------------------------------------
+
+
+async def test_resumes_after_repeated_connection_resets_without_gap(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """Five RSTs, each hitting an established stream while writes go on; LiveSettings stays whole."""
+    with anyio.fail_after(60):
+        async with following(etcd_prefix, watch=[fault_proxy.endpoint], write=[etcd_server.endpoint]) as run:
+            for _ in range(20):
+                await run.write()
+            recoveries: list[float] = []
+
+            async def resets() -> None:
+                for _ in range(5):
+                    fault_proxy.reset()
+                    recoveries.append(await run.recovery(time.monotonic()))
+
+            await run.through(resets)
+            await run.finish()
+            await run.check_history(etcd_server.endpoint)
+    report("connection-reset", max(recoveries))
+
+
+async def test_black_hole_past_keepalive_window_is_detected_and_resumed(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """Nothing answers for 4 s (no RST, no FIN): the watch's own probe must notice, not the heal."""
+    with anyio.fail_after(60), capture_logs() as logs:
+        async with following(etcd_prefix, watch=[fault_proxy.endpoint], write=[etcd_server.endpoint]) as run:
+            for _ in range(20):
+                await run.write()
+            await run.received(await run.write(pair=True))
+            detected: list[dict[str, Any]] = []
+
+            async def black_hole() -> None:
+                fault_proxy.blackhole(True, drop=True)
+                await anyio.sleep(4)  # keepalive_time + keepalive_timeout is 2 s
+                detected.extend(logged(logs, "watch.disconnected", etcd_prefix))
+                fault_proxy.blackhole(False)  # drop=True: the held connections are reset
+
+            removed = await run.through(black_hole)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(etcd_server.endpoint)
+    assert detected, "the stall was not detected while the black hole lasted"
+    report("black-hole-4s", recovery)
+
+
+async def test_added_latency_keeps_history_exact_without_reconnects(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """500 ms each way is slow but alive: no reconnect at all, and nothing lost."""
+    with anyio.fail_after(60), capture_logs() as logs:
+        async with following(etcd_prefix, watch=[fault_proxy.endpoint], write=[etcd_server.endpoint]) as run:
+            for _ in range(10):
+                await run.write()
+
+            async def latency() -> None:
+                fault_proxy.set_delay(0.5)
+                await anyio.sleep(4)
+                fault_proxy.set_delay(0)
+
+            removed = await run.through(latency)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(etcd_server.endpoint)
+    reconnects = [e for e in logs if e["event"] in ("watch.disconnected", "etcd.failover")]
+    assert reconnects == []
+    report("latency-500ms", recovery)
+
+
+# -- the member itself --------------------------------------------------------------------------
+
+
+async def test_resumes_after_sigstop_without_gap(server: EtcdServer, etcd_prefix: str) -> None:
+    """A frozen member keeps its sockets open and answers nothing; the probe must give up on it."""
+    with anyio.fail_after(60), capture_logs() as logs:
+        async with following(etcd_prefix, watch=[server.endpoint], write=[server.endpoint]) as run:
+            for _ in range(20):
+                await run.write()
+            detected: list[dict[str, Any]] = []
+
+            async def freeze() -> None:
+                server.pause()
+                await anyio.sleep(3)
+                detected.extend(logged(logs, "watch.disconnected", etcd_prefix))
+                server.resume()
+
+            removed = await run.through(freeze)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(server.endpoint)
+    assert detected, "the frozen member was not detected while it was frozen"
+    report("sigstop-3s", recovery)
+
+
+async def test_resumes_after_sigkill_and_restart_without_gap(server: EtcdServer, etcd_prefix: str) -> None:
+    """A crash and a restart on the same data dir: the watch resumes at delivered + 1."""
+    with anyio.fail_after(60):
+        async with following(etcd_prefix, watch=[server.endpoint], write=[server.endpoint]) as run:
+            for _ in range(30):
+                await run.write()
+
+            async def crash() -> None:
+                server.kill()
+                await anyio.sleep(1)
+                await anyio.to_thread.run_sync(server.start)
+
+            removed = await run.through(crash)
+            recovery = await run.recovery(removed)
+            for _ in range(30):
+                await run.write()
+            await run.finish()
+            await run.check_history(server.endpoint)
+    report("sigkill-restart", recovery)
+
+
+async def test_resumes_after_all_endpoints_down_for_10s_with_last_good_settings(
+    server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The issue asks for 30 s down; 10 s reaches the same 2 s backoff ceiling and keeps CI fast."""
+    with anyio.fail_after(60):
+        async with following(etcd_prefix, watch=[server.endpoint], write=[server.endpoint]) as run:
+            for _ in range(30):
+                await run.write()
+            await run.received(await run.write(pair=True))
+            written = run.writes
+            good = await run.live.wait_for(lambda s: s.a == written, timeout=5)
+            kept: list[bool] = []
+
+            server.kill()
+            outage_end = anyio.current_time() + 10
+            while anyio.current_time() < outage_end:  # hold the outage, watching what is exposed
+                kept.append(run.live.current is good)
+                await anyio.sleep(0.1)
+            await anyio.to_thread.run_sync(server.start)
+            removed = time.monotonic()
+            kept.append(run.live.current is good)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(server.endpoint)
+    assert kept and all(kept)
+    assert recovery < 5  # the watch's backoff is capped at 2 s
+    report("all-down-10s", recovery)
+
+
+async def test_compaction_and_defrag_during_outage_resync_to_etcd_state(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """History the watch missed is compacted away: it re-lists and emits the difference, flagged."""
+    with anyio.fail_after(60), capture_logs() as logs:
+        async with following(etcd_prefix, watch=[fault_proxy.endpoint], write=[etcd_server.endpoint]) as run:
+            for _ in range(20):
+                await run.write()
+            await run.received(await run.write(pair=True))
+            seen = len(run.events)
+
+            fault_proxy.refuse(True)
+            fault_proxy.reset()
+            for _ in range(30):
+                await run.write()
+            compact_at = await run.write(pair=True)
+            await anyio.to_thread.run_sync(etcd_server.etcdctl, "compact", str(compact_at))
+            await anyio.to_thread.run_sync(etcd_server.etcdctl, "defrag")
+            fault_proxy.refuse(False)
+            recovery = await run.recovery(time.monotonic())
+            await run.finish()
+            final = await run.writer.get_prefix(etcd_prefix)
+            after = run.events[seen:]
+    assert run.state() == dict(final.items)
+    resynced = [e for e in after if e.resync]
+    assert resynced == after[: len(resynced)], "the resync comes first, as one batch"
+    assert len({e.revision for e in resynced}) == 1 and resynced[0].revision >= compact_at
+    assert {e.key for e in resynced} >= {etcd_prefix + "live/a", etcd_prefix + "live/b"}
+    # what follows the resync is ordinary history again
+    live_after = after[len(resynced) :]
+    assert [e.revision for e in live_after] == sorted(e.revision for e in live_after)
+    assert all(e.revision > resynced[0].revision for e in live_after)
+    assert logged(logs, "watch.compacted", etcd_prefix) and logged(logs, "watch.resynced", etcd_prefix)
+    assert [(s.a, s.b) for s in run.applied if s.a != s.b] == []
+    report("compaction+defrag", recovery)
+
+
+async def test_etcd_restarted_empty_is_detected_and_resynced(server: EtcdServer, etcd_prefix: str) -> None:
+    """A new data dir: revisions restart at 1, below what was delivered. The watch must notice, say
+    so at error level, and end up with exactly the new etcd's keys; LiveSettings never torn."""
+    with anyio.fail_after(60), capture_logs() as logs:
+        async with following(etcd_prefix, watch=[server.endpoint], write=[server.endpoint]) as run:
+            for _ in range(30):
+                await run.write()
+            await run.received(await run.write(pair=True))
+            old_revision = run.events[-1].revision
+
+            await anyio.to_thread.run_sync(server.wipe_and_restart)
+            removed = time.monotonic()
+            marker = uuid.uuid4().hex
+            with anyio.fail_after(RECOVERY_BOUND):
+                reseeded = await run.writer.put_many(
+                    {
+                        etcd_prefix + "live/a": "1000",
+                        etcd_prefix + "live/b": "1000",
+                        etcd_prefix + "k9": "new",
+                    }
+                )
+                await run.writer.put(etcd_prefix + "reseeded", marker)
+                await run.until(lambda e: e.key == etcd_prefix + "reseeded" and e.value == marker.encode())
+            recovery = time.monotonic() - removed
+            final = await run.writer.get_prefix(etcd_prefix)
+            settings = await run.live.wait_for(lambda s: s.a == 1000, timeout=5)
+    assert reseeded < old_revision  # the revision really went backwards
+    assert run.state() == dict(final.items)
+    resets = logged(logs, "watch.revision_reset", etcd_prefix)
+    assert resets and all(entry["log_level"] == "error" for entry in resets)
+    assert [(s.a, s.b) for s in run.applied if s.a != s.b] == []
+    assert (settings.a, settings.b) == (1000, 1000)
+    report("wiped-restart", recovery)
+
+
+# -- the cluster ----------------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+async def test_leader_change_keeps_history_exact(cluster: EtcdCluster, etcd_prefix: str) -> None:
+    with anyio.fail_after(60):
+        async with following(etcd_prefix, watch=cluster.endpoints, write=cluster.endpoints) as run:
+            for _ in range(20):
+                await run.write()
+
+            async def move_leader_twice() -> None:
+                for _ in range(2):
+                    leader = await anyio.to_thread.run_sync(cluster.wait_leader)
+                    await anyio.to_thread.run_sync(cluster.move_leader, (leader + 1) % 3)
+                    await anyio.sleep(0.5)  # writes go on under the new leader
+
+            removed = await run.through(move_leader_twice)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(cluster.endpoints[0])
+    report("leader-change", recovery)
+
+
+@pytest.mark.cluster
+async def test_member_removed_from_cluster_is_left_for_the_others(etcd_prefix: str) -> None:
+    """The watcher's member is removed (it shuts down); the watch fails over with nothing missed.
+    A private cluster, since the shared one cannot get a removed member back."""
+    with EtcdCluster(3, **MEMBER_OPTIONS) as private, anyio.fail_after(60), capture_logs() as logs:
+        removed_url = private.endpoints[0]
+        async with following(etcd_prefix, watch=private.endpoints, write=private.endpoints[1:]) as run:
+            for _ in range(20):
+                await run.write()
+            await run.received(await run.write(pair=True))
+            connected = logged(logs, "watch.connected", etcd_prefix)
+            assert connected and connected[0]["endpoint"] == removed_url
+
+            async def remove() -> None:
+                member_id = await anyio.to_thread.run_sync(private.member_id, 0)
+                while True:  # etcd refuses while a member joined less than 5 s ago ("unhealthy cluster")
+                    try:
+                        await anyio.to_thread.run_sync(
+                            lambda: private.members[1].etcdctl(
+                                "member", "remove", member_id, endpoints=private.endpoints[1:]
+                            )
+                        )
+                        return
+                    except RuntimeError:
+                        await anyio.sleep(0.3)
+
+            removed = await run.through(remove)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(private.endpoints[1])
+            assert run.watcher.endpoint != removed_url
+    report("member-removed", recovery)
+
+
+@pytest.mark.cluster
+async def test_member_without_leader_fails_the_stream_and_watch_moves_on(
+    cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    """The watcher reaches every member through a proxy and starts on member 0. Members 1 and 2
+    die, so member 0 loses its leader: with require-leader it must end the stream (not keep serving
+    a history that can no longer grow) and refuse new ones; once the others are back the watch
+    continues with nothing missed."""
+    with contextlib.ExitStack() as stack, anyio.fail_after(90), capture_logs() as logs:
+        proxies = [stack.enter_context(FaultProxy.to(url)) for url in cluster.endpoints]
+        for proxy in proxies[1:]:
+            proxy.refuse(True)  # so the watch starts on member 0
+        async with following(
+            etcd_prefix, watch=[p.endpoint for p in proxies], write=cluster.endpoints
+        ) as run:
+            for proxy in proxies[1:]:
+                proxy.refuse(False)
+            for _ in range(20):
+                await run.write()
+            await run.received(await run.write(pair=True))
+            connected = logged(logs, "watch.connected", etcd_prefix)
+            assert connected and connected[0]["endpoint"] == proxies[0].endpoint
+            lost: dict[str, Any] = {}
+            resumed_without_leader: list[dict[str, Any]] = []
+
+            async def isolate_member_0() -> None:
+                cluster.kill(1)
+                cluster.kill(2)
+                lost.update(await wait_logged(logs, "watch.disconnected", etcd_prefix, timeout=15))
+                await anyio.sleep(1)  # the watch keeps trying member 0, which must keep refusing
+                resumed_without_leader.extend(logged(logs, "watch.resumed", etcd_prefix))
+                await anyio.to_thread.run_sync(cluster.restart, 1)
+                await anyio.to_thread.run_sync(cluster.restart, 2)
+
+            removed = await run.through(isolate_member_0)
+            recovery = await run.recovery(removed)
+            await run.finish()
+            await run.check_history(cluster.endpoints[0])
+    assert lost["endpoint"] == proxies[0].endpoint
+    assert "no leader" in lost["cause"]
+    assert resumed_without_leader == []
+    report("minority-partition", recovery)
+
+
+# -- authentication -------------------------------------------------------------------------------
+
+
+async def test_watch_reauthenticates_after_token_expiry_without_gap(etcd_auth_server: EtcdServer) -> None:
+    """Tokens live 2 s; the stream breaks after its token expired, so resuming needs a new token."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    app = {"username": "app", "password": "apppw"}
+    written: list[tuple[int, str, str, bytes]] = []
+    with FaultProxy.to(etcd_auth_server.endpoint) as proxy, anyio.fail_after(60), capture_logs() as logs:
+        async with (
+            EtcdClient(endpoints=[etcd_auth_server.endpoint], request_timeout=3, **app) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS, **app) as watcher,
+            watcher.watch(prefix) as sub,
+        ):
+
+            async def write() -> int:
+                key, value = f"{prefix}k{len(written) % 3}", f"v{len(written)}"
+                revision = await writer.put(key, value)
+                written.append((revision, key, "PUT", value.encode()))
+                return revision
+
+            seen: list[Event] = []
+
+            async def received(revision: int) -> None:
+                while not seen or seen[-1].revision < revision:
+                    seen.append(await anext(sub))
+
+            for _ in range(10):
+                await write()
+            await received(written[-1][0])
+            await anyio.sleep(3)  # outlive the server's 2 s token TTL
+            proxy.reset()
+            removed = time.monotonic()
+            with anyio.fail_after(RECOVERY_BOUND):
+                await received(await write())
+            recovery = time.monotonic() - removed
+            for _ in range(10):
+                await write()
+            await received(written[-1][0])
+    assert as_records(seen) == written
+    assert any(e["event"] == "etcd.reauthenticated" and e["endpoint"] == proxy.endpoint for e in logs)
+    assert "apppw" not in repr(logs)
+    report("token-expiry", recovery)
+
+
+async def test_watch_outside_the_users_permission_is_permission_denied_not_a_retry_loop(
+    etcd_auth_server: EtcdServer,
+) -> None:
+    with capture_logs() as logs:
+        async with EtcdClient(
+            endpoints=[etcd_auth_server.endpoint], username="reader", password="readerpw", **WATCHER_OPTIONS
+        ) as reader:
+            started = time.monotonic()
+            with anyio.fail_after(5), pytest.raises(PermissionDenied) as info:
+                # raised on entry (the first listing is refused) or by the iterator, never retried
+                async with reader.watch("/other/") as sub:
+                    await anext(sub)
+            elapsed = time.monotonic() - started
+    assert info.value.key == "/other/"
+    assert elapsed < 3
+    retries = [e for e in logs if e["event"] in ("watch.disconnected", "watch.retry", "etcd.retry")]
+    assert retries == []
