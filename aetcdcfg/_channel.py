@@ -25,6 +25,8 @@ log = structlog.get_logger("aetcdcfg")
 
 #: Seconds a member that just failed is passed over while another one is reachable.
 FAILURE_PENALTY = 10.0
+#: How long a connection to such a member waits for a healthier one to connect before it is used.
+PENALTY_GRACE = 0.5
 
 
 def _read(setting: str, path: Path) -> bytes:
@@ -168,23 +170,30 @@ class EndpointPool:
         current = self._current
         if current is not None and current.is_ready():
             return current
-        ready: list[Endpoint] = []
-        with anyio.move_on_after(max(timeout, 0.0)):
-            async with anyio.create_task_group() as tg:
-
-                async def wait_ready(ep: Endpoint) -> None:
-                    await ep.channel.channel_ready()
-                    ready.append(ep)
-                    tg.cancel_scope.cancel()
-
-                for ep in self.endpoints:
-                    tg.start_soon(wait_ready, ep)
-        # Several may be ready by now: keep the configured order, but avoid a member that failed
-        # recently while its connection still looks fine (a frozen or partitioned member).
         now = anyio.current_time()
+
+        def penalized(ep: Endpoint) -> bool:
+            # failed recently while its connection may still look fine (a frozen or cut-off member)
+            return ep.failed_at is not None and now - ep.failed_at < FAILURE_PENALTY
+
+        ready = [ep for ep in self.endpoints if ep.is_ready() and not penalized(ep)]
+        if not ready:
+            with anyio.move_on_after(max(timeout, 0.0)):
+                async with anyio.create_task_group() as tg:
+
+                    async def wait_ready(ep: Endpoint) -> None:
+                        await ep.channel.channel_ready()
+                        ready.append(ep)
+                        if penalized(ep) and len(self.endpoints) > 1:
+                            await anyio.sleep(PENALTY_GRACE)  # give a healthy member a moment
+                        tg.cancel_scope.cancel()
+
+                    for ep in self.endpoints:
+                        tg.start_soon(wait_ready, ep)
+        # Several may be ready by now: configured order, members that failed recently last.
         candidates = sorted(
             (ep for ep in self.endpoints if ep in ready or ep.is_ready()),
-            key=lambda ep: ep.failed_at is not None and now - ep.failed_at < FAILURE_PENALTY,
+            key=penalized,
         )
         if not candidates:
             await self._probe_causes()
