@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
+import structlog
 
 from aetcdcfg import EtcdClient
 from aetcdcfg.testing import EtcdServer
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.anyio
 async def service(
     etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[httpx.AsyncClient, EtcdClient, str]]:
+    saved = structlog.get_config()  # the example configures structlog at import, as apps may
     monkeypatch.setenv("ETCD_ENDPOINTS", etcd_server.endpoint)
     monkeypatch.setenv("SERVICE_PREFIX", etcd_prefix)
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
@@ -29,6 +31,7 @@ async def service(
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
                 yield http, client, etcd_prefix
+    structlog.configure(**saved)  # keep the example's logging setup from leaking into other tests
 
 
 async def test_lifespan_loads_config_before_serving(
