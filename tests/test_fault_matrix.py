@@ -182,14 +182,13 @@ async def crash(server: EtcdServer) -> None:
 
 
 async def outage(server: EtcdServer) -> None:
-    # The issue asks for 30 s; 10 s exercises the same backoff ceiling and keeps CI fast.
-    server.stop()
-    await anyio.sleep(10)
+    server.stop()  # every endpoint down for 30 s
+    await anyio.sleep(30)
     await anyio.to_thread.run_sync(server.start)
 
 
 @pytest.mark.parametrize(
-    ("name", "fault"), [("sigstop-3s", freeze), ("sigkill-restart", crash), ("all-down-10s", outage)]
+    ("name", "fault"), [("sigstop-3s", freeze), ("sigkill-restart", crash), ("all-down-30s", outage)]
 )
 async def test_single_member_fault_resumes_without_gap(
     server: EtcdServer,
