@@ -84,6 +84,7 @@ class WatchLoop:
         self._lost_revision = 0
         self._fresh_token = False
         self._history_checked = False
+        self._created_in_session = False
         self.connected = anyio.Event()
 
     @property
@@ -114,6 +115,8 @@ class WatchLoop:
                 if await self._session(endpoint):
                     return
             except _StreamFailed as failure:
+                if self._created_in_session:
+                    backoff.reset()  # the stream worked: this is a new failure, not the same one again
                 if failure.penalize:
                     self._client._mark_failed(endpoint, failure.cause)
                 self._note_lost(failure.cause, endpoint=endpoint.url)
@@ -169,6 +172,7 @@ class WatchLoop:
     async def _session(self, endpoint: Endpoint) -> bool:
         """One gRPC stream; True when ``stop_at`` was reached. Raises _StreamFailed or _Relist."""
         token = self._client._token
+        self._created_in_session = False
         call = endpoint.watch.Watch(metadata=self._client._metadata())
         self._last_rx = anyio.current_time()
         self._stalled = False
@@ -267,6 +271,7 @@ class WatchLoop:
 
     def _on_created(self, endpoint: Endpoint, revision: int) -> None:
         self._fresh_token = False
+        self._created_in_session = True
         state = self._state
         if self._lost_at is not None:
             self._log.info(
