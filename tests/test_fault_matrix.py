@@ -1,5 +1,6 @@
-"""The fault matrix: each fault against real etcd while a writer writes and a subscriber and a
-LiveSettings follow. For every fault the subscriber's history equals etcd's own, LiveSettings never
+"""The fault matrix over mTLS: the faults of ``test_faults.py`` (which runs them over plain TCP, with
+deeper assertions) again with TLS and client certificates end to end, the proxy passing TLS through.
+Each fault runs against real etcd while a writer writes and a subscriber and a LiveSettings follow. For every fault the subscriber's history equals etcd's own, LiveSettings never
 shows a torn object, nothing hangs, and the recovery time (fault removed -> subscriber has the next
 write) is printed as ``RECOVERY <fault> <seconds>`` (run with ``-s`` to see it).
 """
@@ -29,9 +30,9 @@ def tls_options(tls: TLSFiles | None) -> dict[str, Any]:
     return {"ca_file": tls.ca_file, "cert_file": tls.client_cert, "key_file": tls.client_key}
 
 
-@pytest.fixture(params=["plain", "mtls"])
+@pytest.fixture(params=["mtls"])
 def security(request: pytest.FixtureRequest, etcd_tls_files: TLSFiles) -> TLSFiles | None:
-    """Every fault twice: over plain TCP, and over mTLS (the proxy passes TLS through untouched)."""
+    """mTLS for every fault here (plain TCP is test_faults.py's); ``"plain"`` also works as a param."""
     return etcd_tls_files if request.param == "mtls" else None
 
 
