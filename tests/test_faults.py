@@ -99,6 +99,12 @@ class Run:
             except EtcdError:
                 await anyio.sleep(0.05)
 
+    async def warm_up(self, writes: int = 20) -> None:
+        """Some history, then a pair the subscriber has received: the watch is live and delivering."""
+        for _ in range(writes):
+            await self.write()
+        await self.received(await self.write(pair=True))
+
     async def keep_writing(self) -> None:
         while True:
             await self.write()
@@ -265,9 +271,7 @@ async def test_black_hole_past_keepalive_window_is_detected_and_resumed(
     """Nothing answers for 4 s (no RST, no FIN): the watch's own probe must notice, not the heal."""
     with anyio.fail_after(60), capture_logs() as logs:
         async with following(etcd_prefix, watch=[fault_proxy.endpoint], write=[etcd_server.endpoint]) as run:
-            for _ in range(20):
-                await run.write()
-            await run.received(await run.write(pair=True))
+            await run.warm_up()
             detected_after: list[float] = []
 
             async def black_hole() -> None:
@@ -389,9 +393,7 @@ async def test_compaction_and_defrag_during_outage_resync_to_etcd_state(
     """History the watch missed is compacted away: it re-lists and emits the difference, flagged."""
     with anyio.fail_after(60), capture_logs() as logs:
         async with following(etcd_prefix, watch=[fault_proxy.endpoint], write=[etcd_server.endpoint]) as run:
-            for _ in range(20):
-                await run.write()
-            await run.received(await run.write(pair=True))
+            await run.warm_up()
             seen = len(run.events)
 
             fault_proxy.refuse(True)
@@ -505,9 +507,7 @@ async def test_member_removed_from_cluster_is_left_for_the_others(etcd_prefix: s
     missed. A private cluster, since the shared one cannot get a removed member back."""
     with EtcdCluster(3, **MEMBER_OPTIONS) as private, anyio.fail_after(60), capture_logs() as logs:
         async with following(etcd_prefix, watch=private.endpoints, write=private.endpoints) as run:
-            for _ in range(20):
-                await run.write()
-            await run.received(await run.write(pair=True))
+            await run.warm_up()
             connected = logged(logs, "watch.connected", etcd_prefix)
             gone = private.endpoints.index(connected[0]["endpoint"])
             others = [url for i, url in enumerate(private.endpoints) if i != gone]
@@ -556,9 +556,7 @@ async def test_member_without_leader_fails_the_stream_and_watch_moves_on(
         ) as run:
             for proxy in proxies[1:]:
                 proxy.refuse(False)
-            for _ in range(20):
-                await run.write()
-            await run.received(await run.write(pair=True))
+            await run.warm_up()
             connected = logged(logs, "watch.connected", etcd_prefix)
             assert connected and connected[0]["endpoint"] == proxies[0].endpoint
             lost: dict[str, Any] = {}
