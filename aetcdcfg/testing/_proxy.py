@@ -1,81 +1,113 @@
 """FaultProxy: a real TCP proxy on loopback that can reset, black-hole, delay and refuse connections.
 
-It runs its own asyncio loop in a daemon thread and is driven by plain synchronous methods, so a test
-on any event loop (or a synchronous benchmark) can break the network between a client and etcd.
+It runs its own event loop (anyio on asyncio) in a daemon thread and is driven by plain synchronous,
+thread-safe methods, so a test on any event loop (or a synchronous benchmark) can break the network
+between a client and etcd. It forwards bytes only; TLS passes through untouched.
 """
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.from_thread import BlockingPortal
+from anyio.streams.memory import MemoryObjectSendStream
 
 __all__ = ["FaultProxy"]
 
-T = TypeVar("T")
-_EOF = b""
+_CHUNK = 65536
+#: Chunks held per direction while delayed or black-holed; beyond that the proxy stops reading and
+#: TCP flow control pushes back on the sender, so memory stays bounded.
+_HELD_CHUNKS = 256
+_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
-def _rst(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST (SO_LINGER 0), not a FIN."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+def _rst_on_close(stream: SocketStream) -> None:
+    """Make closing ``stream`` send a TCP RST instead of a FIN (SO_LINGER on, timeout 0)."""
+    with contextlib.suppress(OSError):
+        sock = stream.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-class _Connection:
-    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+class _Link:
+    """One proxied connection: the accepted client side, the upstream side once connected, and the
+    cancel scope that ends both."""
+
+    def __init__(self, client: SocketStream) -> None:
         self.client = client
-        self.upstream = upstream
-        self.tasks: list[asyncio.Task[None]] = []
+        self.upstream: SocketStream | None = None
+        self.scope = anyio.CancelScope()
+        self.rst = False
 
-    def reset(self) -> None:
-        _rst(self.client)
-        _rst(self.upstream)
-        for task in self.tasks:
-            task.cancel()
+    async def close(self) -> None:
+        """Close both sides: with RST if the link was reset or broke, else gracefully."""
+        for stream in (self.client, self.upstream):
+            if stream is not None:
+                if self.rst:
+                    _rst_on_close(stream)
+                await stream.aclose()
+
+    async def reset(self) -> None:
+        """RST both sides now, and end the link's tasks."""
+        self.rst = True
+        self.scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self.close()
 
 
 class FaultProxy:
-    """Forwards ``127.0.0.1:<port>`` to ``upstream``; break it with reset/blackhole/set_delay/refuse."""
+    """Forwards ``127.0.0.1:<port>`` to ``upstream``; break it with reset, blackhole, set_delay, refuse.
+
+    ``with FaultProxy.to(server.endpoint) as proxy:`` then point the client at ``proxy.endpoint``.
+    """
 
     def __init__(self, upstream_host: str, upstream_port: int, *, scheme: str = "http") -> None:
         self.upstream = (upstream_host, upstream_port)
         self.scheme = scheme
+        #: The port clients connect to (0 until started).
         self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._connections: set[_Connection] = set()
-        self._delay = 0.0
-        self._refuse = False
-        self._blackhole = False
-        self._drop_on_heal = False
-        self._healed: asyncio.Event | None = None
+        #: Connections accepted since start, including refused ones.
         self.accepted = 0
+        self._delay = 0.0
+        self._refusing = False
+        self._blackholed = False
+        self._drop_on_heal = False
+        self._stopping = False
+        self._healed: anyio.Event | None = None
+        self._links: set[_Link] = set()
+        self._portal: BlockingPortal | None = None
+        self._task_group: TaskGroup | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def to(cls, endpoint: str) -> FaultProxy:
         """A proxy in front of an etcd endpoint URL such as ``http://127.0.0.1:2379``."""
         scheme, rest = endpoint.split("://", 1)
-        host, port = rest.rsplit(":", 1)
+        host, port = rest.rstrip("/").rsplit(":", 1)
         return cls(host, int(port), scheme=scheme)
+
+    def __repr__(self) -> str:
+        return f"<FaultProxy {self.endpoint} -> {self.upstream[0]}:{self.upstream[1]}>"
 
     @property
     def endpoint(self) -> str:
+        """What clients use instead of the upstream's URL: ``http(s)://127.0.0.1:<port>``."""
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def connection_count(self) -> int:
-        return len(self._connections)
+        """Client connections open through the proxy now."""
+        return len(self._links)
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -85,148 +117,196 @@ class FaultProxy:
     ) -> None:
         self.stop()
 
-    # -- control (any thread) ----------------------------------------------------------------------
+    # -- control (from any thread) -----------------------------------------------------------------
 
     def start(self) -> FaultProxy:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(ready,), name="FaultProxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("FaultProxy did not start")
+        """Bind a free loopback port and start forwarding; returns once clients can connect."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("FaultProxy is already running")
+            started: concurrent.futures.Future[None] = concurrent.futures.Future()
+            thread = threading.Thread(
+                target=self._thread_main, args=(started,), name=f"FaultProxy-{self.upstream[1]}", daemon=True
+            )
+            self._stopping, self._failure = False, None
+            thread.start()
+            try:
+                started.result(10)
+            except BaseException:
+                thread.join(10)
+                raise
+            self._thread = thread
         return self
 
     def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._run(self._shutdown())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        self._loop = self._thread = None
+        """Reset every connection, close the port and end the proxy's thread (idempotent)."""
+        with self._lock:
+            thread, portal = self._thread, self._portal
+            self._thread = None
+            if thread is None:
+                return
+            if portal is not None:
+                with contextlib.suppress(RuntimeError):  # the loop already ended
+                    portal.call(self._shutdown)
+            thread.join(10)
+            if thread.is_alive():
+                raise RuntimeError("FaultProxy's thread did not stop within 10 s")
+        if self._failure is not None:
+            raise RuntimeError("FaultProxy failed while running") from self._failure
 
     def reset(self) -> None:
-        """RST every open connection, both sides; new connections work as before."""
-        self._run_sync(self._reset_all)
+        """RST every open connection on both sides; new connections work as before.
+
+        Returns once the resets have been sent.
+        """
+        self._call(self._reset_all)
 
     def blackhole(self, on: bool = True, *, drop: bool = False) -> None:
-        """While on, hold every byte (no RST, no FIN). Off: deliver what was held, like TCP after a
-        partition heals; with ``drop=True`` the held connections are reset instead."""
-        self._run_sync(lambda: self._set_blackhole(on, drop))
+        """While on, hold every byte in both directions: no RST, no FIN, connections stay open, and
+        new ones are accepted but get nothing either. Off ("heal"): deliver what was held and go on,
+        as TCP does once a partition heals. With ``drop=True`` (when turning it on, or off) healing
+        resets the held connections instead."""
+        self._call(self._set_blackhole, on, drop)
+
+    def blackhole_drop(self) -> None:
+        """``blackhole(True, drop=True)``: a partition after which the held connections are gone."""
+        self.blackhole(True, drop=True)
 
     def set_delay(self, seconds: float) -> None:
-        """Add one-way latency to every chunk in both directions (order kept)."""
-        self._delay = seconds
+        """Add ``seconds`` of one-way latency to every chunk in both directions (order kept); 0 ends it."""
+        if seconds < 0:
+            raise ValueError("delay must be >= 0")
+        self._delay = float(seconds)
 
     def refuse(self, on: bool = True) -> None:
-        """Reset new connections at once, like a member that is down."""
-        self._refuse = on
+        """While on, new connections are closed at once with RST, as if the upstream were down.
+
+        Open connections are untouched; call :meth:`reset` too to drop them.
+        """
+        self._refusing = on
 
     def retarget(self, host: str, port: int) -> None:
-        """Send new connections to another upstream."""
+        """Send new connections to another upstream; open ones stay where they are."""
         self.upstream = (host, port)
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+    def _call(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        portal = self._portal
+        if portal is None:
+            raise RuntimeError("FaultProxy is not running; call start() or use it as a context manager")
+        portal.call(fn, *args)
 
-    def _run_sync(self, fn: Callable[[], T]) -> T:
-        async def call() -> T:
-            return fn()
+    # -- the proxy's event loop ------------------------------------------------------------------------
 
-        return self._run(call())
-
-    # -- the proxy loop ------------------------------------------------------------------------------
-
-    def _main(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        self._healed = asyncio.Event()
-        self._healed.set()
-        self._server = loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        ready.set()
+    def _thread_main(self, started: concurrent.futures.Future[None]) -> None:
         try:
-            loop.run_forever()
+            anyio.run(self._main, started, backend="asyncio")
+        except BaseException as exc:  # reported by start() or stop(), not as an unhandled thread error
+            if started.done():
+                self._failure = exc
+            else:
+                started.set_exception(exc)
         finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+            self._portal = None
+
+    async def _main(self, started: concurrent.futures.Future[None]) -> None:
+        async with BlockingPortal() as portal:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+            async with listener, anyio.create_task_group() as task_group:
+                self.port = int(listener.extra(SocketAttribute.local_port))
+                self._healed = anyio.Event()
+                self._healed.set()
+                self._task_group = task_group
+                self._portal = portal
+                started.set_result(None)
+                await listener.serve(self._serve, task_group=task_group)
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self._reset_all()
-        if self._server is not None:
-            await self._server.wait_closed()
+        self._stopping = True
+        await self._reset_all()
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
 
-    def _reset_all(self) -> None:
-        for conn in list(self._connections):
-            conn.reset()
-        self._connections.clear()
+    async def _reset_all(self) -> None:
+        for link in list(self._links):
+            self._links.discard(link)
+            await link.reset()
 
-    def _set_blackhole(self, on: bool, drop: bool) -> None:
+    async def _set_blackhole(self, on: bool, drop: bool) -> None:
         assert self._healed is not None
         if on:
-            self._blackhole = True
-            self._drop_on_heal = drop
-            self._healed.clear()
+            if not self._blackholed:
+                self._healed = anyio.Event()
+                self._blackholed = True
+            self._drop_on_heal = self._drop_on_heal or drop
             return
-        self._blackhole = False
-        if self._drop_on_heal:
-            self._reset_all()
+        if not self._blackholed:
+            return
+        if self._drop_on_heal or drop:
+            await self._reset_all()
+        self._blackholed = self._drop_on_heal = False
         self._healed.set()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _until_healed(self) -> None:
+        while self._blackholed:
+            assert self._healed is not None
+            await self._healed.wait()
+
+    async def _serve(self, client: SocketStream) -> None:
         self.accepted += 1
-        if self._refuse:
-            _rst(writer)
-            return
+        link = _Link(client)
+        self._links.add(link)
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            _rst(writer)
-            return
-        conn = _Connection(writer, up_writer)
-        self._connections.add(conn)
-        conn.tasks = [
-            asyncio.create_task(self._pump(reader, up_writer, conn)),
-            asyncio.create_task(self._pump(up_reader, writer, conn)),
-        ]
+            with link.scope:
+                if self._refusing:
+                    link.rst = True
+                    return
+                await self._until_healed()  # a partition: the upstream does not even see the connection
+                try:
+                    link.upstream = await anyio.connect_tcp(*self.upstream)
+                except OSError:
+                    link.rst = True
+                    return
+                async with anyio.create_task_group() as pipes:
+                    pipes.start_soon(self._pipe, link, client, link.upstream)
+                    pipes.start_soon(self._pipe, link, link.upstream, client)
+        finally:
+            self._links.discard(link)
+            link.rst = link.rst or self._stopping
+            with anyio.CancelScope(shield=True):
+                await link.close()
 
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection
-    ) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def read() -> None:
-            try:
-                while True:
-                    data = await reader.read(65536)
-                    queue.put_nowait((time.monotonic(), data))
-                    if not data:
-                        return
-            except (OSError, asyncio.IncompleteReadError):
-                queue.put_nowait((time.monotonic(), _EOF))
-
-        reading = asyncio.create_task(read())
-        assert self._healed is not None
-        try:
-            while True:
-                received_at, data = await queue.get()
-                while self._blackhole:
-                    await self._healed.wait()
-                if self._delay:
+    async def _pipe(self, link: _Link, source: SocketStream, sink: SocketStream) -> None:
+        """Forward one direction, chunk by chunk, honouring the black hole and the delay."""
+        send, receive = anyio.create_memory_object_stream[tuple[float, bytes]](_HELD_CHUNKS)
+        async with anyio.create_task_group() as reading:
+            reading.start_soon(self._read, link, source, send)
+            async with receive:
+                async for received_at, data in receive:
+                    await self._until_healed()
                     wait = received_at + self._delay - time.monotonic()
                     if wait > 0:
-                        await asyncio.sleep(wait)
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
+                        await anyio.sleep(wait)
+                    try:
+                        await sink.send(data)
+                    except _BROKEN:
+                        link.rst = True
+                        link.scope.cancel()
+                        return
+        if not link.rst:  # the source sent FIN and everything before it is delivered: pass it on
+            with contextlib.suppress(*_BROKEN):
+                await sink.send_eof()
+
+    async def _read(
+        self, link: _Link, source: SocketStream, send: MemoryObjectSendStream[tuple[float, bytes]]
+    ) -> None:
+        async with send:
+            while True:
+                try:
+                    data = await source.receive(_CHUNK)
+                except anyio.EndOfStream:
                     return
-                writer.write(data)
-                await writer.drain()
-        except (OSError, ConnectionError):
-            conn.reset()
-            self._connections.discard(conn)
-        finally:
-            reading.cancel()
+                except _BROKEN:  # the peer reset: pass the RST on to the other side
+                    link.rst = True
+                    link.scope.cancel()
+                    return
+                await send.send((time.monotonic(), data))

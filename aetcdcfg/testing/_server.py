@@ -1,13 +1,17 @@
 """Real etcd processes for tests and demos: one member, a single-member server, or a cluster.
 
 Synchronous on purpose (subprocess + polling), so session fixtures, benchmarks and scripts can use
-them from any thread or event loop. Everything binds to 127.0.0.1 on free ports with temp data dirs,
-and every process started here is killed at interpreter exit at the latest.
+them from any thread or event loop. Everything binds to 127.0.0.1 on free ports with temp data dirs.
+
+No etcd outlives the interpreter that started it: ``kill``/``stop``/``cleanup`` and the context
+managers end processes, an ``atexit`` hook ends any left over, and on Linux the kernel kills etcd
+when the interpreter dies any other way (see ``_binary.spawn``).
 """
 
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import random
@@ -16,57 +20,105 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from ._binary import etcd_binary, etcdctl_binary
+from ._binary import etcd_binary, etcdctl_binary, kill_spawned, release
+from ._binary import spawn as spawn_process
 from ._tls import TLSFiles
 
-__all__ = ["EtcdCluster", "EtcdMember", "EtcdServer"]
+__all__ = ["EtcdCluster", "EtcdMember", "EtcdServer", "free_port"]
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
+_OWNED_DIRS: set[Path] = set()
 
 
 @atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def _cleanup_at_exit() -> None:
+    """Kill every etcd this process started and still runs, then remove the temp dirs we made."""
+    kill_spawned()
+    for directory in list(_OWNED_DIRS):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- ports -----------------------------------------------------------------------------------------
+
+_PORT_LOCK = threading.Lock()
+_PORTS_GIVEN: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago.
+    """A loopback TCP port that was free a moment ago, never handed out twice by this process.
 
-    Drawn below Linux's ephemeral range (32768+), where the kernel does not hand out ports for
-    outgoing connections, so a restarted member rarely finds its port taken by a client socket.
+    Drawn below the kernel's ephemeral range rather than by binding port 0: ports from that range
+    are also used as source ports of outgoing connections, so a member restarted on "its" port can
+    find it taken by a client socket (or a client retrying the dead port connects to itself).
     """
-    for _ in range(50):
-        port = random.randrange(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
+    ceiling = min(_ephemeral_floor(), 32768)
+    with _PORT_LOCK:
+        for _ in range(100 if ceiling > 21000 else 0):
+            port = random.randrange(20000, ceiling)
+            if port in _PORTS_GIVEN:
                 continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _PORTS_GIVEN.add(port)
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        _PORTS_GIVEN.add(port)
+        return port
+
+
+# -- one member ------------------------------------------------------------------------------------
+
+
+def _get_health(metrics_url: str) -> bool | None:
+    """etcd's ``/health``: True or False as it answers, None if it does not answer within 1 s."""
+    try:
+        with urllib.request.urlopen(f"{metrics_url}/health", timeout=1) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:  # 503 {"health":"false","reason":"RAFT NO LEADER"}
+        with err:
+            body = err.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    try:
+        return bool(json.loads(body).get("health") == "true")
+    except (ValueError, AttributeError):
+        return False
 
 
 class EtcdMember:
-    """One etcd process with its own ports and data dir (part of a cluster, or alone)."""
+    """One etcd process with its own ports and data dir (alone, or one member of an EtcdCluster).
+
+    Ports are fixed for the member's lifetime, so ``restart()`` comes back on the same URLs. Logs
+    (``--log-level=warn``) go to ``<base_dir>/<name>.log``, next to the data dir, not to the terminal.
+    """
 
     def __init__(
         self,
         name: str = "m0",
         *,
         base_dir: Path | None = None,
-        cluster_token: str = "aetcdcfg-test",
+        cluster_token: str | None = None,
         auth_token_ttl: int | None = None,
         tls: TLSFiles | None = None,
         client_cert_auth: bool = False,
@@ -79,10 +131,13 @@ class EtcdMember:
         self.name = name
         self._own_dir = base_dir is None
         self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-etcd-")) if base_dir is None else base_dir
+        if self._own_dir:
+            _OWNED_DIRS.add(self.base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.base_dir / f"{name}.data"
         self.log_file = self.base_dir / f"{name}.log"
-        self.cluster_token = cluster_token
+        # Unique per cluster, so a member never talks to a stale peer that got a recycled port.
+        self.cluster_token = cluster_token or f"aetcdcfg-{uuid.uuid4().hex[:8]}"
         self.auth_token_ttl = auth_token_ttl
         self.tls = tls
         self.client_cert_auth = client_cert_auth
@@ -91,13 +146,20 @@ class EtcdMember:
         self.quota_bytes = quota_bytes
         self.extra_args = list(extra_args)
         self.client_port = client_port or free_port()
-        self.peer_port, self.metrics_port = free_port(), free_port()
+        self.peer_port = free_port()
+        self.metrics_port = free_port()
+        #: ``--initial-cluster``; EtcdCluster sets it to list every member.
         self.initial_cluster = f"{name}={self.peer_url}"
         self.process: subprocess.Popen[bytes] | None = None
-        self._started_once = False
+        self._paused = False
+        #: Set by :meth:`EtcdServer.enable_auth`: etcdctl then runs as root unless told otherwise.
+        self._root_password: str | None = None
 
     def __repr__(self) -> str:
-        return f"<EtcdMember {self.name} {self.endpoint} pid={self.pid}>"
+        state = "paused" if self.paused else "running" if self.running else "stopped"
+        return f"<EtcdMember {self.name} {self.endpoint} {state} pid={self.pid}>"
+
+    # -- addresses and state
 
     @property
     def scheme(self) -> str:
@@ -109,7 +171,7 @@ class EtcdMember:
 
     @property
     def endpoint(self) -> str:
-        """The URL clients use (same as ``client_url``)."""
+        """The URL clients use, e.g. ``http://127.0.0.1:23791`` (same as ``client_url``)."""
         return self.client_url
 
     @property
@@ -118,6 +180,7 @@ class EtcdMember:
 
     @property
     def metrics_url(self) -> str:
+        """Plain-http ``/health`` and ``/metrics``, even when the client URL is https."""
         return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
@@ -126,9 +189,20 @@ class EtcdMember:
 
     @property
     def running(self) -> bool:
+        """The process exists (it may be paused)."""
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def paused(self) -> bool:
+        return self.running and self._paused
+
+    @property
+    def in_cluster(self) -> bool:
+        """True if ``--initial-cluster`` names other members too."""
+        return "," in self.initial_cluster
+
     def args(self) -> list[str]:
+        """The etcd command line."""
         args = [
             str(etcd_binary()),
             f"--name={self.name}",
@@ -138,6 +212,8 @@ class EtcdMember:
             f"--listen-peer-urls={self.peer_url}",
             f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self.initial_cluster}",
+            # etcd ignores every --initial-* flag once the data dir holds a member, so restarts
+            # need no "existing" here.
             "--initial-cluster-state=new",
             f"--initial-cluster-token={self.cluster_token}",
             f"--listen-metrics-urls={self.metrics_url}",
@@ -164,100 +240,143 @@ class EtcdMember:
             args.append(f"--quota-backend-bytes={self.quota_bytes}")
         return args + self.extra_args
 
+    # -- lifecycle
+
     def spawn(self) -> None:
         """Start the process without waiting for it to serve."""
         if self.running:
-            raise RuntimeError(f"{self.name} is already running")
-        args = self.args()
-        if self._started_once:
-            args = [a for a in args if not a.startswith("--initial-cluster-state")]
-            args.append("--initial-cluster-state=existing")
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        _LIVE.add(self.process)
-        self._started_once = True
+            raise RuntimeError(f"etcd {self.name} is already running (pid {self.pid})")
+        self.process = spawn_process(self.args(), self.log_file)
+        self._paused = False
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> EtcdMember:
-        """Start, and by default wait until ``/health`` says true (a leader exists)."""
+        """Start; with ``wait`` (the default) return once ``/health`` is true, i.e. a leader exists.
+
+        A member restarted while its cluster lacks quorum can never be healthy: start it with
+        ``wait=False`` and call :meth:`wait_ready` instead. If it does not become healthy in time the
+        process is killed and the error carries the tail of its log.
+        """
         self.spawn()
         if wait:
-            self.wait_healthy(timeout)
+            try:
+                self.wait_healthy(timeout)
+            except BaseException:
+                self.kill()
+                raise
         return self
 
     def health(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.metrics_url}/health", timeout=1) as response:
-                return bool(json.loads(response.read()).get("health") == "true")
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        """Whether ``/health`` says true right now (false while there is no leader, or no answer)."""
+        return _get_health(self.metrics_url) is True
+
+    def _wait(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.process
+            if proc is None:
+                raise RuntimeError(f"etcd {self.name} is not running")
+            if proc.poll() is not None:
+                raise RuntimeError(f"etcd {self.name} exited with {proc.returncode}:\n{self.log_tail()}")
+            if condition():
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"etcd {self.name} not {what} within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until the member reports healthy; fails with its log tail if it exits or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
-                    f"etcd {self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            if self.health():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"etcd {self.name} not healthy within {timeout}s:\n{self.log_tail()}")
+        """Until ``/health`` says true: the member serves and a leader exists."""
+        self._wait(self.health, "healthy", timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the client port accepts TCP and ``/health`` answers, true *or false*.
+
+        For a cluster member that is up but may have no leader (e.g. restarted alone): a client can
+        connect to it, but requests needing consensus will wait or fail.
+        """
+
+        def ready() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.client_port), timeout=1).close()
+            except OSError:
+                return False
+            return _get_health(self.metrics_url) is not None
+
+        self._wait(ready, "ready", timeout)
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last lines of this member's log, for error messages."""
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
-    def _end(self, sig: signal.Signals, timeout: float = 10.0) -> None:
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
         proc = self.process
         if proc is None:
             return
         if proc.poll() is None:
             if sig is not signal.SIGKILL:
-                os.kill(proc.pid, signal.SIGCONT)  # a paused process cannot handle SIGTERM
+                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
             proc.send_signal(sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        _LIVE.discard(proc)
+        release(proc)
         self.process = None
+        self._paused = False
 
     def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to flush or say goodbye."""
-        self._end(signal.SIGKILL)
+        """SIGKILL and reap: a crash, with no chance to flush or say goodbye."""
+        self._end(signal.SIGKILL, 10.0)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
-        self._end(signal.SIGTERM)
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a graceful shutdown), then SIGKILL if still running after ``timeout`` seconds."""
+        self._end(signal.SIGTERM, timeout)
 
     def restart(self, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Kill if running, then start again on the same ports and data dir."""
         self.kill()
         self.start(wait=wait, timeout=timeout)
 
-    def wipe_and_restart(self, *, wait: bool = True) -> None:
-        """Start over with an empty data dir on the same ports (etcd's revision goes back to 1)."""
+    def wipe_and_restart(self, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Start over with an empty data dir on the same ports: a new cluster, revision back to 1.
+
+        Single members only: a wiped member cannot rejoin the cluster it was part of.
+        """
+        if self.in_cluster:
+            raise RuntimeError(f"etcd {self.name} is a cluster member; wiping it would not rejoin it")
         self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
-        self._started_once = False
-        self.start(wait=wait)
+        self.start(wait=wait, timeout=timeout)
 
     def pause(self) -> None:
         """SIGSTOP: the process freezes with its sockets open (no RST, nothing answered)."""
-        if self.process is not None:
+        if self.running:
+            assert self.process is not None
             self.process.send_signal(signal.SIGSTOP)
+            self._paused = True
 
     def resume(self) -> None:
-        if self.process is not None:
+        """SIGCONT after :meth:`pause`."""
+        if self.running:
+            assert self.process is not None
             self.process.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def cleanup(self) -> None:
+        """Kill the process and remove its data (and the base dir, if this member made it)."""
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            _OWNED_DIRS.discard(self.base_dir)
+
+    # -- looking inside
 
     def metrics(self) -> str:
+        """The Prometheus text from ``/metrics``."""
         with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as response:
             return str(response.read().decode())
 
@@ -266,17 +385,25 @@ class EtcdMember:
         for line in self.metrics().splitlines():
             if line.startswith("etcd_debugging_mvcc_watcher_total "):
                 return int(float(line.split()[1]))
-        raise RuntimeError("etcd_debugging_mvcc_watcher_total not in etcd's metrics")
+        raise RuntimeError("etcd_debugging_mvcc_watcher_total is not in etcd's metrics")
 
     def etcdctl(
         self,
         *args: str,
         check: bool = True,
         user: str | None = None,
+        password: str | None = None,
         endpoints: Sequence[str] | None = None,
         timeout: float = 30.0,
     ) -> str:
-        """Run etcdctl against this member (or ``endpoints``) and return its stdout."""
+        """Run ``etcdctl <args>`` (API v3) against this member, or ``endpoints``; its stdout.
+
+        TLS flags are added when the member uses TLS. ``user`` is ``name`` with ``password``, or
+        ``name:password``; once auth is enabled it defaults to root. With ``check`` a non-zero exit
+        raises RuntimeError carrying etcdctl's stderr.
+        """
+        if user is None and self._root_password is not None:
+            user, password = "root", self._root_password
         command = [str(etcdctl_binary()), f"--endpoints={','.join(endpoints or [self.endpoint])}"]
         if self.tls is not None:
             command += [
@@ -286,29 +413,38 @@ class EtcdMember:
             ]
         if user is not None:
             command.append(f"--user={user}")
-        command += list(args)
+            if password is not None:
+                command.append(f"--password={password}")
+        command += args
         result = subprocess.run(
-            command, capture_output=True, timeout=timeout, env={**os.environ, "ETCDCTL_API": "3"}, check=False
+            command,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            env={**os.environ, "ETCDCTL_API": "3"},
+            check=False,
         )
         if check and result.returncode != 0:
-            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {result.stderr.decode(errors='replace')}")
+            stderr = result.stderr.decode(errors="replace").strip()
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed (exit {result.returncode}): {stderr}")
         return result.stdout.decode(errors="replace")
 
-    def cleanup(self) -> None:
-        """Kill the process and remove its data (and the base dir, if this member made it)."""
-        self.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+# -- a single-member server ------------------------------------------------------------------------
 
 
 class EtcdServer(EtcdMember):
-    """A single-member etcd: ``with EtcdServer() as server: server.endpoint``."""
+    """A single-member etcd: ``with EtcdServer() as server: server.endpoint``.
 
-    _root_password: str | None = None
+    Leaving the ``with`` block kills it and removes its temp dir.
+    """
 
     def __enter__(self) -> EtcdServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     def __exit__(
@@ -316,12 +452,9 @@ class EtcdServer(EtcdMember):
     ) -> None:
         self.cleanup()
 
-    def _root(self) -> str | None:
-        return f"root:{self._root_password}" if self._root_password is not None else None
-
     def enable_auth(self, root_password: str) -> None:
-        """Create ``root`` with ``root_password`` and turn authentication on."""
-        self.etcdctl("user", "add", f"root:{root_password}")
+        """Create ``root`` with ``root_password``, grant it the root role, and turn authentication on."""
+        self.etcdctl("user", "add", "root", f"--new-user-password={root_password}")
         self.etcdctl("user", "grant-role", "root", "root")
         self.etcdctl("auth", "enable")
         self._root_password = root_password
@@ -334,30 +467,36 @@ class EtcdServer(EtcdMember):
         read_prefix: str | None = None,
         readwrite_prefix: str | None = None,
     ) -> None:
-        """A user with a role of its own granting read or readwrite on one key prefix."""
-        user = self._root()
-        self.etcdctl("user", "add", f"{name}:{password}", user=user)
-        self.etcdctl("role", "add", f"{name}-role", user=user)
+        """A user with a role of its own (``<name>-role``) granting read or readwrite on key prefixes."""
+        role = f"{name}-role"
+        self.etcdctl("user", "add", name, f"--new-user-password={password}")
+        self.etcdctl("role", "add", role)
         for permission, prefix in (("read", read_prefix), ("readwrite", readwrite_prefix)):
             if prefix is not None:
-                self.etcdctl(
-                    "role", "grant-permission", f"{name}-role", permission, prefix, "--prefix=true", user=user
-                )
-        self.etcdctl("user", "grant-role", name, f"{name}-role", user=user)
+                self.etcdctl("role", "grant-permission", role, permission, prefix, "--prefix=true")
+        self.etcdctl("user", "grant-role", name, role)
+
+
+# -- a cluster -------------------------------------------------------------------------------------
 
 
 class EtcdCluster:
-    """``size`` members forming one cluster on loopback: ``with EtcdCluster(3) as cluster:``."""
+    """``size`` members forming one cluster on loopback: ``with EtcdCluster(3) as cluster:``.
 
-    def __init__(self, size: int = 3, **member_options: object) -> None:
+    ``member_options`` are :class:`EtcdMember` keyword arguments, applied to every member.
+    """
+
+    def __init__(self, size: int = 3, **member_options: Any) -> None:
         self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-cluster-"))
-        self.members = [
-            EtcdMember(f"m{i}", base_dir=self.base_dir, **member_options)  # type: ignore[arg-type]
-            for i in range(size)
-        ]
+        _OWNED_DIRS.add(self.base_dir)
+        member_options.setdefault("cluster_token", f"aetcdcfg-{uuid.uuid4().hex[:8]}")
+        self.members = [EtcdMember(f"m{i}", base_dir=self.base_dir, **member_options) for i in range(size)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for member in self.members:
             member.initial_cluster = initial
+
+    def __repr__(self) -> str:
+        return f"<EtcdCluster {self.members!r}>"
 
     def __enter__(self) -> EtcdCluster:
         return self.start()
@@ -372,39 +511,54 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     def start(self, timeout: float = 60.0) -> EtcdCluster:
-        for member in self.members:
-            member.spawn()
-        for member in self.members:
-            member.wait_healthy(timeout)
+        """Start every member at once (they need each other to elect a leader); wait until all are healthy."""
+        try:
+            for member in self.members:
+                member.spawn()
+            deadline = time.monotonic() + timeout
+            for member in self.members:
+                member.wait_healthy(max(deadline - time.monotonic(), 1.0))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def kill(self, index: int) -> None:
+        """SIGKILL member ``index``."""
         self.members[index].kill()
 
     def restart(self, index: int, timeout: float = 30.0) -> None:
         """Restart member ``index`` on its data dir and wait until it has rejoined (healthy)."""
         self.members[index].restart(timeout=timeout)
 
-    def ensure_all_running(self) -> None:
-        """Bring back any member a test killed or paused, and wait for all to be healthy."""
+    def ensure_all_running(self, timeout: float = 30.0) -> None:
+        """Resume paused members, start killed ones, and wait until every member is healthy."""
         for member in self.members:
             if member.running:
                 member.resume()
             else:
                 member.spawn()
+        deadline = time.monotonic() + timeout
         for member in self.members:
-            member.wait_healthy(30)
+            member.wait_healthy(max(deadline - time.monotonic(), 1.0))
 
-    def _status(self) -> list[dict[str, object]]:
-        alive = [m.endpoint for m in self.members if m.running]
-        out = self.members[0].etcdctl("endpoint", "status", "-w", "json", endpoints=alive, check=False)
-        return list(json.loads(out or "[]"))
+    def _status(self) -> list[dict[str, Any]]:
+        """``etcdctl endpoint status`` of the members that run and are not paused."""
+        alive = [m.endpoint for m in self.members if m.running and not m.paused]
+        if not alive:
+            return []
+        out = self.members[0].etcdctl(
+            "endpoint", "status", "-w", "json", "--command-timeout=2s", endpoints=alive, check=False
+        )
+        try:
+            return list(json.loads(out or "[]"))
+        except ValueError:
+            return []
 
     def leader_index(self) -> int:
-        """Which member leads now."""
+        """Which member leads now, as the running members report it (RuntimeError if none)."""
         for entry in self._status():
             status = entry["Status"]
-            assert isinstance(status, dict)
             if status["header"]["member_id"] == status["leader"]:
                 return self.endpoints.index(str(entry["Endpoint"]))
         raise RuntimeError("no leader among the running members")
@@ -421,18 +575,28 @@ class EtcdCluster:
                 time.sleep(0.05)
 
     def member_id(self, index: int) -> str:
+        """Member ``index``'s id in hex, as ``etcdctl member`` commands want it."""
         for entry in self._status():
             if entry["Endpoint"] == self.members[index].endpoint:
-                status = entry["Status"]
-                assert isinstance(status, dict)
-                return format(int(status["header"]["member_id"]), "x")
+                return format(int(entry["Status"]["header"]["member_id"]), "x")
         raise RuntimeError(f"member {index} is not running")
 
-    def move_leader(self, to_index: int) -> None:
-        leader = self.members[self.leader_index()]
-        leader.etcdctl("move-leader", self.member_id(to_index), endpoints=[leader.endpoint])
+    def move_leader(self, to_index: int, timeout: float = 10.0) -> None:
+        """Transfer leadership to member ``to_index``; returns once the members report it leads."""
+        leader = self.members[self.wait_leader(timeout)]
+        if leader is self.members[to_index]:
+            return
+        target = self.member_id(to_index)
+        leader.etcdctl("move-leader", target, endpoints=[leader.endpoint])
+        deadline = time.monotonic() + timeout
+        while self.wait_leader(timeout) != to_index:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"member {to_index} did not become leader within {timeout}s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
+        """Kill every member and remove the cluster's temp dir."""
         for member in self.members:
             member.kill()
         shutil.rmtree(self.base_dir, ignore_errors=True)
+        _OWNED_DIRS.discard(self.base_dir)

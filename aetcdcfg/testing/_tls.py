@@ -8,9 +8,9 @@ from pathlib import Path
 __all__ = ["TLSFiles"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TLSFiles:
-    """PEM files: a CA, a server certificate for 127.0.0.1/localhost, a client certificate, and an
+    """PEM files: a CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and an
     unrelated CA (``other_ca_file``) for tests that must fail verification."""
 
     ca_file: Path
@@ -22,6 +22,7 @@ class TLSFiles:
 
     @classmethod
     def create(cls, directory: Path) -> TLSFiles:
+        """Issue a fresh CA and certificates and write them into ``directory`` (created if missing)."""
         try:
             import trustme
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -39,9 +40,12 @@ class TLSFiles:
             other_ca_file=directory / "other-ca.pem",
         )
         ca.cert_pem.write_to_path(str(files.ca_file))
-        server.cert_chain_pems[0].write_to_path(str(files.server_cert))
+        # The chain (leaf first), so a verifier given only the root CA can always build the path.
+        server_chain = b"".join(pem.bytes() for pem in server.cert_chain_pems)
+        files.server_cert.write_bytes(server_chain)
         server.private_key_pem.write_to_path(str(files.server_key))
-        client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+        client_chain = b"".join(pem.bytes() for pem in client.cert_chain_pems)
+        files.client_cert.write_bytes(client_chain)
         client.private_key_pem.write_to_path(str(files.client_key))
         trustme.CA().cert_pem.write_to_path(str(files.other_ca_file))
         return files

@@ -1,12 +1,25 @@
 """pytest fixtures that start real etcd (registered as the ``aetcdcfg`` pytest11 plugin).
 
 Servers are session-scoped and shared; ``etcd_prefix`` gives each test its own key prefix so tests
-never see each other's keys. The cluster fixture ``cluster`` restarts members a test killed.
+never see each other's keys. The function-scoped ``cluster`` fixture restarts members a test killed.
+No etcd binary is an error (EtcdBinaryNotFound), never a skip: CI must always run these tests.
+
+Fixtures (scope):
+    etcd_server (session)      single member, 1 s progress notifications, 1 s keepalive minimum
+    etcd_prefix (function)     ``/t/<test-name>-<uuid8>/``
+    etcd_cluster (session)     3 members, same options
+    cluster (function)         ``etcd_cluster``, with every member running again after the test
+    etcd_tls_files (session)   trustme CA + server/client certificates in a temp dir
+    etcd_tls_server (session)  https, client certificate required
+    etcd_auth_server (session) 2 s simple tokens; root/rootpw, app/apppw (readwrite /app/),
+                               reader/readerpw (read /app/)
+    fault_proxy (function)     a FaultProxy in front of ``etcd_server``
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,34 +41,51 @@ __all__ = [
     "fault_proxy",
 ]
 
+#: Our pytest11 entry point's name (pyproject.toml).
+_ENTRY_POINT = "aetcdcfg"
 #: Fast keepalive and progress notifications, so tests can use short client keepalives.
-TEST_OPTIONS: dict[str, float] = {"keepalive_min_time": 1, "progress_notify_interval": 1}
+KEEPALIVE_MIN_TIME = 1.0
+PROGRESS_NOTIFY_INTERVAL = 1.0
+
+
+def pytest_plugin_registered(plugin: object, plugin_name: str, manager: pytest.PytestPluginManager) -> None:
+    """Load this plugin once, however it is named: ``-p aetcdcfg.testing.plugin`` or
+    ``pytest_plugins = [...]`` alongside the installed entry point would otherwise register the module
+    twice under two names, which pytest rejects."""
+    if plugin is sys.modules[__name__]:
+        for name in (_ENTRY_POINT, __name__):
+            if name != plugin_name and not manager.is_blocked(name):
+                manager.set_blocked(name)
 
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
-    """One single-member etcd shared by the whole session."""
-    with EtcdServer(**TEST_OPTIONS) as server:  # type: ignore[arg-type]
+    """One single-member etcd shared by the whole session; use ``etcd_prefix`` for your keys."""
+    with EtcdServer(
+        keepalive_min_time=KEEPALIVE_MIN_TIME, progress_notify_interval=PROGRESS_NOTIFY_INTERVAL
+    ) as server:
         yield server
 
 
 @pytest.fixture
 def etcd_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix of this test's own, e.g. ``/t/test_name-1a2b3c4d/``."""
-    name = re.sub(r"[^A-Za-z0-9_]+", "_", request.node.name)[:60]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:60]
     return f"/t/{name}-{uuid.uuid4().hex[:8]}/"
 
 
 @pytest.fixture(scope="session")
 def etcd_cluster() -> Iterator[EtcdCluster]:
-    """A 3-member cluster shared by the session; use ``cluster`` in tests that kill members."""
-    with EtcdCluster(3, **TEST_OPTIONS) as started:
+    """A 3-member cluster shared by the session; tests that kill or pause members use ``cluster``."""
+    with EtcdCluster(
+        3, keepalive_min_time=KEEPALIVE_MIN_TIME, progress_notify_interval=PROGRESS_NOTIFY_INTERVAL
+    ) as started:
         yield started
 
 
 @pytest.fixture
 def cluster(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
-    """The session cluster, with every member running again after the test."""
+    """The session cluster, all members up before the test and again after it (whatever it broke)."""
     etcd_cluster.ensure_all_running()
     yield etcd_cluster
     etcd_cluster.ensure_all_running()
@@ -63,21 +93,31 @@ def cluster(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
 
 @pytest.fixture(scope="session")
 def etcd_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A throw-away CA with server (127.0.0.1, localhost) and client certificates."""
     return TLSFiles.create(Path(tmp_path_factory.mktemp("tls")))
 
 
 @pytest.fixture(scope="session")
 def etcd_tls_server(etcd_tls_files: TLSFiles) -> Iterator[EtcdServer]:
     """etcd on https that requires a client certificate signed by ``etcd_tls_files.ca_file``."""
-    with EtcdServer(tls=etcd_tls_files, client_cert_auth=True, **TEST_OPTIONS) as server:  # type: ignore[arg-type]
+    with EtcdServer(
+        tls=etcd_tls_files,
+        client_cert_auth=True,
+        keepalive_min_time=KEEPALIVE_MIN_TIME,
+        progress_notify_interval=PROGRESS_NOTIFY_INTERVAL,
+    ) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def etcd_auth_server() -> Iterator[EtcdServer]:
-    """etcd with auth on and 2 s simple tokens: root/rootpw, app/apppw (readwrite /app/),
-    reader/readerpw (read-only /app/)."""
-    with EtcdServer(auth_token_ttl=2, **TEST_OPTIONS) as server:  # type: ignore[arg-type]
+    """etcd with auth on and 2 s simple tokens: root/rootpw, app/apppw (readwrite on /app/),
+    reader/readerpw (read-only on /app/). Its ``etcdctl()`` runs as root unless told otherwise."""
+    with EtcdServer(
+        auth_token_ttl=2,
+        keepalive_min_time=KEEPALIVE_MIN_TIME,
+        progress_notify_interval=PROGRESS_NOTIFY_INTERVAL,
+    ) as server:
         server.enable_auth("rootpw")
         server.add_user("app", "apppw", readwrite_prefix="/app/")
         server.add_user("reader", "readerpw", read_prefix="/app/")
@@ -86,6 +126,6 @@ def etcd_auth_server() -> Iterator[EtcdServer]:
 
 @pytest.fixture
 def fault_proxy(etcd_server: EtcdServer) -> Iterator[FaultProxy]:
-    """A FaultProxy in front of ``etcd_server``."""
+    """A FaultProxy in front of ``etcd_server``'s client port, stopped after the test."""
     with FaultProxy.to(etcd_server.endpoint) as proxy:
         yield proxy
