@@ -198,19 +198,7 @@ async def test_member_removed_from_cluster_is_left(
     tls_cluster: EtcdCluster, etcd_tls_files: TLSFiles, etcd_prefix: str
 ) -> None:
     async def remove() -> None:
-        member_id = await anyio.to_thread.run_sync(tls_cluster.member_id, 0)
-        others = tls_cluster.endpoints[1:]
-        with anyio.fail_after(20):
-            while True:  # etcd refuses while a member is not yet connected ("unhealthy cluster")
-                try:
-                    await anyio.to_thread.run_sync(
-                        lambda: tls_cluster.members[1].etcdctl(
-                            "member", "remove", member_id, endpoints=others
-                        )
-                    )
-                    break
-                except RuntimeError:
-                    await anyio.sleep(0.5)
+        await anyio.to_thread.run_sync(tls_cluster.remove_member, 0)
         await anyio.sleep(1)
 
     await run_fault(

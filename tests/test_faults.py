@@ -343,19 +343,9 @@ async def test_member_removed_from_cluster_is_left_for_the_others(etcd_prefix: s
             leader = await anyio.to_thread.run_sync(private.wait_leader)
             if leader == gone:
                 await anyio.to_thread.run_sync(private.move_leader, (gone + 1) % 3)
-            member_id = await anyio.to_thread.run_sync(private.member_id, gone)
 
             async def remove() -> None:
-                while True:  # etcd refuses while a member joined less than 5 s ago ("unhealthy cluster")
-                    try:
-                        await anyio.to_thread.run_sync(
-                            lambda: private.members[0].etcdctl(
-                                "member", "remove", member_id, endpoints=others
-                            )
-                        )
-                        return
-                    except RuntimeError:
-                        await anyio.sleep(0.3)
+                await anyio.to_thread.run_sync(private.remove_member, gone)
 
             removed = await run.through(remove)
             recovery = await run.recovery(removed)

@@ -594,6 +594,24 @@ class EtcdCluster:
                 raise TimeoutError(f"member {to_index} did not become leader within {timeout}s")
             time.sleep(0.05)
 
+    def remove_member(self, index: int, timeout: float = 20.0) -> None:
+        """Remove member ``index`` from the cluster, asking the others.
+
+        etcd refuses with "unhealthy cluster" while a member joined only moments ago, so this
+        retries until ``timeout``.
+        """
+        member_id = self.member_id(index)
+        others = [m for i, m in enumerate(self.members) if i != index and m.running]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                others[0].etcdctl("member", "remove", member_id, endpoints=[m.endpoint for m in others])
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
     def stop(self) -> None:
         """Kill every member and remove the cluster's temp dir."""
         for member in self.members:
