@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ._keys import decode_key
 from .events import Event, EventType
 
 __all__ = ["Batch", "KeyState", "Step", "StepKind", "WatchState"]
@@ -58,10 +59,6 @@ class Step:
 
 
 _NOTHING = Step(StepKind.NOTHING)
-
-
-def _decode(key: bytes) -> str:
-    return key.decode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -145,13 +142,13 @@ class WatchState:
             previous = keys.get(key) if keys is not None else None
             prev_value = previous.value if previous is not None else None
             if raw.type == _DELETE:
-                event = Event(EventType.DELETE, _decode(key), b"", revision, prev_value)
+                event = Event(EventType.DELETE, decode_key(key), b"", revision, prev_value)
                 if keys is not None:
                     keys.pop(key, None)
             else:
                 value = bytes(kv.value)
                 create, version = int(kv.create_revision), int(kv.version)
-                event = Event(EventType.PUT, _decode(key), value, revision, prev_value, create, version)
+                event = Event(EventType.PUT, decode_key(key), value, revision, prev_value, create, version)
                 if keys is not None:
                     keys[key] = KeyState(value, revision, create, version)
             current.append(event)
@@ -174,12 +171,14 @@ class WatchState:
             before, after = old.get(key), listing.get(key)
             prev_value = before.value if before is not None else None
             if after is None:
-                events.append(Event(EventType.DELETE, _decode(key), b"", revision, prev_value, resync=True))
+                events.append(
+                    Event(EventType.DELETE, decode_key(key), b"", revision, prev_value, resync=True)
+                )
             elif before is None or before.mod_revision != after.mod_revision or before.value != after.value:
                 events.append(
                     Event(
                         EventType.PUT,
-                        _decode(key),
+                        decode_key(key),
                         after.value,
                         revision,
                         prev_value,

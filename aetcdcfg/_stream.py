@@ -24,12 +24,14 @@ from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._grpc_errors import Failure, classify, describe, to_error
+from ._keys import prefix_range_end
+from ._reads import cluster_revision, history_matches, list_keys
 from ._resume import Batch, StepKind, WatchState
 from .errors import EtcdUnavailable, PermissionDenied, RevisionCompacted
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
-    from .client import EtcdClient
+    from ._connection import Connection
 
 __all__ = ["WatchLoop"]
 
@@ -63,7 +65,7 @@ class WatchLoop:
 
     def __init__(
         self,
-        client: EtcdClient,
+        conn: Connection,
         state: WatchState,
         on_batches: Callable[[tuple[Batch, ...]], None],
         *,
@@ -71,7 +73,7 @@ class WatchLoop:
         stop_at: int | None = None,
         on_reset: Callable[[int], None] | None = None,
     ) -> None:
-        self._client = client
+        self._conn = conn
         self._on_reset = on_reset
         self._state = state
         self._on_batches = on_batches
@@ -97,10 +99,10 @@ class WatchLoop:
     async def run(self) -> None:
         """Watch until cancelled (or ``stop_at`` is reached); raises only unfixable errors."""
         backoff = Backoff(initial=0.05, maximum=2.0)
-        settings = self._client.settings
+        settings = self._conn.settings
         while not self._reached_stop():
             try:
-                endpoint = await self._client._pool_ready(settings.connect_timeout)
+                endpoint = await self._conn.ready(settings.connect_timeout)
                 if self._lost_at is not None and not self._history_checked and self._state.tracks_state:
                     await self._check_history()
             except EtcdUnavailable as exc:
@@ -118,7 +120,7 @@ class WatchLoop:
                 if self._created_in_session:
                     backoff.reset()  # the stream worked: this is a new failure, not the same one again
                 if failure.penalize:
-                    self._client._mark_failed(endpoint, failure.cause)
+                    self._conn.mark_failed(endpoint, failure.cause)
                 self._note_lost(failure.cause, endpoint=endpoint.url)
                 self._state.stream_lost()
                 await anyio.sleep(backoff.next_delay())
@@ -134,7 +136,7 @@ class WatchLoop:
         """After an outage, make sure etcd still has the history we delivered (not a wiped cluster)."""
         state = self._state
         assert state.keys is not None
-        same = await self._client._history_matches(state.prefix, state.delivered, state.keys)
+        same = await history_matches(self._conn, state.prefix, state.delivered, state.keys)
         self._history_checked = True
         if same is False:
             self._log.error("watch.revision_reset", delivered=state.delivered, reason="history_changed")
@@ -161,7 +163,7 @@ class WatchLoop:
             self._log.warning(
                 "watch.compacted", resume_revision=state.resume_revision, compact_revision=relist.revision
             )
-        listing, revision = await self._client._list_keys(state.prefix, retry_forever=True)
+        listing, revision = await list_keys(self._conn, state.prefix, retry_forever=True)
         if relist.reason != "compacted" and self._on_reset is not None:
             self._on_reset(revision)  # a new history: revisions restart below what was delivered
         batch = state.resync(listing, revision)
@@ -171,9 +173,9 @@ class WatchLoop:
 
     async def _session(self, endpoint: Endpoint) -> bool:
         """One gRPC stream; True when ``stop_at`` was reached. Raises _StreamFailed or _Relist."""
-        token = self._client._token
+        token = self._conn.token
         self._created_in_session = False
-        call = endpoint.watch.Watch(metadata=self._client._metadata())
+        call = endpoint.watch.Watch(metadata=self._conn.metadata())
         self._last_rx = anyio.current_time()
         self._stalled = False
         outcome: bool | Exception = False
@@ -190,7 +192,7 @@ class WatchLoop:
         if self._stalled:
             raise _StreamFailed(
                 f"no answer from {endpoint.url} within keepalive_time + keepalive_timeout "
-                f"({self._client.settings.keepalive_time:g}s + {self._client.settings.keepalive_timeout:g}s)"
+                f"({self._conn.settings.keepalive_time:g}s + {self._conn.settings.keepalive_timeout:g}s)"
             )
         if isinstance(outcome, EtcdUnavailable):
             # e.g. re-authenticating or checking the revision on a member that just went away
@@ -201,7 +203,7 @@ class WatchLoop:
 
     async def _watchdog(self, call: grpc.aio.StreamStreamCall, tg: anyio.abc.TaskGroup) -> None:
         """Probe a silent stream with a progress request; give up on it if that goes unanswered."""
-        settings = self._client.settings
+        settings = self._conn.settings
         while True:
             idle = anyio.current_time() - self._last_rx
             if idle < settings.keepalive_time:
@@ -228,7 +230,7 @@ class WatchLoop:
         state = self._state
         create = rpc_pb2.WatchCreateRequest(
             key=state.prefix,
-            range_end=self._client._range_end(state.prefix),
+            range_end=prefix_range_end(state.prefix),
             start_revision=state.resume_revision,
             progress_notify=True,
             fragment=True,
@@ -262,8 +264,8 @@ class WatchLoop:
                     await self._on_canceled(step.reason, endpoint, token)
         except grpc.aio.AioRpcError as exc:
             kind_ = classify(exc)
-            if kind_ is Failure.AUTH_EXPIRED and self._client.settings.username:
-                await self._client._reauthenticate(endpoint, token)
+            if kind_ is Failure.AUTH_EXPIRED and self._conn.settings.username:
+                await self._conn.reauthenticate(endpoint, token)
                 raise _StreamFailed("auth token expired; authenticated again", penalize=False) from None
             if kind_ in (Failure.AUTH_FAILED, Failure.PERMISSION):
                 raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
@@ -289,7 +291,7 @@ class WatchLoop:
 
     async def _check_revision(self, reported: int, endpoint: Endpoint) -> None:
         """A member reported a revision below what was delivered: lagging member, or a reset cluster?"""
-        current = await self._client._cluster_revision(self._state.prefix)
+        current = await cluster_revision(self._conn, self._state.prefix)
         if current < self._state.delivered:
             self._log.error(
                 "watch.revision_reset",
@@ -303,9 +305,9 @@ class WatchLoop:
     async def _on_canceled(self, reason: str, endpoint: Endpoint, token: str | None) -> None:
         if "permission denied" in reason.lower():
             # etcd 3.5 also says this when the stream's token expired: re-authenticate once first.
-            if self._client.settings.username and not self._fresh_token:
+            if self._conn.settings.username and not self._fresh_token:
                 self._fresh_token = True
-                await self._client._reauthenticate(endpoint, token)
+                await self._conn.reauthenticate(endpoint, token)
                 raise _StreamFailed("watch refused; authenticated again", penalize=False)
             raise PermissionDenied(
                 "the etcd user's role does not permit watching", key=self._label, endpoint=endpoint.url

@@ -216,11 +216,11 @@ async def test_expired_token_is_renewed_transparently(
     caplog.set_level(logging.DEBUG)
     async with EtcdClient(endpoints=[etcd_auth_server.endpoint], username="app", password="apppw") as client:
         await client.put("/app/ttl", "1")
-        old_token = client._token
+        old_token = client._conn.token
         await anyio.sleep(3.2)  # waiting out the server's token TTL, not synchronising
         with capture_logs() as logs:
             assert await client.get("/app/ttl") == b"1"
-        new_token = client._token
+        new_token = client._conn.token
     assert old_token and new_token and old_token != new_token
     for token in (old_token, new_token):
         assert token not in repr(logs) + caplog.text

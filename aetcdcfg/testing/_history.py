@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import grpc
 from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
-from ..client import prefix_range_end
+from .._keys import prefix_range_end
 from ..events import Event
 from ._tls import TLSFiles
 

@@ -1,0 +1,217 @@
+"""Connection: the one link to etcd that the KV API and the watch machinery share.
+
+It owns the endpoint pool (failover between members), the credentials (authentication and token
+refresh), the metadata every request carries (require-leader, token), endpoint discovery, and the one
+retrying unary call. Nothing above this layer touches a channel, a token or a gRPC error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.abc
+import grpc
+import structlog
+from aetcd.rpc import rpc_pb2
+
+from ._backoff import Backoff
+from ._channel import Endpoint, EndpointPool
+from ._grpc_errors import Failure, classify, describe, to_error
+from .errors import ClientClosedError, EtcdError, EtcdUnavailable
+from .settings import EtcdSettings
+
+__all__ = ["NOT_OPEN", "REQUIRE_LEADER", "Connection"]
+
+log = structlog.get_logger("aetcdcfg")
+
+#: etcd's metadata key asking a member to refuse requests while it has no leader.
+REQUIRE_LEADER = ("hasleader", "true")
+#: What a request on a client that is not open says.
+NOT_OPEN = "EtcdClient is not open: use `async with EtcdClient(...) as client:`"
+
+
+class Connection:
+    """Endpoints, credentials and one retrying unary call; opened and closed by ``EtcdClient``."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self._pool: EndpointPool | None = None
+        self._token: str | None = None
+        self._auth_lock = anyio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    async def open(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Connect to a member, authenticate, and (if configured) follow the member list in ``task_group``."""
+        if self._pool is None:
+            self._pool = EndpointPool(self.settings)
+        endpoint = await self._pool.ready(self.settings.connect_timeout)
+        if self.settings.username is not None:
+            with anyio.fail_after(self.settings.request_timeout):
+                await self._authenticate(endpoint)
+        if self.settings.discover_endpoints:
+            await self.sync_endpoints()
+            task_group.start_soon(self._discover_forever)
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
+
+    def pool(self) -> EndpointPool:
+        """The open pool; raises :class:`ClientClosedError` outside ``async with EtcdClient(...)``."""
+        if self._pool is None:
+            raise ClientClosedError(NOT_OPEN)
+        return self._pool
+
+    @property
+    def endpoint(self) -> str | None:
+        """The URL of the member currently in use (``None`` before connecting or after a failure)."""
+        current = self._pool.current if self._pool is not None else None
+        return current.url if current is not None else None
+
+    async def ready(self, timeout: float) -> Endpoint:
+        """A member with a live connection (see :meth:`EndpointPool.ready`)."""
+        return await self.pool().ready(timeout)
+
+    def mark_failed(self, endpoint: Endpoint, cause: str) -> None:
+        """Stop preferring ``endpoint``: the next :meth:`ready` looks for another member first."""
+        if self._pool is not None:
+            self._pool.mark_failed(endpoint, cause)
+
+    # -- endpoint discovery ------------------------------------------------------------------------
+
+    async def sync_endpoints(self) -> list[str]:
+        """Read the cluster's member list and use every started member's client URLs too.
+
+        Only URLs with the configured scheme are taken (a cluster advertising http to an https
+        client is a misconfiguration we do not follow). Returns the endpoints now in use.
+        """
+        pool = self.pool()
+        response = await self.unary("cluster", "MemberList", rpc_pb2.MemberListRequest(), idempotent=True)
+        scheme = self.settings.endpoints[0].split("://", 1)[0] + "://"
+        urls = [
+            url.rstrip("/")
+            for member in response.members
+            if not member.isLearner
+            for url in member.clientURLs
+            if url.startswith(scheme)
+        ]
+        await pool.update(urls)
+        return [ep.url for ep in pool.endpoints]
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.discovery_interval)
+            try:
+                await self.sync_endpoints()
+            except EtcdError as exc:
+                log.warning("etcd.discovery_failed", error=str(exc))
+
+    # -- credentials -------------------------------------------------------------------------------
+
+    @property
+    def token(self) -> str | None:
+        """The current auth token (``None`` without auth); a watch remembers it to refresh it once."""
+        return self._token
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every request carries: require-leader, and the token when authenticated."""
+        if self._token is None:
+            return (REQUIRE_LEADER,)
+        return (REQUIRE_LEADER, ("token", self._token))
+
+    async def _authenticate(self, endpoint: Endpoint) -> None:
+        assert self.settings.username is not None
+        assert self.settings.password is not None
+        request = rpc_pb2.AuthenticateRequest(
+            name=self.settings.username, password=self.settings.password.get_secret_value()
+        )
+        try:
+            response = await endpoint.auth.Authenticate(request, timeout=self.settings.request_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if "authentication is not enabled" in (exc.details() or ""):
+                log.warning("etcd.auth_not_enabled", endpoint=endpoint.url, user=self.settings.username)
+                self._token = None
+                return
+            kind = classify(exc)
+            if kind in (Failure.TRANSPORT, Failure.NOT_APPLIED):
+                self.mark_failed(endpoint, describe(exc))
+                raise EtcdUnavailable(
+                    "could not authenticate", endpoints=[endpoint.url], cause=describe(exc)
+                ) from None
+            raise to_error(exc, endpoint=endpoint.url) from None
+        self._token = str(response.token)
+
+    async def reauthenticate(self, endpoint: Endpoint, stale: str | None) -> None:
+        """Get a new token unless another task already replaced ``stale``."""
+        async with self._auth_lock:
+            if self._token != stale:
+                return
+            await self._authenticate(endpoint)
+            log.info("etcd.reauthenticated", endpoint=endpoint.url, user=self.settings.username)
+
+    # -- the request loop --------------------------------------------------------------------------
+
+    async def unary(
+        self, service: str, method: str, request: Any, *, idempotent: bool, key: str | None = None
+    ) -> Any:
+        """Send one unary request, failing over and re-authenticating as the failure allows.
+
+        Reads (``idempotent``) are retried on another member until ``request_timeout``, keeping half
+        the budget for it; writes are retried only when etcd certainly did not apply them, otherwise
+        :class:`EtcdUnavailable` says the outcome is unknown.
+        """
+        pool = self.pool()
+        timeout = self.settings.request_timeout
+        deadline = anyio.current_time() + timeout
+        backoff = Backoff(initial=0.05, maximum=1.0)
+        tried: list[str] = []
+        cause: str | None = None
+        reauthenticated = False
+        while True:
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                raise EtcdUnavailable(
+                    f"{method} did not complete within {timeout:.3g}s (request_timeout)",
+                    endpoints=tried or [ep.url for ep in pool.endpoints],
+                    cause=cause,
+                )
+            endpoint = await pool.ready(min(remaining, self.settings.connect_timeout))
+            if endpoint.url not in tried:
+                tried.append(endpoint.url)
+            token = self._token
+            call = getattr(getattr(endpoint, service), method)
+            attempt = remaining
+            if idempotent and len(pool.endpoints) > 1:
+                # A frozen member answers nothing; keep half the budget to try another one.
+                attempt = max(remaining / 2, min(remaining, 1.0))
+            try:
+                return await call(request, timeout=attempt, metadata=self.metadata())
+            except grpc.aio.AioRpcError as exc:
+                kind = classify(exc)
+                cause = describe(exc)
+                if kind is Failure.AUTH_EXPIRED and self.settings.username and not reauthenticated:
+                    reauthenticated = True
+                    await self.reauthenticate(endpoint, token)
+                    continue
+                if kind is Failure.NOT_APPLIED or (kind is Failure.TRANSPORT and idempotent):
+                    pool.mark_failed(endpoint, cause)
+                    log.debug("etcd.retry", method=method, endpoint=endpoint.url, cause=cause)
+                    await anyio.sleep(min(backoff.next_delay(), max(deadline - anyio.current_time(), 0)))
+                    continue
+                if kind is Failure.TRANSPORT:
+                    pool.mark_failed(endpoint, cause)
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        what = f"{method} timed out after {timeout:.3g}s (request_timeout)"
+                    else:
+                        what = f"connection lost during {method}"
+                    raise EtcdUnavailable(
+                        f"{what}; the write may or may not have been applied", endpoints=tried, cause=cause
+                    ) from None
+                raise to_error(exc, endpoint=endpoint.url, key=key) from None

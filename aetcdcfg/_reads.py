@@ -1,0 +1,110 @@
+"""Paginated prefix reads on a :class:`Connection`, and the revision/history checks a watch needs.
+
+Part of the connection layer: ``get_prefix`` of the KV API and the watch's listing, resync and
+wiped-cluster checks all read a prefix the same way, at one revision, in pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import anyio
+import structlog
+from aetcd.rpc import rpc_pb2
+
+from ._backoff import Backoff
+from ._connection import Connection
+from ._keys import decode_key, prefix_range_end
+from ._resume import KeyState
+from .errors import EtcdError, EtcdUnavailable
+
+__all__ = ["PAGE_SIZE", "RawKV", "cluster_revision", "history_matches", "list_keys", "range_pages"]
+
+log = structlog.get_logger("aetcdcfg")
+
+#: Keys read per page; divided by four whenever a page exceeds the message limit.
+PAGE_SIZE = 10_000
+#: (key, value, mod revision, create revision, version) as etcd returned it.
+RawKV = tuple[bytes, bytes, int, int, int]
+
+
+async def range_pages(
+    conn: Connection, prefix: bytes, *, at_revision: int = 0, keys_only: bool = False
+) -> tuple[list[RawKV], int]:
+    """Every key under ``prefix``, all at one revision (the current one, or ``at_revision``)."""
+    end = prefix_range_end(prefix)
+    label = decode_key(prefix)
+    while True:  # starts over if the pinned revision is compacted mid-way
+        items: list[RawKV] = []
+        revision = at_revision
+        start = prefix
+        limit = PAGE_SIZE
+        try:
+            while True:
+                request = rpc_pb2.RangeRequest(
+                    key=start, range_end=end, limit=limit, revision=revision, keys_only=keys_only
+                )
+                try:
+                    response = await conn.unary("kv", "Range", request, idempotent=True, key=label)
+                except EtcdError as exc:
+                    if "larger than" in str(exc) and limit > 1:
+                        limit = max(1, limit // 4)
+                        continue
+                    raise
+                if revision == 0:
+                    revision = int(response.header.revision)
+                items.extend(
+                    (bytes(kv.key), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.version)
+                    for kv in response.kvs
+                )
+                if not response.more or not response.kvs:
+                    return items, revision
+                start = bytes(response.kvs[-1].key) + b"\0"
+        except EtcdError as exc:
+            if "has been compacted" in str(exc) and not at_revision:
+                continue
+            raise
+
+
+async def list_keys(
+    conn: Connection, prefix: bytes, *, retry_forever: bool = False
+) -> tuple[dict[bytes, KeyState], int]:
+    """The prefix's keys with their revisions, for a watch to start from or resync to."""
+    backoff = Backoff(initial=0.1, maximum=2.0)
+    while True:
+        try:
+            items, revision = await range_pages(conn, prefix)
+        except EtcdUnavailable as exc:
+            if not retry_forever:
+                raise
+            log.warning("watch.relist_retry", prefix=decode_key(prefix), cause=str(exc))
+            await anyio.sleep(backoff.next_delay())
+            continue
+        return {k: KeyState(v, mod, create, version) for k, v, mod, create, version in items}, revision
+
+
+async def history_matches(
+    conn: Connection, prefix: bytes, revision: int, keys: Mapping[bytes, KeyState]
+) -> bool | None:
+    """Does etcd's prefix at ``revision`` hold exactly these keys at these mod revisions?
+
+    A watch asks this before resuming after an outage: a cluster restarted on an empty data dir
+    has a different history, even once its revision has caught up. None when etcd can no longer
+    tell (compacted; the watch itself will then report the compaction).
+    """
+    try:
+        items, _ = await range_pages(conn, prefix, at_revision=revision, keys_only=True)
+    except EtcdError as exc:
+        if "has been compacted" in str(exc):
+            return None
+        if "future revision" in str(exc):
+            return False
+        raise
+    return {item[0]: item[2] for item in items} == {k: v.mod_revision for k, v in keys.items()}
+
+
+async def cluster_revision(conn: Connection, prefix: bytes) -> int:
+    """etcd's current revision, read linearizably (through the leader), within ``prefix``'s permission."""
+    request = rpc_pb2.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)
+    response = await conn.unary("kv", "Range", request, idempotent=True, key=decode_key(prefix))
+    return int(response.header.revision)

@@ -1,0 +1,84 @@
+"""The ``aetcdcfg`` command: inspect, watch, validate and push config that a settings model reads.
+
+``etcdctl`` knows bytes; this knows the service's pydantic settings model. Connection options and
+``ETCD_*`` environment variables are those of :class:`~aetcdcfg.EtcdSettings`. Errors print one line
+and exit non-zero (``--verbose`` shows the traceback). Written as ``cli(*args) -> int`` so it can be
+tested in-process as well as through the console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+import anyio
+import structlog
+
+from ..errors import AetcdcfgError, ConfigurationError
+from . import _dev, _read, _write
+from ._common import UsageError, normalize_prefix
+from ._files import flatten, unflatten
+
+__all__ = ["build_parser", "cli", "flatten", "main", "unflatten"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    conn = common.add_argument_group("connection (defaults from ETCD_* environment variables)")
+    conn.add_argument(
+        "--endpoints", type=lambda v: [p.strip() for p in v.split(",") if p.strip()], metavar="URLS"
+    )
+    conn.add_argument("--username")
+    conn.add_argument("--password", help="prefer ETCD_PASSWORD: command lines are visible to other users")
+    conn.add_argument("--ca-file")
+    conn.add_argument("--cert-file")
+    conn.add_argument("--key-file")
+    conn.add_argument("--connect-timeout", type=float)
+    conn.add_argument("--request-timeout", type=float)
+    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+
+    parser = argparse.ArgumentParser(
+        prog="aetcdcfg", description="Inspect, watch, validate and push etcd config for a settings model."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for group in (_read, _write, _dev):
+        group.register(sub, common)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    """The command is an application, so it may set up logging (the library never does): library
+    events go to stderr, warnings and worse only unless ``--verbose``."""
+    level = logging.DEBUG if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def cli(*argv: str) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 refused or failed, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    try:
+        if getattr(args, "prefix", None) is not None and args.command in ("get", "watch"):
+            args.prefix = normalize_prefix(args.prefix)
+        return int(anyio.run(args.run, args))
+    except (AetcdcfgError, UsageError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        kind = "usage" if isinstance(exc, (UsageError, ConfigurationError)) else type(exc).__name__
+        print(f"aetcdcfg: {kind}: {exc}", file=sys.stderr)
+        return 2 if kind == "usage" else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    """The console script. Only here, in the program, is logging configured: ``cli()`` may run
+    inside someone else's process (tests, an admin tool) whose logging is not ours to change."""
+    _configure_logging("-v" in sys.argv or "--verbose" in sys.argv)
+    raise SystemExit(cli(*sys.argv[1:]))

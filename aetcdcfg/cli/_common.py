@@ -1,0 +1,142 @@
+"""What every command shares: usage errors, model loading, masking, the client, output, signals."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import importlib
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import anyio
+from pydantic import BaseModel
+
+from ..client import EtcdClient
+from ..source import is_secret, resolve_key
+
+__all__ = [
+    "Subparsers",
+    "MASK",
+    "UsageError",
+    "json_value",
+    "load_model",
+    "make_client",
+    "normalize_prefix",
+    "out",
+    "secret_keys",
+    "show",
+    "stop_on_signals",
+]
+
+#: What ``argparse.ArgumentParser.add_subparsers()`` returns, for the command groups to add to.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+MASK = "**********"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs (a file, a model name)."""
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def normalize_prefix(value: str) -> str:
+    if not value:
+        raise UsageError("the prefix must not be empty (e.g. /myservice/)")
+    return value if value.endswith("/") else value + "/"
+
+
+def load_model(spec: str) -> type[BaseModel]:
+    """``package.module:ClassName`` -> the class (the current directory is importable)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--model {spec!r}: expected module:Class, e.g. myservice.settings:Settings")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--model {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    model = getattr(module, attr, None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise UsageError(f"--model {spec!r}: {attr!r} is not a pydantic model in {module_name!r}")
+    return model
+
+
+def secret_keys(model: type[BaseModel] | None, keys: list[str]) -> set[str]:
+    if model is None:
+        return set()
+    out = set()
+    for key in keys:
+        resolved = resolve_key(model, key)
+        if resolved is not None and is_secret(resolved[1]):
+            out.add(key)
+    return out
+
+
+def show(value: bytes | None, secret: bool = False) -> str:
+    """How a value prints: masked if secret, text if UTF-8, a byte count otherwise."""
+    if value is None:
+        return "(absent)"
+    if secret:
+        return MASK
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return f"<{len(value)} bytes, not UTF-8>"
+    return json.dumps(text, ensure_ascii=False) if ("\n" in text or text != text.strip()) else text
+
+
+def json_value(value: bytes, secret: bool = False) -> Any:
+    if secret:
+        return MASK
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode()}
+
+
+@contextlib.asynccontextmanager
+async def stop_on_signals() -> AsyncIterator[anyio.CancelScope]:
+    """A cancel scope that SIGINT or SIGTERM cancels, so long-running commands exit cleanly."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        scope.cancel()
+                        return
+
+            tg.start_soon(watch_signals)
+            try:
+                yield scope
+            finally:
+                tg.cancel_scope.cancel()
+
+
+def make_client(args: argparse.Namespace) -> EtcdClient:
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "endpoints",
+            "username",
+            "password",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "connect_timeout",
+            "request_timeout",
+        )
+        if getattr(args, name, None) is not None
+    }
+    return EtcdClient(**overrides)
+
+
+def out(text: str = "") -> None:
+    print(text, flush=True)

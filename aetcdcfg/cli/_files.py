@@ -1,0 +1,93 @@
+"""Settings files: YAML, JSON or TOML in, etcd keys out (``flatten``), and back (``unflatten``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._common import UsageError
+
+__all__ = ["flatten", "load_file", "unflatten"]
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """A YAML, JSON or TOML file of settings (by its suffix) as a dict."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:
+                raise UsageError("YAML files need PyYAML: pip install 'aetcdcfg[cli]'") from exc
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text.decode())
+        else:
+            raise UsageError(f"{str(path)!r}: use a .yaml, .yml, .json or .toml file")
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{str(path)!r}: the top level must be a mapping of settings")
+    return data
+
+
+def flatten(data: Mapping[str, Any], parent: str = "") -> dict[str, bytes]:
+    """Nested mappings become ``a/b`` keys; other values become their etcd bytes (str as is,
+    bytes as is, anything else as JSON)."""
+    out: dict[str, bytes] = {}
+    for key, value in data.items():
+        path = f"{parent}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, path + "/"))
+        elif isinstance(value, bytes):
+            out[path] = value
+        elif isinstance(value, str):
+            out[path] = value.encode()
+        else:
+            out[path] = json.dumps(value, separators=(",", ":")).encode()
+    return out
+
+
+def unflatten(items: Mapping[str, bytes]) -> dict[str, Any]:
+    """The inverse of :func:`flatten` for a dump: nested where unambiguous, ``a/b`` keys otherwise.
+    Values stay text (or bytes when not UTF-8), so a dump pushed back writes the same bytes."""
+    tree: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
+    for key in sorted(items):
+        raw = items[key]
+        try:
+            value: Any = raw.decode()
+        except UnicodeDecodeError:
+            value = raw
+        parts = [p for p in key.split("/") if p]
+        node = tree
+        ok = bool(parts) and "/".join(parts) == key
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                ok = False
+                break
+            node = child
+        if ok and parts[-1] not in node:
+            node[parts[-1]] = value
+        else:
+            flat[key] = value
+    tree.update(flat)
+    return tree

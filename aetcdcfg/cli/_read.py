@@ -1,0 +1,121 @@
+"""Commands that read: ``get``, ``watch`` and ``dump``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+
+from ..events import Event, EventType
+from ._common import (
+    MASK,
+    Subparsers,
+    UsageError,
+    json_value,
+    load_model,
+    make_client,
+    normalize_prefix,
+    out,
+    secret_keys,
+    show,
+    stop_on_signals,
+)
+from ._files import unflatten
+
+__all__ = ["register", "cmd_dump", "cmd_get", "cmd_watch"]
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    prefix = args.prefix
+    model = load_model(args.model) if args.model else None
+    async with make_client(args) as client:
+        snapshot = await client.get_prefix(prefix)
+    rel = [k[len(prefix) :] if k.startswith(prefix) else k for k in snapshot.items]
+    secrets = secret_keys(model, rel)
+    if args.json:
+        items = {
+            key: json_value(value, key[len(prefix) :] in secrets) for key, value in snapshot.items.items()
+        }
+        out(json.dumps({"revision": snapshot.revision, "prefix": prefix, "items": items}, indent=2))
+        return 0
+    out(f"# {prefix} at revision {snapshot.revision}: {len(snapshot.items)} keys")
+    for key, value in snapshot.items.items():
+        out(f"{key} = {show(value, key[len(prefix) :] in secrets)}")
+    return 0
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    prefix = args.prefix
+    model = load_model(args.model) if args.model else None
+
+    def line(event: Event) -> str:
+        secret = bool(secret_keys(model, [event.key[len(prefix) :]]))
+        if args.json:
+            record = {
+                "revision": event.revision,
+                "type": event.type.value,
+                "key": event.key,
+                "value": json_value(event.value, secret) if event.type is EventType.PUT else None,
+                "resync": event.resync,
+            }
+            return json.dumps(record)
+        value = f" = {show(event.value, secret)}" if event.type is EventType.PUT else ""
+        flag = " (resync)" if event.resync else ""
+        return f"{event.revision} {event.type.value} {event.key}{value}{flag}"
+
+    async with (
+        stop_on_signals(),
+        make_client(args) as client,
+        client.watch(prefix, start_revision=args.from_revision) as events,
+    ):
+        print(f"# watching {prefix} from revision {events.start_revision}", file=sys.stderr, flush=True)
+        async for event in events:
+            out(line(event))
+    return 0
+
+
+async def cmd_dump(args: argparse.Namespace) -> int:
+    prefix = normalize_prefix(args.prefix)
+    async with make_client(args) as client:
+        snapshot = await client.get_prefix(prefix)
+    items = {k[len(prefix) :]: v for k, v in snapshot.items.items()}
+    if args.model and not args.reveal_secrets:
+        model = load_model(args.model)
+        for key in secret_keys(model, list(items)):
+            items[key] = MASK.encode()  # push keeps etcd's value for a masked secret
+    tree = unflatten(items)
+    if args.json:
+        text = json.dumps(tree, indent=2, default=lambda b: {"base64": base64.b64encode(b).decode()})
+        out(text)
+        return 0
+    try:
+        import yaml
+    except ImportError as exc:
+        raise UsageError("YAML output needs PyYAML: pip install 'aetcdcfg[cli]' (or use --json)") from exc
+    header = (
+        f"# {prefix} at revision {snapshot.revision}; aetcdcfg push FILE --prefix {prefix} reads it back\n"
+    )
+    out(header + yaml.safe_dump(tree, sort_keys=True, allow_unicode=True).rstrip())
+    return 0
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add this module's commands to the ``aetcdcfg`` parser."""
+    get = sub.add_parser("get", parents=[common], help="keys and values under a prefix, with the revision")
+    get.add_argument("prefix")
+    get.add_argument("--json", action="store_true")
+    get.add_argument("--model", help="module:Class, to mask its secret fields")
+    get.set_defaults(run=cmd_get)
+    watch = sub.add_parser("watch", parents=[common], help="live events, one per line, until Ctrl-C")
+    watch.add_argument("prefix")
+    watch.add_argument("--from-revision", type=int, metavar="R")
+    watch.add_argument("--json", action="store_true")
+    watch.add_argument("--model", help="module:Class, to mask its secret fields")
+    watch.set_defaults(run=cmd_watch)
+    dump = sub.add_parser("dump", parents=[common], help="the prefix as a file that push reads back")
+    dump.add_argument("prefix")
+    dump.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    dump.add_argument("--model", help="module:Class: mask its secrets (push then keeps etcd's values)")
+    dump.add_argument("--reveal-secrets", action="store_true", help="with --model, print secrets in clear")
+    dump.set_defaults(run=cmd_dump)

@@ -1,0 +1,131 @@
+"""The layering of ARCHITECTURE.md, checked from the source: imports point down, privacy is kept.
+
+Run without etcd: it reads the package's modules with ``ast`` and never imports them.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "aetcdcfg"
+
+#: Lower layers first; a module may import only from its own layer or below (ARCHITECTURE.md).
+LAYERS: list[set[str]] = [
+    {"errors", "events", "settings", "_keys", "_backoff"},
+    {"_grpc_errors", "_resume", "source"},
+    {"_channel", "_validate"},
+    {"_connection"},
+    {"_reads"},
+    {"_kv", "_stream"},
+    {"_fanout"},
+    {"client"},
+    {"live"},
+    {"fastapi", "cli", "testing", "__init__", "__main__"},
+]
+
+
+def _module_name(path: Path) -> str:
+    """``aetcdcfg/cli/_read.py`` -> ``cli`` (a subpackage counts as one module of the package)."""
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _layer(name: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        if name in layer:
+            return index
+    raise AssertionError(f"aetcdcfg.{name} is in no layer of tests/test_architecture.py: place it")
+
+
+def _internal_imports(path: Path) -> set[str]:
+    """Modules of the package that ``path`` imports (relative or absolute), as layer names."""
+    tree = ast.parse(path.read_text(), str(path))
+    depth = len(path.relative_to(PACKAGE).parts) - 1  # 0 for top-level modules
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and node.module.split(".")[0] == "aetcdcfg":
+                    parts = node.module.split(".")[1:]
+                else:
+                    continue
+            elif node.level - 1 < depth:
+                continue  # inside its own subpackage
+            else:
+                parts = (node.module or "").split(".") if node.module else []
+            if parts and parts[0]:
+                found.add(parts[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def _sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down(path: Path) -> None:
+    here = _module_name(path)
+    upward = [name for name in _internal_imports(path) if name != here and _layer(name) > _layer(here)]
+    assert not upward, f"{path.relative_to(PACKAGE)} (layer {_layer(here)}) imports upward: {upward}"
+
+
+def _private_reaches(path: Path) -> list[str]:
+    """``obj._name`` uses where ``_name`` is not defined in the same file (self/cls excepted)."""
+    tree = ast.parse(path.read_text(), str(path))
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            defined.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            defined.add(node.value)  # __slots__ entries
+    reaches = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        attr = node.attr
+        if not attr.startswith("_") or attr.startswith("__") or attr in defined:
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            continue
+        reaches.append(f"line {node.lineno}: .{attr}")
+    return reaches
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_reaches_into_anothers_private_names(path: Path) -> None:
+    reaches = [r for r in _private_reaches(path) if not r.endswith("._SubParsersAction")]
+    assert not reaches, f"{path.relative_to(PACKAGE)} uses private names defined elsewhere: {reaches}"
+
+
+def test_every_module_is_placed_in_a_layer() -> None:
+    for path in _sources():
+        _layer(_module_name(path))
+
+
+def test_importing_the_package_has_no_cycle() -> None:
+    """Each module imports on its own in a fresh interpreter (a cycle fails one of them)."""
+    names = sorted(
+        {
+            "aetcdcfg." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+            for p in _sources()
+            if p.name != "__main__.py"
+        }
+        - {"aetcdcfg.__init__"}
+    )
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    for name in names:
+        result = subprocess.run(
+            [sys.executable, "-c", code, name], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, f"importing {name} first fails:\n{result.stderr[-2000:]}"
