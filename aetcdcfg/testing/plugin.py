@@ -14,6 +14,7 @@ Fixtures (scope):
     etcd_auth_server (session) 2 s simple tokens; root/rootpw, app/apppw (readwrite /app/),
                                reader/readerpw (read /app/)
     fault_proxy (function)     a FaultProxy in front of ``etcd_server``
+    etcd_grpc_proxy (function) ``etcd grpc-proxy`` in front of ``etcd_server``, 1 s keepalive minimum
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from ._grpc_proxy import EtcdGrpcProxy
 from ._proxy import FaultProxy
 from ._server import EtcdCluster, EtcdServer
 from ._tls import TLSFiles
@@ -34,6 +36,7 @@ __all__ = [
     "cluster",
     "etcd_auth_server",
     "etcd_cluster",
+    "etcd_grpc_proxy",
     "etcd_prefix",
     "etcd_server",
     "etcd_tls_files",
@@ -128,4 +131,14 @@ def etcd_auth_server() -> Iterator[EtcdServer]:
 def fault_proxy(etcd_server: EtcdServer) -> Iterator[FaultProxy]:
     """A FaultProxy in front of ``etcd_server``'s client port, stopped after the test."""
     with FaultProxy.to(etcd_server.endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def etcd_grpc_proxy(etcd_server: EtcdServer) -> Iterator[EtcdGrpcProxy]:
+    """A real ``etcd grpc-proxy`` in front of ``etcd_server``, killed after the test.
+
+    Its keepalive minimum matches the server's (1 s), so the same client settings work through both.
+    """
+    with EtcdGrpcProxy([etcd_server.endpoint], keepalive_min_time=KEEPALIVE_MIN_TIME) as proxy:
         yield proxy
