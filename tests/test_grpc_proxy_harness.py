@@ -60,10 +60,13 @@ async def test_client_puts_and_gets_through_the_proxy(
     assert f'"mod_revision":{revision}' in etcd_server.etcdctl("get", f"{etcd_prefix}k", "-w", "json")
 
 
-def test_metrics_are_the_proxys_own(etcd_grpc_proxy: EtcdGrpcProxy) -> None:
+def test_metrics_are_the_proxys_own(
+    etcd_grpc_proxy: EtcdGrpcProxy, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    etcd_server.etcdctl("get", f"{etcd_prefix}k", "--consistency=s", endpoints=[etcd_grpc_proxy.endpoint])
     text = etcd_grpc_proxy.metrics()
-    assert "etcd_grpc_proxy_watchers_coalescing_total" in text
-    assert etcd_grpc_proxy.coalescing_watchers() == 0
+    assert "etcd_grpc_proxy_cache_misses_total" in text  # a gauge only the proxy has
+    assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Range"' in text
     assert etcd_grpc_proxy.health()
 
 

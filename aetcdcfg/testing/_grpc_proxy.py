@@ -62,8 +62,10 @@ class EtcdGrpcProxy:
     """``etcd grpc-proxy start`` forwarding to ``endpoints``: ``with EtcdGrpcProxy([server.endpoint]) as p:``.
 
     Clients use :attr:`endpoint`. :meth:`metrics` is the proxy's *own* Prometheus text (its
-    ``/proxy/metrics``: ``etcd_grpc_proxy_watchers_coalescing_total``, cache hits...), read from a
-    separate ``--metrics-addr`` port; the proxy's ``/metrics`` would only relay an etcd member's.
+    ``/proxy/metrics``: cache hits and misses, gRPC counters...), read from a separate
+    ``--metrics-addr`` port; the proxy's ``/metrics`` would only relay an etcd member's. Count etcd
+    watchers with the member's ``watcher_count()``: 3.5.1's ``etcd_grpc_proxy_watchers_coalescing_total``
+    goes negative once coalesced watches end (it is not decremented the way it is incremented).
     The proxy logs at info level (3.5 has no ``--log-level`` for it) to ``<base_dir>/grpc-proxy.log``.
     """
 
@@ -280,11 +282,3 @@ class EtcdGrpcProxy:
         """The proxy's own Prometheus text (``/proxy/metrics``), not the relayed etcd ``/metrics``."""
         with urllib.request.urlopen(f"{self.metrics_url}/proxy/metrics", timeout=5) as response:
             return str(response.read().decode())
-
-    def coalescing_watchers(self) -> int:
-        """Client watches the proxy serves from shared etcd watches right now
-        (gauge ``etcd_grpc_proxy_watchers_coalescing_total``)."""
-        for line in self.metrics().splitlines():
-            if line.startswith("etcd_grpc_proxy_watchers_coalescing_total "):
-                return int(float(line.split()[1]))
-        raise RuntimeError("etcd_grpc_proxy_watchers_coalescing_total is not in the proxy's metrics")
