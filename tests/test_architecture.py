@@ -77,7 +77,8 @@ def test_imports_point_down(path: Path) -> None:
 
 
 def _private_reaches(path: Path) -> list[str]:
-    """``obj._name`` uses where ``_name`` is not defined in the same file (self/cls excepted)."""
+    """``obj._name`` uses where ``_name`` is not defined in the same file (self/cls excepted), and
+    ``from .module import _name`` (importing a private module, ``from . import _cli_group``, is fine)."""
     tree = ast.parse(path.read_text(), str(path))
     defined: set[str] = set()
     for node in ast.walk(tree):
@@ -91,6 +92,12 @@ def _private_reaches(path: Path) -> list[str]:
             defined.add(node.value)  # __slots__ entries
     reaches = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            reaches += [
+                f"line {node.lineno}: import {alias.name}"
+                for alias in node.names
+                if alias.name.startswith("_") and not alias.name.startswith("__") and node.module
+            ]
         if not isinstance(node, ast.Attribute):
             continue
         attr = node.attr

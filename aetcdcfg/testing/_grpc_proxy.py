@@ -29,7 +29,7 @@ from types import TracebackType
 
 from ._binary import etcd_binary, release
 from ._binary import spawn as spawn_process
-from ._server import _OWNED_DIRS, free_port
+from ._server import OWNED_DIRS, free_port
 
 __all__ = ["EtcdGrpcProxy"]
 
@@ -84,7 +84,7 @@ class EtcdGrpcProxy:
         self._own_dir = base_dir is None
         self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-grpcproxy-")) if base_dir is None else base_dir
         if self._own_dir:
-            _OWNED_DIRS.add(self.base_dir)
+            OWNED_DIRS.add(self.base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         # Only --auto-tls writes here, but the default is "default.proxy" in the working directory.
         self.data_dir = self.base_dir / "grpc-proxy.data"
@@ -274,7 +274,7 @@ class EtcdGrpcProxy:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-            _OWNED_DIRS.discard(self.base_dir)
+            OWNED_DIRS.discard(self.base_dir)
 
     # -- looking inside
 

@@ -36,14 +36,15 @@ from ._tls import TLSFiles
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdServer", "free_port"]
 
-_OWNED_DIRS: set[Path] = set()
+#: Temp dirs made by members, clusters and proxies of this process, removed at exit if still there.
+OWNED_DIRS: set[Path] = set()
 
 
 @atexit.register
 def _cleanup_at_exit() -> None:
     """Kill every etcd this process started and still runs, then remove the temp dirs we made."""
     kill_spawned()
-    for directory in list(_OWNED_DIRS):
+    for directory in list(OWNED_DIRS):
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -132,7 +133,7 @@ class EtcdMember:
         self._own_dir = base_dir is None
         self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-etcd-")) if base_dir is None else base_dir
         if self._own_dir:
-            _OWNED_DIRS.add(self.base_dir)
+            OWNED_DIRS.add(self.base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.base_dir / f"{name}.data"
         self.log_file = self.base_dir / f"{name}.log"
@@ -371,7 +372,7 @@ class EtcdMember:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-            _OWNED_DIRS.discard(self.base_dir)
+            OWNED_DIRS.discard(self.base_dir)
 
     # -- looking inside
 
@@ -488,7 +489,7 @@ class EtcdCluster:
 
     def __init__(self, size: int = 3, **member_options: Any) -> None:
         self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-cluster-"))
-        _OWNED_DIRS.add(self.base_dir)
+        OWNED_DIRS.add(self.base_dir)
         member_options.setdefault("cluster_token", f"aetcdcfg-{uuid.uuid4().hex[:8]}")
         self.members = [EtcdMember(f"m{i}", base_dir=self.base_dir, **member_options) for i in range(size)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -617,4 +618,4 @@ class EtcdCluster:
         for member in self.members:
             member.kill()
         shutil.rmtree(self.base_dir, ignore_errors=True)
-        _OWNED_DIRS.discard(self.base_dir)
+        OWNED_DIRS.discard(self.base_dir)
