@@ -97,6 +97,9 @@ class Endpoint:
     cluster: Any = field(init=False)
     last_error: str | None = None
     failed_at: float | None = None
+    #: Whether the endpoint answers a watch progress request (etcd does, its gRPC proxy does not);
+    #: ``None`` until a watch's liveness probe has found out.
+    answers_progress: bool | None = None
 
     def __post_init__(self) -> None:
         self.kv = rpc_pb2_grpc.KVStub(self.channel)

@@ -2,11 +2,25 @@
 
 It opens a gRPC ``Watch`` stream on a reachable member, creates the watcher at
 ``state.resume_revision`` and feeds every response to the state. Any failure — reset, member crash,
-leader loss (require-leader metadata), a silent black hole (found by its own probe: a progress request
-after ``keepalive_time`` of silence that must be answered within ``keepalive_timeout``) — ends the
-session; the loop backs off with jitter, prefers another member, and resumes where the state says.
-Only errors that retrying cannot fix (permission, credentials, compacted history for a stream that
-cannot re-list) leave ``run()``.
+leader loss (require-leader metadata), a silent black hole (found by its own probe, see ``_watchdog``)
+— ends the session; the loop backs off with jitter, prefers another member, and resumes where the
+state says. Only errors that retrying cannot fix (permission, credentials, compacted history for a
+stream that cannot re-list) leave ``run()``.
+
+Liveness probe: after ``keepalive_time`` of silence the stream is asked for a progress notification.
+etcd's gRPC proxy never answers that request, so on an endpoint not yet known to answer it the probe
+also sends a linearizable count-only ``Range`` of the prefix on the same channel: the proxy forwards it
+to etcd, so an answer proves the proxy, its connection and etcd behind it alive. Either answer within
+``keepalive_timeout`` keeps the stream; an endpoint that answered a progress request is then probed
+with progress requests only (etcd answers them for free).
+Both unanswered means the stream is dead. What a read cannot prove through a proxy is that the
+proxy's own upstream watch still delivers; etcd's proxy re-creates that watch itself.
+
+Fragmenting: watches are created with ``fragment=False``. etcd 3.5 splits large responses (from
+``--max-request-bytes``) at a high CPU cost (~38x for a large replay, measured), and a response only
+needs splitting when it is larger than this client's ``max_message_bytes``. When one is, the stream
+fails with a receive-limit error; the next session asks for fragments until the revisions of that
+response are delivered, then goes back to whole responses.
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from ._grpc_errors import Failure, classify, describe, to_error
 from ._keys import prefix_range_end
 from ._reads import cluster_revision, history_matches, list_keys
 from ._resume import Batch, StepKind, WatchState
-from .errors import EtcdUnavailable, PermissionDenied, RevisionCompacted
+from .errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
@@ -79,7 +93,11 @@ class WatchLoop:
         self._on_batches = on_batches
         self._label = label
         self._stop_at = stop_at
-        self._last_rx = 0.0
+        self._last_rx = 0.0  # a response on the stream, or a liveness read answered
+        self._progress_rx = 0.0  # an event-less progress notification on the stream
+        #: With fragments until ``delivered`` passes this (a response was too large for us).
+        self._fragment_past: int | None = None
+        self._fragmented = False
         self._stalled = False
         self._connected_once = False
         self._lost_at: float | None = None
@@ -175,13 +193,16 @@ class WatchLoop:
         """One gRPC stream; True when ``stop_at`` was reached. Raises _StreamFailed or _Relist."""
         token = self._conn.token
         self._created_in_session = False
+        if self._fragment_past is not None and self._state.delivered > self._fragment_past:
+            self._fragment_past = None  # the oversized response is through: whole responses again
+        self._fragmented = self._fragment_past is not None
         call = endpoint.watch.Watch(metadata=self._conn.metadata())
         self._last_rx = anyio.current_time()
         self._stalled = False
         outcome: bool | Exception = False
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watchdog, call, tg)
+                tg.start_soon(self._watchdog, call, endpoint, tg)
                 try:
                     outcome = await self._read_loop(call, endpoint, token)
                 except Exception as exc:  # carried out of the task group unwrapped
@@ -201,8 +222,10 @@ class WatchLoop:
             raise outcome
         return outcome
 
-    async def _watchdog(self, call: grpc.aio.StreamStreamCall, tg: anyio.abc.TaskGroup) -> None:
-        """Probe a silent stream with a progress request; give up on it if that goes unanswered."""
+    async def _watchdog(
+        self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, tg: anyio.abc.TaskGroup
+    ) -> None:
+        """Probe a silent stream (see the module docstring); give up on it if nothing answers."""
         settings = self._conn.settings
         while True:
             idle = anyio.current_time() - self._last_rx
@@ -210,12 +233,19 @@ class WatchLoop:
                 await anyio.sleep(settings.keepalive_time - idle)
                 continue
             probe_at = anyio.current_time()
+            known = endpoint.answers_progress
             tg.start_soon(self._probe, call)
+            if not known:
+                tg.start_soon(self._probe_read, endpoint, settings.keepalive_timeout)
             await anyio.sleep(settings.keepalive_timeout)
             if self._last_rx < probe_at:
                 self._stalled = True
                 tg.cancel_scope.cancel()
                 return
+            if not known:
+                endpoint.answers_progress = self._progress_rx >= probe_at
+                if known is None and not endpoint.answers_progress:
+                    self._log.info("watch.progress_unanswered", endpoint=endpoint.url, probe="range")
 
     @staticmethod
     async def _probe(call: grpc.aio.StreamStreamCall) -> None:
@@ -223,6 +253,17 @@ class WatchLoop:
         request = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await call.write(request)
+
+    async def _probe_read(self, endpoint: Endpoint, timeout: float) -> None:
+        """A linearizable count-only read of the prefix on ``endpoint``: etcd (behind any proxy) answers."""
+        prefix = self._state.prefix
+        request = rpc_pb2.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)
+        try:
+            await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
+        except grpc.aio.AioRpcError as exc:
+            self._log.debug("watch.probe_failed", endpoint=endpoint.url, cause=describe(exc))
+            return
+        self._last_rx = max(self._last_rx, anyio.current_time())
 
     async def _read_loop(
         self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, token: str | None
@@ -233,7 +274,7 @@ class WatchLoop:
             range_end=prefix_range_end(state.prefix),
             start_revision=state.resume_revision,
             progress_notify=True,
-            fragment=True,
+            fragment=self._fragmented,
         )
         try:
             try:
@@ -244,7 +285,9 @@ class WatchLoop:
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     raise _StreamFailed(f"{endpoint.url} closed the watch stream")
-                self._last_rx = anyio.current_time()
+                now = self._last_rx = anyio.current_time()
+                if not response.events and not (response.created or response.canceled or response.fragment):
+                    self._progress_rx = now
                 step = state.on_response(response)
                 kind = step.kind
                 if kind is StepKind.EMIT:
@@ -264,12 +307,26 @@ class WatchLoop:
                     await self._on_canceled(step.reason, endpoint, token)
         except grpc.aio.AioRpcError as exc:
             kind_ = classify(exc)
+            if kind_ is Failure.TOO_LARGE:
+                self._too_large(describe(exc))
             if kind_ is Failure.AUTH_EXPIRED and self._conn.settings.username:
                 await self._conn.reauthenticate(endpoint, token)
                 raise _StreamFailed("auth token expired; authenticated again", penalize=False) from None
             if kind_ in (Failure.AUTH_FAILED, Failure.PERMISSION):
                 raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
             raise _StreamFailed(describe(exc)) from None
+
+    def _too_large(self, cause: str) -> None:
+        """A response exceeded ``max_message_bytes``: ask for fragments next time, or give up if we did."""
+        if self._fragmented:
+            raise EtcdError(
+                f"a watch response of {self._label!r} is larger than max_message_bytes even with "
+                f"fragments requested ({cause}): etcd splits at its --max-request-bytes and etcd's "
+                "gRPC proxy does not split at all; raise max_message_bytes above the largest revision"
+            )
+        self._fragment_past = self._state.delivered
+        self._log.warning("watch.fragmenting", revision=self._state.delivered, cause=cause)
+        raise _StreamFailed(cause, penalize=False)
 
     def _on_created(self, endpoint: Endpoint, revision: int) -> None:
         self._fresh_token = False

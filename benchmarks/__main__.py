@@ -13,6 +13,7 @@ SECTIONS = [
     ("## Fan-out: put-to-subscriber latency (writer process puts every 5 ms), asyncio loop", ["fanout"]),
     ("## Fan-out again on uvloop (what uvicorn uses when installed)", ["fanout", "--uvloop"]),
     ("## LiveSettings: put-to-settings latency (writer process puts every 5 ms)", ["live"]),
+    ("## Replay: a watch from an old revision over a 50,000-event backlog", ["replay"]),
 ]
 
 

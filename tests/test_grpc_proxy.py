@@ -1,0 +1,144 @@
+"""aetcdcfg behind etcd's own gRPC proxy (``etcd grpc-proxy start``), the fan-out engine for fleets.
+
+The proxy coalesces identical watches of many clients into one etcd watcher, but it never answers a
+watch progress request, ignores ``fragment`` and turns a dead etcd behind it into silence. These tests
+run a real proxy in front of a real etcd whose progress notifications are at etcd's default (10 min),
+so a quiet watch through the proxy really is silent, as in production.
+
+The watcher probes a silent stream after 1 s and gives up on it 1 s later (``WATCHER_OPTIONS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from aetcdcfg import EtcdClient, EtcdError
+from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer
+
+from .harness import WATCHER_OPTIONS, following, logged, report, stall_detected
+
+pytestmark = pytest.mark.anyio
+
+#: keepalive_time + keepalive_timeout of WATCHER_OPTIONS: a frozen path is found within this.
+WINDOW = WATCHER_OPTIONS["keepalive_time"] + WATCHER_OPTIONS["keepalive_timeout"]
+
+
+@pytest.fixture
+def quiet_etcd() -> Iterator[EtcdServer]:
+    """An etcd of this test's own, with etcd's default (10 min) progress notification interval."""
+    with EtcdServer(keepalive_min_time=1) as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(quiet_etcd: EtcdServer) -> Iterator[EtcdGrpcProxy]:
+    with EtcdGrpcProxy([quiet_etcd.endpoint], keepalive_min_time=1) as running:
+        yield running
+
+
+async def test_idle_watches_behind_the_proxy_never_reconnect(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str
+) -> None:
+    """Ten clients idle through the proxy for five probe windows: no watch is declared dead."""
+    with capture_logs() as logs, anyio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            writer = await stack.enter_async_context(EtcdClient(endpoints=[quiet_etcd.endpoint]))
+            subs = []
+            for _ in range(10):
+                client = await stack.enter_async_context(
+                    EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS)
+                )
+                subs.append(await stack.enter_async_context(client.watch(etcd_prefix)))
+            await anyio.sleep(5 * WINDOW)
+            revision = await writer.put(etcd_prefix + "after-idle", "1")
+            for sub in subs:
+                event = await anext(sub)
+                assert (event.key, event.revision) == (etcd_prefix + "after-idle", revision)
+    assert logged(logs, "watch.disconnected", etcd_prefix) == []
+    assert logged(logs, "watch.retry", etcd_prefix) == []
+    # each client found out once that the proxy does not answer progress requests
+    assert len(logged(logs, "watch.progress_unanswered", etcd_prefix)) == len(subs)
+
+
+async def test_frozen_proxy_is_detected_within_the_keepalive_window(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str
+) -> None:
+    with capture_logs() as logs, anyio.fail_after(60):
+        async with following(etcd_prefix, watch=[proxy.endpoint], write=[quiet_etcd.endpoint]) as run:
+            await run.warm_up()
+
+            async def freeze() -> None:
+                proxy.pause()
+                try:
+                    detected = await stall_detected(logs, etcd_prefix, hold=WINDOW + 3)
+                finally:
+                    proxy.resume()
+                assert detected <= WINDOW + 1.5, detected
+
+            report("proxy SIGSTOP", await run.recovery(await run.through(freeze)))
+            await run.finish()
+            await run.check_history(quiet_etcd.endpoint)
+
+
+async def test_frozen_etcd_behind_a_live_proxy_is_detected(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str
+) -> None:
+    """The proxy keeps the client's stream open and silent; the liveness read finds etcd frozen."""
+    with capture_logs() as logs, anyio.fail_after(60):
+        async with following(etcd_prefix, watch=[proxy.endpoint], write=[quiet_etcd.endpoint]) as run:
+            await run.warm_up()
+            quiet_etcd.pause()
+            try:
+                detected = await stall_detected(logs, etcd_prefix, hold=WINDOW + 3)
+            finally:
+                quiet_etcd.resume()
+            assert detected <= WINDOW + 1.5, detected
+            report("etcd SIGSTOP behind proxy", await run.recovery(anyio.current_time()))
+            await run.finish()
+            await run.check_history(quiet_etcd.endpoint)
+
+
+async def test_exact_history_across_proxy_restarts(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str
+) -> None:
+    """kill -9 the proxy three times under writes (made straight to etcd); restart it on its port."""
+    with anyio.fail_after(90):
+        async with following(etcd_prefix, watch=[proxy.endpoint], write=[quiet_etcd.endpoint]) as run:
+            await run.warm_up()
+            for _ in range(3):
+
+                async def crash() -> None:
+                    proxy.kill()
+                    await anyio.sleep(1.0)
+                    await anyio.to_thread.run_sync(proxy.restart)
+
+                report("proxy kill -9 + restart", await run.recovery(await run.through(crash)))
+            await run.finish()
+            await run.check_history(quiet_etcd.endpoint)
+
+
+async def test_revision_too_large_for_the_client_through_the_proxy_fails_clearly(etcd_prefix: str) -> None:
+    """The proxy ignores ``fragment``: a revision over ``max_message_bytes`` cannot be split there."""
+    with (
+        EtcdServer(keepalive_min_time=1, extra_args=["--max-request-bytes", str(1 << 20)]) as server,
+        EtcdGrpcProxy([server.endpoint]) as proxy,
+    ):
+        async with (
+            EtcdClient(endpoints=[server.endpoint]) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], max_message_bytes=4 << 20) as watcher,
+        ):
+            for start in range(0, 5_000, 100):  # ~5 MB of delete events in one revision
+                await writer.put_many(
+                    {f"{etcd_prefix}{'n' * 1_000}{i:05d}": "v" for i in range(start, start + 100)}
+                )
+            async with watcher.watch(etcd_prefix) as sub:
+                await writer.delete_prefix(etcd_prefix)
+                with anyio.fail_after(30), pytest.raises(EtcdError, match="max_message_bytes") as info:
+                    async for _ in sub:
+                        pass
+    assert "proxy" in str(info.value)
