@@ -23,11 +23,15 @@ from .events import Snapshot as Snapshot
 from .live import LiveSettings as LiveSettings
 from .settings import EtcdSettings as EtcdSettings
 from .source import EtcdSettingsSource as EtcdSettingsSource
+from .status import AppliedChange as AppliedChange
+from .status import SettingsStatus as SettingsStatus
+from .status import WatchStatus as WatchStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AetcdcfgError",
+    "AppliedChange",
     "AuthenticationFailed",
     "ClientClosedError",
     "ConfigRejected",
@@ -43,9 +47,11 @@ __all__ = [
     "PermissionDenied",
     "RequestTooLarge",
     "RevisionCompacted",
+    "SettingsStatus",
     "Snapshot",
     "SubscriberLagged",
     "Subscription",
     "TxnConflict",
+    "WatchStatus",
     "__version__",
 ]

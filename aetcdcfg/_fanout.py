@@ -32,6 +32,7 @@ from ._resume import Batch, WatchState
 from ._stream import WatchLoop
 from .errors import AetcdcfgError, ClientClosedError, EtcdError, SubscriberLagged
 from .events import Event, Snapshot
+from .status import WatchHealth, WatchStatus
 
 __all__ = ["PrefixWatch", "Subscription", "WatchRegistry"]
 
@@ -56,8 +57,10 @@ class Subscription:
         *,
         start_revision: int,
         snapshot: Snapshot | None,
+        hub: PrefixWatch,
     ) -> None:
         self.prefix = prefix
+        self._hub = hub
         #: The first revision this subscription can deliver (earlier changes are in ``snapshot``).
         self.start_revision = start_revision
         self.snapshot = snapshot
@@ -71,6 +74,11 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.prefix!r} from revision {self.start_revision}>"
+
+    @property
+    def status(self) -> WatchStatus:
+        """How current the shared watch behind this subscription is (taken now; see ``WatchStatus``)."""
+        return self._hub.status()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -166,6 +174,7 @@ class _Subscriber:
         try:
             self.send.send_nowait(batch)
         except anyio.WouldBlock:
+            self.hub.health.lagged_subscribers += 1
             self.hub.log.warning("watch.subscriber_lagged", resume_revision=revision, buffer_size=self.size)
             self.fail(
                 SubscriberLagged(prefix=self.hub.label, resume_revision=revision, buffer_size=self.size)
@@ -216,6 +225,7 @@ class PrefixWatch:
         self.prefix = prefix
         self.label = decode_key(prefix)
         self._on_closed = on_closed
+        self.health = WatchHealth(self.label)
         self.log = log.bind(prefix=self.label)
         self.state: WatchState | None = None
         self.subscribers: list[_Subscriber] = []
@@ -250,30 +260,49 @@ class PrefixWatch:
         with anyio.CancelScope() as scope:
             self._scope = scope
             listing, revision = await list_keys(self.conn, self.prefix)
+            self.health.confirm()  # the listing is etcd saying "this is all, as of revision"
             self.state = WatchState(self.prefix, revision, listing)
             self.floor = revision + 1
             task_status.started()
             error: BaseException = ClientClosedError("the EtcdClient was closed")
             try:
-                loop = WatchLoop(self.conn, self.state, self._publish, label=self.label, on_reset=self._reset)
+                loop = WatchLoop(
+                    self.conn,
+                    self.state,
+                    self._publish,
+                    label=self.label,
+                    on_reset=self._reset,
+                    health=self.health,
+                )
                 await loop.run()
             except AetcdcfgError as exc:
                 self.log.error("watch.failed", error=str(exc))
+                self.health.failed(str(exc))
                 error = exc
             except Exception as exc:  # a bug of ours: end this prefix's subscriptions, not the client
                 self.log.exception("watch.crashed", error=repr(exc))
                 error = EtcdError(f"the watch of {self.label!r} stopped on an internal error: {exc!r}")
+                self.health.failed(str(error))
             finally:
+                if self.health.state != "failed":
+                    self.health.state = "closed"
                 self.closed = True
                 self._on_closed(self)
                 for sub in list(self.subscribers):
                     sub.fail(error)
 
+    def status(self) -> WatchStatus:
+        """A snapshot of this watch's freshness, built only when asked for."""
+        delivered = self.state.delivered if self.state is not None else 0
+        return self.health.snapshot(delivered, len(self.subscribers))
+
     def _publish(self, batches: tuple[Batch, ...]) -> None:
         history = self.history
+        health = self.health
         for batch in batches:
             history.append(batch)
             self._history_events += len(batch)
+            health.events_delivered += len(batch)
             for sub in self.subscribers:
                 sub.offer(batch)
         while self._history_events > HISTORY_EVENTS and len(history) > 1:
@@ -310,7 +339,7 @@ class PrefixWatch:
         snapshot = None
         if with_snapshot:
             snapshot = Snapshot(delivered, {decode_key(k): v.value for k, v in (state.keys or {}).items()})
-        subscription = Subscription(self.label, receive, start_revision=first, snapshot=snapshot)
+        subscription = Subscription(self.label, receive, start_revision=first, snapshot=snapshot, hub=self)
         sub.subscription = subscription
         for batch in replay:
             sub.offer(batch)

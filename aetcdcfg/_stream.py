@@ -42,6 +42,7 @@ from ._keys import prefix_range_end
 from ._reads import cluster_revision, history_matches, list_keys
 from ._resume import Batch, StepKind, WatchState
 from .errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
+from .status import WatchHealth
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
@@ -86,8 +87,11 @@ class WatchLoop:
         label: str,
         stop_at: int | None = None,
         on_reset: Callable[[int], None] | None = None,
+        health: WatchHealth | None = None,
     ) -> None:
         self._conn = conn
+        #: Freshness as it happens (see ``status.py``); the shared watch's is read by its status.
+        self.health = health if health is not None else WatchHealth(label)
         self._on_reset = on_reset
         self._state = state
         self._on_batches = on_batches
@@ -95,6 +99,8 @@ class WatchLoop:
         self._stop_at = stop_at
         self._last_rx = 0.0  # a response on the stream, or a liveness read answered
         self._progress_rx = 0.0  # an event-less progress notification on the stream
+        self._idle_probe = False  # a progress request went out on a stream silent since before it
+        self._session_tg: anyio.abc.TaskGroup | None = None
         #: With fragments until ``delivered`` passes this (a response was too large for us).
         self._fragment_past: int | None = None
         self._fragmented = False
@@ -161,6 +167,7 @@ class WatchLoop:
             raise _Relist("history_changed", 0)
 
     def _note_lost(self, cause: str, endpoint: str | None = None) -> None:
+        self.health.lost(cause)
         if self._lost_at is None:
             self._history_checked = False
             self._lost_at = anyio.current_time()
@@ -202,6 +209,7 @@ class WatchLoop:
         outcome: bool | Exception = False
         try:
             async with anyio.create_task_group() as tg:
+                self._session_tg = tg
                 tg.start_soon(self._watchdog, call, endpoint, tg)
                 try:
                     outcome = await self._read_loop(call, endpoint, token)
@@ -234,6 +242,7 @@ class WatchLoop:
                 continue
             probe_at = anyio.current_time()
             known = endpoint.answers_progress
+            self._idle_probe = True
             tg.start_soon(self._probe, call)
             if not known:
                 tg.start_soon(self._probe_read, endpoint, settings.keepalive_timeout)
@@ -255,15 +264,29 @@ class WatchLoop:
             await call.write(request)
 
     async def _probe_read(self, endpoint: Endpoint, timeout: float) -> None:
-        """A linearizable count-only read of the prefix on ``endpoint``: etcd (behind any proxy) answers."""
+        """A linearizable read on ``endpoint`` of any key under the prefix changed after ``delivered``.
+
+        An answer proves the endpoint and etcd (behind any proxy) alive; an empty one also confirms
+        the watch current (a deletion after ``delivered`` is not visible to it: the watch brings it).
+        etcd reads the prefix's keys to filter them, so through a proxy an idle watch of a very large
+        prefix costs etcd that read once per ``keepalive_time``.
+        """
         prefix = self._state.prefix
-        request = rpc_pb2.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)
+        request = rpc_pb2.RangeRequest(
+            key=prefix,
+            range_end=prefix_range_end(prefix),
+            keys_only=True,
+            limit=1,
+            min_mod_revision=self._state.delivered + 1,
+        )
         try:
-            await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
+            response = await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
         except grpc.aio.AioRpcError as exc:
             self._log.debug("watch.probe_failed", endpoint=endpoint.url, cause=describe(exc))
             return
         self._last_rx = max(self._last_rx, anyio.current_time())
+        if not response.kvs:
+            self.health.confirm()
 
     async def _read_loop(
         self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, token: str | None
@@ -288,13 +311,20 @@ class WatchLoop:
                 now = self._last_rx = anyio.current_time()
                 if not response.events and not (response.created or response.canceled or response.fragment):
                     self._progress_rx = now
+                    if self._idle_probe:
+                        # etcd < 3.5.8 answers at once, synced or not; after keepalive_time of
+                        # silence the watcher is synced (a lagging one is being sent events).
+                        self._idle_probe = False
+                        self.health.confirm()
                 step = state.on_response(response)
                 kind = step.kind
                 if kind is StepKind.EMIT:
+                    self.health.confirm()
                     self._on_batches(step.batches)
                     if self._reached_stop():
                         return True
                 elif kind is StepKind.PROGRESS:
+                    self.health.confirm()
                     if self._reached_stop():
                         return True
                 elif kind is StepKind.CREATED:
@@ -332,6 +362,12 @@ class WatchLoop:
         self._fresh_token = False
         self._created_in_session = True
         state = self._state
+        self.health.connected(endpoint.url)
+        if revision <= state.delivered:
+            self.health.confirm()  # etcd has nothing newer at all
+        elif self._session_tg is not None:
+            # Confirm as soon as etcd says nothing newer is pending, not a keepalive_time later.
+            self._session_tg.start_soon(self._probe_read, endpoint, self._conn.settings.keepalive_timeout)
         if self._lost_at is not None:
             self._log.info(
                 "watch.resumed",

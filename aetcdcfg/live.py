@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -19,12 +20,18 @@ from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, SubscriberLagged
 from .events import Event, EventType
 from .settings import EtcdSettings
+from .status import AppliedChange, SettingsStatus
 
 __all__ = ["LiveSettings"]
 
 log = structlog.get_logger("aetcdcfg")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: Applied and rejected revisions kept for ``status.history`` (keys only, never values).
+HISTORY = 50
+#: The readiness bound used when none is given: older confirmation means not fresh.
+DEFAULT_MAX_STALENESS = 30.0
 
 
 class LiveSettings(Generic[ModelT]):
@@ -65,6 +72,11 @@ class LiveSettings(Generic[ModelT]):
         self._changed = anyio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
         self._log = log.bind(prefix=self.prefix, model=model.__name__)
+        self._sub: Subscription | None = None
+        self._applied = 0
+        self._rejected = 0
+        self._last_rejected: AppliedChange | None = None
+        self._history: deque[AppliedChange] = deque(maxlen=HISTORY)
 
     def __repr__(self) -> str:
         return f"<LiveSettings {self.model.__name__} from {self.prefix!r} @ revision {self._revision}>"
@@ -82,6 +94,31 @@ class LiveSettings(Generic[ModelT]):
     def revision(self) -> int:
         """The etcd revision that ``current`` reflects."""
         return self._revision
+
+    @property
+    def status(self) -> SettingsStatus:
+        """What this serves, from which revision, and how fresh it is (taken now, immutable).
+
+        Raises ``RuntimeError`` before ``async with live:`` has started following etcd.
+        """
+        sub = self._sub
+        if sub is None:
+            raise RuntimeError("LiveSettings is not started: use `async with live:` first")
+        return SettingsStatus(
+            prefix=self.prefix,
+            model=self.model.__name__,
+            revision=self._revision,
+            loaded=self._current is not None,
+            watch=sub.status,
+            applied=self._applied,
+            rejected=self._rejected,
+            last_rejected=self._last_rejected,
+            history=tuple(self._history),
+        )
+
+    def is_fresh(self, max_staleness: float = DEFAULT_MAX_STALENESS) -> bool:
+        """Loaded, and its watch confirmed current within the last ``max_staleness`` seconds."""
+        return self._sub is not None and self.status.is_fresh(max_staleness)
 
     async def updates(self) -> AsyncIterator[ModelT]:
         """Yield each new valid settings object as it is applied, from now on.
@@ -120,6 +157,8 @@ class LiveSettings(Generic[ModelT]):
                 client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
             sub = await stack.enter_async_context(client.watch(self.prefix, with_snapshot=True))
             assert sub.snapshot is not None
+            self._sub = sub
+            stack.callback(setattr, self, "_sub", None)
             self._load(sub.snapshot.items, sub.snapshot.revision)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
@@ -155,6 +194,7 @@ class LiveSettings(Generic[ModelT]):
                     await self._consume(sub)
                 else:
                     async with client.watch(self.prefix, start_revision=self._items_revision + 1) as resumed:
+                        self._sub = resumed
                         await self._consume(resumed)
             except SubscriberLagged as exc:
                 self._log.warning("config.lagged", resume_revision=exc.resume_revision)
@@ -179,7 +219,7 @@ class LiveSettings(Generic[ModelT]):
             self._log.warning(
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
             )
-            self.last_error = exc
+            self._record_rejection(exc, exc.keys)
             settings = self._build(revision, use_etcd=False)
         self._current = settings
         self._revision = revision
@@ -199,14 +239,16 @@ class LiveSettings(Generic[ModelT]):
         try:
             settings = self._build(revision, changed=[e.key for e in batch])
         except ConfigRejected as exc:
-            self.last_error = exc
             self._log.warning(
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
             )
+            self._record_rejection(exc, [e.key for e in batch])
             return
         self._current = settings
         self._revision = revision
         self.last_error = None
+        self._applied += 1
+        self._history.append(AppliedChange(revision, True, tuple(e.key for e in batch)))
         self._version += 1
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
@@ -216,6 +258,15 @@ class LiveSettings(Generic[ModelT]):
                 self._on_change(settings)
             except Exception as exc:
                 self._log.error("config.on_change_failed", error=repr(exc))
+
+    def _record_rejection(self, exc: ConfigRejected, changed: Sequence[str]) -> None:
+        self.last_error = exc
+        self._rejected += 1
+        rejected = AppliedChange(
+            exc.revision, False, tuple(dict.fromkeys([*changed, *exc.keys])), exc.problems
+        )
+        self._last_rejected = rejected
+        self._history.append(rejected)
 
     def _build(self, revision: int, *, use_etcd: bool = True, changed: Sequence[str] = ()) -> ModelT:
         """Validate the model from the current keys; raise ConfigRejected naming keys, never values."""

@@ -55,6 +55,8 @@ async def test_idle_watches_behind_the_proxy_never_reconnect(
                 )
                 subs.append(await stack.enter_async_context(client.watch(etcd_prefix)))
             await anyio.sleep(5 * WINDOW)
+            # the liveness reads also confirm the watches current through the proxy
+            assert [sub.status.is_fresh(WINDOW + 0.5) for sub in subs] == [True] * len(subs)
             revision = await writer.put(etcd_prefix + "after-idle", "1")
             for sub in subs:
                 event = await anext(sub)
