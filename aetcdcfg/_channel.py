@@ -13,15 +13,15 @@ from typing import Any
 
 import anyio
 import grpc
-import structlog
 from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
+from ._log import get_logger
 from .errors import ConfigurationError, EtcdUnavailable
 from .settings import EtcdSettings
 
 __all__ = ["Endpoint", "EndpointPool"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 #: Seconds a member that just failed is passed over while another one is reachable.
 FAILURE_PENALTY = 10.0

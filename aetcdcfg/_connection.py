@@ -12,18 +12,18 @@ from typing import Any
 import anyio
 import anyio.abc
 import grpc
-import structlog
 from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._channel import Endpoint, EndpointPool
 from ._grpc_errors import Failure, classify, describe, to_error
+from ._log import get_logger
 from .errors import ClientClosedError, EtcdError, EtcdUnavailable
 from .settings import EtcdSettings
 
 __all__ = ["NOT_OPEN", "REQUIRE_LEADER", "Connection"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 #: etcd's metadata key asking a member to refuse requests while it has no leader.
 REQUIRE_LEADER = ("hasleader", "true")

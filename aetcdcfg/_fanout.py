@@ -22,11 +22,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
 import anyio.abc
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._connection import Connection
 from ._keys import decode_key
+from ._log import get_logger
 from ._reads import list_keys
 from ._resume import Batch, WatchState
 from ._stream import WatchLoop
@@ -36,7 +36,7 @@ from .status import WatchHealth, WatchStatus
 
 __all__ = ["PrefixWatch", "Subscription", "WatchRegistry"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 #: Events of recent revisions kept per prefix so a lagged subscriber can resume without etcd.
 HISTORY_EVENTS = 10_000

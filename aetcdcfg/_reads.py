@@ -9,18 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import anyio
-import structlog
 from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._connection import Connection
 from ._keys import decode_key, prefix_range_end
+from ._log import get_logger
 from ._resume import KeyState
 from .errors import EtcdError, EtcdUnavailable
 
 __all__ = ["PAGE_SIZE", "RawKV", "cluster_revision", "history_matches", "list_keys", "range_pages"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 #: Keys read per page; divided by four whenever a page exceeds the message limit.
 PAGE_SIZE = 10_000

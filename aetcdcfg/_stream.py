@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 import grpc
-import structlog
 from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._grpc_errors import Failure, classify, describe, to_error
 from ._keys import prefix_range_end
+from ._log import Logger, get_logger
 from ._reads import cluster_revision, history_matches, list_keys
 from ._resume import Batch, StepKind, WatchState
 from .errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WatchLoop"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 
 class _StreamFailed(Exception):
@@ -114,8 +114,8 @@ class WatchLoop:
         self.connected = anyio.Event()
 
     @property
-    def _log(self) -> structlog.typing.FilteringBoundLogger:
-        return log.bind(prefix=self._label)  # type: ignore[no-any-return]
+    def _log(self) -> Logger:
+        return log.bind(prefix=self._label)
 
     def _reached_stop(self) -> bool:
         return self._stop_at is not None and self._state.delivered >= self._stop_at

@@ -11,10 +11,10 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
-import structlog
 from pydantic import BaseModel
 
 from ._fanout import Subscription
+from ._log import get_logger
 from ._validate import build_model, lists_etcd_source
 from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, SubscriberLagged
@@ -24,7 +24,7 @@ from .status import AppliedChange, SettingsStatus
 
 __all__ = ["LiveSettings"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

@@ -20,14 +20,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Union
 
-import structlog
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from ._log import get_logger
+
 __all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items", "is_secret", "resolve_key"]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
