@@ -294,7 +294,11 @@ class PrefixWatch:
     def status(self) -> WatchStatus:
         """A snapshot of this watch's freshness, built only when asked for."""
         delivered = self.state.delivered if self.state is not None else 0
-        return self.health.snapshot(delivered, len(self.subscribers))
+        fill = 0.0
+        for sub in self.subscribers:
+            stats = sub.send.statistics()
+            fill = max(fill, stats.current_buffer_used / max(stats.max_buffer_size, 1))
+        return self.health.snapshot(delivered, len(self.subscribers), fill)
 
     def _publish(self, batches: tuple[Batch, ...]) -> None:
         history = self.history
@@ -416,6 +420,10 @@ class WatchRegistry:
                 raise
             if not hub.closed:
                 return hub
+
+    def statuses(self) -> list[WatchStatus]:
+        """A status snapshot of every prefix watch running now."""
+        return [hub.status() for hub in self._hubs.values()]
 
     @contextlib.asynccontextmanager
     async def subscribe(

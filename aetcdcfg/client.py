@@ -16,6 +16,7 @@ from ._keys import KeyLike, as_bytes, prefix_range_end
 from ._kv import KV
 from .errors import ClientClosedError, ConfigurationError
 from .settings import EtcdSettings
+from .status import WatchStatus
 
 __all__ = ["EtcdClient", "prefix_range_end"]
 
@@ -98,6 +99,10 @@ class EtcdClient(KV):
         client is a misconfiguration we do not follow). Returns the endpoints now in use.
         """
         return await self._conn.sync_endpoints()
+
+    def watch_statuses(self) -> list[WatchStatus]:
+        """How current each prefix watch of this client is (empty when closed); see ``WatchStatus``."""
+        return [] if self._watches is None else self._watches.statuses()
 
     # -- watch -------------------------------------------------------------------------------------
 

@@ -49,7 +49,10 @@ class WatchStatus:
     last_error: str | None
     events_delivered: int
     subscribers: int
+    #: Subscribers cut off so far for falling a whole buffer behind (``SubscriberLagged``).
     lagged_subscribers: int
+    #: The fullest subscriber buffer, as a fraction of its size (0 with no subscriber).
+    max_buffer_fill: float
     taken_at: float
 
     def is_fresh(self, max_staleness: float) -> bool:
@@ -106,7 +109,7 @@ class WatchHealth:
         if self.outage_started is None:
             self.outage_started = _monotonic()
 
-    def snapshot(self, revision: int, subscribers: int) -> WatchStatus:
+    def snapshot(self, revision: int, subscribers: int, max_buffer_fill: float = 0.0) -> WatchStatus:
         now = _monotonic()
         wall = time.time()
         outage = now - self.outage_started if self.outage_started is not None else 0.0
@@ -126,6 +129,7 @@ class WatchHealth:
             events_delivered=self.events_delivered,
             subscribers=subscribers,
             lagged_subscribers=self.lagged_subscribers,
+            max_buffer_fill=max_buffer_fill,
             taken_at=wall,
         )
 

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"_fanout"},
     {"client"},
     {"live"},
-    {"fastapi", "cli", "testing", "__init__", "__main__"},
+    {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
 ]
 
 
