@@ -38,9 +38,10 @@ class KV:
         response = await self._conn.unary("kv", "Range", request, idempotent=True, key=str(key))
         return bytes(response.kvs[0].value) if response.kvs else None
 
-    async def get_prefix(self, prefix: KeyLike) -> Snapshot:
-        """Every key under ``prefix`` at one revision, read in pages so any number of keys fits."""
-        items, revision = await range_pages(self._conn, as_bytes(prefix))
+    async def get_prefix(self, prefix: KeyLike, *, revision: int | None = None) -> Snapshot:
+        """Every key under ``prefix`` at one revision (the current one, or ``revision``), read in
+        pages so any number of keys fits."""
+        items, revision = await range_pages(self._conn, as_bytes(prefix), at_revision=revision or 0)
         return Snapshot(revision=revision, items={decode_key(item[0]): item[1] for item in items})
 
     async def put(self, key: KeyLike, value: KeyLike) -> int:

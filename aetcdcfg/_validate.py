@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings
 from .errors import ConfigRejected
 from .source import DecodedConfig, EtcdSettingsSource, current_config, decode_items
 
-__all__ = ["build_model", "lists_etcd_source"]
+__all__ = ["build_layered", "build_model", "lists_etcd_source"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -58,31 +58,67 @@ def build_model(
     Order of sources: init kwargs > etcd > env > dotenv > secrets files, unless the model lists an
     :class:`EtcdSettingsSource` itself (then its own order applies).
     """
-    decoded = decode_items(model, items)
-    if decoded.problems:
-        keys = [prefix + k for k in decoded.problems]
-        problems = [f"{prefix}{k}: {why}" for k, why in decoded.problems.items()]
-        raise ConfigRejected(prefix=prefix, revision=revision, keys=keys, problems=problems)
+    return build_layered(
+        model,
+        [(prefix, items)],
+        revision,
+        init_kwargs=init_kwargs,
+        source_listed=source_listed,
+        changed=changed,
+    )
+
+
+def build_layered(
+    model: type[ModelT],
+    layers: Sequence[tuple[str, Mapping[str, bytes]]],
+    revision: int,
+    *,
+    init_kwargs: Mapping[str, Any] | None = None,
+    source_listed: bool | None = None,
+    changed: Sequence[str] = (),
+) -> ModelT:
+    """Validate ``model`` from several ``(prefix, items)`` layers, later layers overriding earlier ones.
+
+    Layers merge field by field: nested models and dict fields merge by key, as pydantic-settings
+    merges its sources. Problems name the full etcd key (so its layer), never the value.
+    """
+    label = ", ".join(prefix for prefix, _ in layers)
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    problems: dict[str, str] = {}
+    for prefix, items in layers:
+        decoded = decode_items(model, items)
+        problems.update({prefix + key: why for key, why in decoded.problems.items()})
+        data = merge(data, decoded.data) if data else decoded.data
+        origins.update({path: prefix + key for path, key in decoded.origins.items()})
+    if problems:
+        keys = list(problems)
+        raise ConfigRejected(
+            prefix=label,
+            revision=revision,
+            keys=keys,
+            problems=[f"{k}: {why}" for k, why in problems.items()],
+        )
     if source_listed is None:
         source_listed = lists_etcd_source(model)
     kwargs = dict(init_kwargs or {})
-    token = current_config.set(decoded)
+    token = current_config.set(DecodedConfig(data, origins, {}))
     try:
         if source_listed:
             return model(**kwargs)
-        merged = merge(decoded.data, kwargs)
+        merged = merge(data, kwargs)
         if issubclass(model, BaseSettings):
             return model(**merged)  # init kwargs outrank env/dotenv/secrets in pydantic-settings
         return model.model_validate(merged)
     except ValidationError as exc:
-        keys, problems = explain(exc, decoded, prefix, changed)
-        raise ConfigRejected(prefix=prefix, revision=revision, keys=keys, problems=problems) from None
+        keys, found = explain(exc, origins, changed)
+        raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None
     finally:
         current_config.reset(token)
 
 
 def explain(
-    exc: ValidationError, decoded: DecodedConfig, prefix: str, changed: Sequence[str]
+    exc: ValidationError, origins: Mapping[tuple[str, ...], str], changed: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """(keys, problems) for a validation error: each problem names its etcd key, never its value."""
     keys: list[str] = []
@@ -91,10 +127,10 @@ def explain(
         loc = tuple(str(part) for part in error["loc"])
         origin = None
         for depth in range(len(loc), 0, -1):
-            origin = decoded.origins.get(loc[:depth])
+            origin = origins.get(loc[:depth])
             if origin is not None:
                 break
-        where = prefix + origin if origin is not None else ".".join(loc) + " (not from etcd)"
+        where = origin if origin is not None else ".".join(loc) + " (not from etcd)"
         if origin is not None and where not in keys:
             keys.append(where)
         problems.append(f"{where}: {error['msg']}")

@@ -1,4 +1,12 @@
-"""LiveSettings: a validated settings object that follows an etcd prefix, swapped whole per revision."""
+"""LiveSettings: a validated settings object that follows etcd prefixes, swapped whole per revision.
+
+Layers: ``prefix=["/shared/", "/myservice/"]`` merges several prefixes, later ones overriding earlier
+ones field by field. Each layer has its own shared watch, so a transaction touching two layers reaches
+this object as two batches at one revision, on two streams, in no particular order. To never apply
+it half, every validation uses all layers *as of the same revision*: a batch at revision R for one
+layer is applied to that layer, every other layer is read as of R (a paginated range at revision R),
+and the streams' later copies of revisions up to R are skipped. With one layer no read happens.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -13,11 +22,12 @@ import anyio
 import anyio.abc
 from pydantic import BaseModel
 
+from ._backoff import Backoff
 from ._fanout import Subscription
 from ._log import get_logger
-from ._validate import build_model, lists_etcd_source
+from ._validate import build_layered, lists_etcd_source
 from .client import EtcdClient
-from .errors import AetcdcfgError, ConfigRejected, SubscriberLagged
+from .errors import AetcdcfgError, ConfigRejected, EtcdError, EtcdUnavailable, SubscriberLagged
 from .events import Event, EventType
 from .settings import EtcdSettings
 from .status import AppliedChange, SettingsStatus
@@ -34,6 +44,19 @@ HISTORY = 50
 DEFAULT_MAX_STALENESS = 30.0
 
 
+@dataclass(eq=False)
+class _Layer:
+    """One prefix of a LiveSettings: its keys (relative to the prefix) and its subscription."""
+
+    prefix: str
+    items: dict[str, bytes] = field(default_factory=dict)
+    sub: Subscription | None = None
+
+    def relative(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
+        cut = len(self.prefix)
+        return {key[cut:]: value for key, value in items.items()}
+
+
 class LiveSettings(Generic[ModelT]):
     """``model`` filled from the keys under ``prefix``, re-validated at every etcd revision.
 
@@ -41,45 +64,56 @@ class LiveSettings(Generic[ModelT]):
     revision and follows it from the next. ``live.current`` is always a complete, valid object; a
     change that fails validation is rejected whole (``live.last_error``, log ``config.rejected``) and
     the last good object stays. Without ``client`` one is made from ``EtcdSettings()`` (``ETCD_*``).
+
+    ``prefix`` may be a list of layers, e.g. ``["/shared/", "/myservice/", "/myservice/regions/eu/"]``:
+    later layers override earlier ones field by field, and the object is still validated once per
+    etcd revision, never with a transaction across layers half applied (see the module docstring).
+    A layer that does not exist yet is simply empty. ``live.prefix`` is the last (most specific) layer.
     """
 
     def __init__(
         self,
         model: type[ModelT],
         *,
-        prefix: str,
+        prefix: str | Sequence[str],
         client: EtcdClient | None = None,
         allow_defaults: bool = False,
         on_change: Callable[[ModelT], object] | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        if not prefix:
-            raise ValueError("prefix must not be empty (use e.g. '/myservice/')")
-        #: Always ends with "/" so that "/app" never also matches "/apple/...".
-        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
+        if not prefixes or not all(prefixes):
+            raise ValueError("prefix must not be empty (use e.g. '/myservice/' or a list of layers)")
+        #: Each ends with "/" so that "/app" never also matches "/apple/...".
+        self.prefixes = tuple(p if p.endswith("/") else p + "/" for p in prefixes)
+        if len(set(self.prefixes)) != len(self.prefixes):
+            raise ValueError(f"a prefix appears twice among the layers {list(self.prefixes)}")
+        self.prefix = self.prefixes[-1]
         self.model = model
         self._client = client
         self._allow_defaults = allow_defaults
         self._on_change = on_change
         self._init_kwargs = dict(init_kwargs or {})
         self._source_listed = lists_etcd_source(model)
-        self._items: dict[str, bytes] = {}
-        self._items_revision = 0  # the revision _items reflects (may be a rejected one)
+        self._layers = [_Layer(p) for p in self.prefixes]
+        self._known = 0  # every layer's items reflect this revision (it may be a rejected one)
+        self._apply_lock = anyio.Lock()
         self._current: ModelT | None = None
         self._revision = 0
         self.last_error: ConfigRejected | None = None
         self._version = 0
         self._changed = anyio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
-        self._log = log.bind(prefix=self.prefix, model=model.__name__)
-        self._sub: Subscription | None = None
+        label = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
+        self._log = log.bind(prefix=label, model=model.__name__)
         self._applied = 0
         self._rejected = 0
         self._last_rejected: AppliedChange | None = None
         self._history: deque[AppliedChange] = deque(maxlen=HISTORY)
 
     def __repr__(self) -> str:
-        return f"<LiveSettings {self.model.__name__} from {self.prefix!r} @ revision {self._revision}>"
+        where = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
+        return f"<LiveSettings {self.model.__name__} from {where!r} @ revision {self._revision}>"
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -101,15 +135,16 @@ class LiveSettings(Generic[ModelT]):
 
         Raises ``RuntimeError`` before ``async with live:`` has started following etcd.
         """
-        sub = self._sub
-        if sub is None:
+        layers = tuple(layer.sub.status for layer in self._layers if layer.sub is not None)
+        if not layers:
             raise RuntimeError("LiveSettings is not started: use `async with live:` first")
         return SettingsStatus(
             prefix=self.prefix,
             model=self.model.__name__,
             revision=self._revision,
             loaded=self._current is not None,
-            watch=sub.status,
+            watch=max(layers, key=lambda watch: watch.staleness),
+            layers=layers,
             applied=self._applied,
             rejected=self._rejected,
             last_rejected=self._last_rejected,
@@ -118,7 +153,7 @@ class LiveSettings(Generic[ModelT]):
 
     def is_fresh(self, max_staleness: float = DEFAULT_MAX_STALENESS) -> bool:
         """Loaded, and its watch confirmed current within the last ``max_staleness`` seconds."""
-        return self._sub is not None and self.status.is_fresh(max_staleness)
+        return self._layers[0].sub is not None and self.status.is_fresh(max_staleness)
 
     async def updates(self) -> AsyncIterator[ModelT]:
         """Yield each new valid settings object as it is applied, from now on.
@@ -155,19 +190,33 @@ class LiveSettings(Generic[ModelT]):
             client = self._client
             if client is None:
                 client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
-            sub = await stack.enter_async_context(client.watch(self.prefix, with_snapshot=True))
-            assert sub.snapshot is not None
-            self._sub = sub
-            stack.callback(setattr, self, "_sub", None)
-            self._load(sub.snapshot.items, sub.snapshot.revision)
+            revisions = []
+            for layer in self._layers:
+                sub = await stack.enter_async_context(client.watch(layer.prefix, with_snapshot=True))
+                assert sub.snapshot is not None
+                layer.sub = sub
+                layer.items = layer.relative(sub.snapshot.items)
+                revisions.append(sub.snapshot.revision)
+            stack.callback(self._detach)
+            revision = max(revisions)
+            for layer, listed in zip(self._layers, revisions, strict=True):
+                if listed < revision:  # one state, at one revision, for every layer
+                    layer.items = await self._read_layer(client, layer, revision)
+            self._known = revision
+            self._load(revision)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
-            task_group.start_soon(self._follow, client, sub)
+            for layer in self._layers:
+                task_group.start_soon(self._follow, client, layer)
         except BaseException:
             await stack.aclose()
             raise
         self._stack = stack
         return self
+
+    def _detach(self) -> None:
+        for layer in self._layers:
+            layer.sub = None
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -185,32 +234,63 @@ class LiveSettings(Generic[ModelT]):
         async with self:
             yield {"live_settings": self}
 
-    async def _follow(self, client: EtcdClient, first: Subscription) -> None:
-        """Apply every revision after the load; re-subscribes gap-free if it lags or the watch fails."""
-        sub: Subscription | None = first
+    async def _follow(self, client: EtcdClient, layer: _Layer) -> None:
+        """Apply every revision of one layer; re-subscribes gap-free if it lags or the watch fails."""
+        sub = layer.sub
         while True:
             try:
                 if sub is not None:
-                    await self._consume(sub)
+                    await self._consume(client, layer, sub)
                 else:
-                    async with client.watch(self.prefix, start_revision=self._items_revision + 1) as resumed:
-                        self._sub = resumed
-                        await self._consume(resumed)
+                    async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
+                        layer.sub = resumed
+                        await self._consume(client, layer, resumed)
             except SubscriberLagged as exc:
-                self._log.warning("config.lagged", resume_revision=exc.resume_revision)
+                self._log.warning("config.lagged", layer=layer.prefix, resume_revision=exc.resume_revision)
             except AetcdcfgError as exc:
                 # Unfixable for now (e.g. permission revoked): keep serving the last good settings.
-                self._log.error("config.watch_failed", error=str(exc), revision=self._revision)
+                self._log.error(
+                    "config.watch_failed", layer=layer.prefix, error=str(exc), revision=self._revision
+                )
                 await anyio.sleep(2.0)
             sub = None
 
-    async def _consume(self, sub: Subscription) -> None:
+    async def _consume(self, client: EtcdClient, layer: _Layer, sub: Subscription) -> None:
+        if len(self._layers) == 1:
+            async for batch in sub.batches():
+                self._apply(layer, batch, {})
+            return
         async for batch in sub.batches():
-            self._apply(batch)
+            async with self._apply_lock:
+                revision = batch[-1].revision
+                if revision <= self._known:
+                    continue  # already read as part of another layer's revision
+                others = {}
+                for other in self._layers:
+                    if other is not layer:
+                        others[other.prefix] = await self._read_layer(client, other, revision)
+                self._apply(layer, batch, others)
 
-    def _load(self, items: Mapping[str, bytes], revision: int) -> None:
-        self._items = {key[len(self.prefix) :]: value for key, value in items.items()}
-        self._items_revision = revision
+    async def _read_layer(self, client: EtcdClient, layer: _Layer, revision: int) -> dict[str, bytes]:
+        """``layer``'s keys as of ``revision``, retried while etcd is unreachable."""
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while True:
+            try:
+                snapshot = await client.get_prefix(layer.prefix, revision=revision)
+            except EtcdUnavailable as exc:
+                self._log.warning("config.layer_read_retry", layer=layer.prefix, cause=str(exc))
+                await anyio.sleep(backoff.next_delay())
+                continue
+            except EtcdError as exc:
+                if "compacted" not in str(exc):
+                    raise
+                # Compacted within moments of the write: that layer is read as it is now, so the
+                # object may combine revisions once; the next change of any layer realigns them.
+                self._log.warning("config.layer_read_compacted", layer=layer.prefix, revision=revision)
+                snapshot = await client.get_prefix(layer.prefix)
+            return layer.relative(snapshot.items)
+
+    def _load(self, revision: int) -> None:
         try:
             settings = self._build(revision)
         except ConfigRejected as exc:
@@ -223,36 +303,48 @@ class LiveSettings(Generic[ModelT]):
             settings = self._build(revision, use_etcd=False)
         self._current = settings
         self._revision = revision
-        self._log.info("config.loaded", revision=revision, keys=len(self._items))
+        keys = sum(len(layer.items) for layer in self._layers)
+        self._log.info("config.loaded", revision=revision, keys=keys)
 
-    def _apply(self, batch: Sequence[Event]) -> None:
-        """One revision: update the raw keys, validate the whole model, swap it in or reject it."""
-        items = self._items
-        cut = len(self.prefix)
+    def _apply(self, layer: _Layer, batch: Sequence[Event], others: Mapping[str, dict[str, bytes]]) -> None:
+        """One revision: update the layers' keys, validate the whole model, swap it in or reject it.
+
+        ``others`` holds the other layers' keys as of this revision (read by the caller).
+        """
+        items = layer.items
+        cut = len(layer.prefix)
+        changed = [event.key for event in batch]
         for event in batch:
             if event.type is EventType.PUT:
                 items[event.key[cut:]] = event.value
             else:
                 items.pop(event.key[cut:], None)
+        for other in self._layers:
+            fresh = others.get(other.prefix)
+            if fresh is None:
+                continue
+            old = other.items
+            changed += [other.prefix + k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)]
+            other.items = fresh
         revision = batch[-1].revision
-        self._items_revision = revision
+        self._known = revision
         try:
-            settings = self._build(revision, changed=[e.key for e in batch])
+            settings = self._build(revision, changed=changed)
         except ConfigRejected as exc:
             self._log.warning(
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
             )
-            self._record_rejection(exc, [e.key for e in batch])
+            self._record_rejection(exc, changed)
             return
         self._current = settings
         self._revision = revision
         self.last_error = None
         self._applied += 1
-        self._history.append(AppliedChange(revision, True, tuple(e.key for e in batch)))
+        self._history.append(AppliedChange(revision, True, tuple(changed)))
         self._version += 1
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
-        self._log.info("config.applied", revision=revision, keys=[e.key for e in batch])
+        changed_event, self._changed = self._changed, anyio.Event()
+        changed_event.set()
+        self._log.info("config.applied", revision=revision, keys=changed)
         if self._on_change is not None:
             try:
                 self._on_change(settings)
@@ -269,11 +361,10 @@ class LiveSettings(Generic[ModelT]):
         self._history.append(rejected)
 
     def _build(self, revision: int, *, use_etcd: bool = True, changed: Sequence[str] = ()) -> ModelT:
-        """Validate the model from the current keys; raise ConfigRejected naming keys, never values."""
-        return build_model(
+        """Validate the model from the layers' keys; raise ConfigRejected naming keys, never values."""
+        return build_layered(
             self.model,
-            self.prefix,
-            self._items if use_etcd else {},
+            [(layer.prefix, layer.items) for layer in self._layers] if use_etcd else [],
             revision,
             init_kwargs=self._init_kwargs,
             source_listed=self._source_listed,

@@ -155,7 +155,10 @@ class SettingsStatus:
     #: The etcd revision the settings in force reflect.
     revision: int
     loaded: bool
+    #: The watch of the only layer, or of the stalest layer when there are several.
     watch: WatchStatus
+    #: Each layer's watch, in layer order (one element for a single prefix).
+    layers: tuple[WatchStatus, ...]
     applied: int
     rejected: int
     #: The latest rejected revision (keys and problems, never values), or None.
