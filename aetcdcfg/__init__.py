@@ -4,6 +4,10 @@ Users import from here; submodules are private except ``aetcdcfg.fastapi`` and `
 """
 
 from ._fanout import Subscription as Subscription
+from ._report import FieldReport as FieldReport
+from ._report import SettingsReport as SettingsReport
+from ._report import settings_report as settings_report
+from ._report import status_report as status_report
 from .client import EtcdClient as EtcdClient
 from .errors import AetcdcfgError as AetcdcfgError
 from .errors import AuthenticationFailed as AuthenticationFailed
@@ -43,10 +47,12 @@ __all__ = [
     "EtcdUnavailable",
     "Event",
     "EventType",
+    "FieldReport",
     "LiveSettings",
     "PermissionDenied",
     "RequestTooLarge",
     "RevisionCompacted",
+    "SettingsReport",
     "SettingsStatus",
     "Snapshot",
     "SubscriberLagged",
@@ -54,4 +60,6 @@ __all__ = [
     "TxnConflict",
     "WatchStatus",
     "__version__",
+    "settings_report",
+    "status_report",
 ]

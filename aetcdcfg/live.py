@@ -30,6 +30,7 @@ from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, EtcdError, EtcdUnavailable, SubscriberLagged
 from .events import Event, EventType
 from .settings import EtcdSettings
+from .source import decode_items, leaf_paths
 from .status import AppliedChange, SettingsStatus
 
 __all__ = ["LiveSettings"]
@@ -110,6 +111,7 @@ class LiveSettings(Generic[ModelT]):
         self._rejected = 0
         self._last_rejected: AppliedChange | None = None
         self._history: deque[AppliedChange] = deque(maxlen=HISTORY)
+        self._loaded_without_etcd = False
 
     def __repr__(self) -> str:
         where = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
@@ -150,6 +152,31 @@ class LiveSettings(Generic[ModelT]):
             last_rejected=self._last_rejected,
             history=tuple(self._history),
         )
+
+    def etcd_fields(self) -> dict[tuple[str, ...], str]:
+        """Which etcd key (full name) fills each field path, e.g. ``("db", "url")``; names, never values.
+
+        Worked out when called, from the keys of the newest revision seen: while a rejected change is
+        pending (``last_error``), a key it added or changed is named although the value in force is
+        still the last good one (``status.history`` says which keys those are). Empty while the
+        settings in force were built without etcd (``allow_defaults`` after an invalid start).
+        """
+        if self._loaded_without_etcd and self._applied == 0:
+            return {}
+        fields: dict[tuple[str, ...], str] = {}
+        for layer in self._layers:  # a later layer's key wins, as its value does
+            decoded = decode_items(self.model, layer.items)
+            for path in leaf_paths(decoded.data):
+                for depth in range(len(path), 0, -1):
+                    key = decoded.origins.get(path[:depth])
+                    if key is not None:
+                        fields[path] = layer.prefix + key
+                        break
+        return fields
+
+    def init_fields(self) -> list[tuple[str, ...]]:
+        """The field paths given as ``init_kwargs`` (names, never values)."""
+        return leaf_paths(self._init_kwargs)
 
     def is_fresh(self, max_staleness: float = DEFAULT_MAX_STALENESS) -> bool:
         """Loaded, and its watch confirmed current within the last ``max_staleness`` seconds."""
@@ -291,6 +318,7 @@ class LiveSettings(Generic[ModelT]):
             return layer.relative(snapshot.items)
 
     def _load(self, revision: int) -> None:
+        self._loaded_without_etcd = False
         try:
             settings = self._build(revision)
         except ConfigRejected as exc:
@@ -301,6 +329,7 @@ class LiveSettings(Generic[ModelT]):
             )
             self._record_rejection(exc, exc.keys)
             settings = self._build(revision, use_etcd=False)
+            self._loaded_without_etcd = True
         self._current = settings
         self._revision = revision
         keys = sum(len(layer.items) for layer in self._layers)

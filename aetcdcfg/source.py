@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from ._log import get_logger
 
-__all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items", "is_secret", "resolve_key"]
+__all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items", "is_secret", "leaf_paths", "resolve_key"]
 
 log = get_logger()
 
@@ -193,6 +193,18 @@ def is_secret(annotation: Any) -> bool:
     return (
         any(tp in (SecretStr, SecretBytes) for tp in _unwrap(annotation)) if annotation is not None else False
     )
+
+
+def leaf_paths(data: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The paths to the non-mapping values of a nested ``data`` dict (an empty mapping is a leaf)."""
+    out: list[tuple[str, ...]] = []
+    for name, value in data.items():
+        here = (*path, str(name))
+        if isinstance(value, Mapping) and value:
+            out.extend(leaf_paths(value, here))
+        else:
+            out.append(here)
+    return out
 
 
 def decode_items(model: type[BaseModel], items: Mapping[str, bytes]) -> DecodedConfig:

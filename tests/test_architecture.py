@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"_fanout"},
     {"client"},
     {"live"},
+    {"_report"},
     {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
 ]
 
