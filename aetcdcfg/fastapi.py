@@ -1,29 +1,60 @@
-"""FastAPI glue (the ``fastapi`` extra): load settings before serving, hand each request a snapshot.
+"""FastAPI glue (the ``fastapi`` extra): load settings before serving, hand each request a snapshot,
+and tell operators and Kubernetes how fresh the settings are.
 
 ``app = FastAPI(lifespan=live.lifespan)`` is all the lifespan needs; :func:`settings_dependency`
 gives route handlers the settings object current when the request started, so one request never sees
-two different configurations.
+two different configurations. Opt-in, mounted by the app: :func:`probes_router` (``/livez``,
+``/readyz``), :func:`readiness_dependency` for a readiness route of your own, and
+:func:`status_router` (``/status``: JSON, or a live HTML page for a browser, fed by server-sent events
+from ``/status/events``). None of them costs anything per etcd event: they read ``live.status`` when
+asked, and a page's event stream waits on ``live.updates()`` only while it is open.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from importlib import resources
 from typing import Any, TypeVar
 
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
-from .live import LiveSettings
+from ._report import status_report
+from .live import DEFAULT_MAX_STALENESS, LiveSettings
 
 try:
-    import fastapi as _fastapi  # noqa: F401  (only to fail early with a clear message)
+    from fastapi import APIRouter, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.types import Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("aetcdcfg.fastapi needs FastAPI: pip install 'aetcdcfg[fastapi]'") from exc
 
-__all__ = ["combine_lifespans", "settings_dependency"]
+__all__ = [
+    "combine_lifespans",
+    "probes_router",
+    "readiness",
+    "readiness_dependency",
+    "settings_dependency",
+    "status_router",
+]
+
+log = structlog.get_logger("aetcdcfg")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+
+_NO_STORE = {"Cache-Control": "no-store"}
+#: The page loads nothing from anywhere: inline style and script, events from this origin only.
+_PAGE_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def settings_dependency(live: LiveSettings[ModelT]) -> Callable[[], ModelT]:
@@ -48,3 +79,259 @@ def combine_lifespans(live: LiveSettings[Any], app_lifespan: Lifespan | None = N
                 yield {**state, **(more or {})}
 
     return lifespan
+
+
+# -- readiness and liveness ------------------------------------------------------------------------
+
+
+def _why_not_ready(live: LiveSettings[Any], max_staleness: float) -> str | None:
+    try:
+        status = live.status
+    except RuntimeError:
+        return f"{live.prefix}: settings never loaded (LiveSettings not started)"
+    if not status.loaded:
+        return f"{live.prefix}: settings never loaded"
+    if status.is_fresh(max_staleness):
+        return None
+    watch = status.watch
+    confirmed = (
+        "never confirmed current by etcd"
+        if math.isinf(watch.staleness)
+        else f"last confirmed current by etcd {watch.staleness:.1f}s ago"
+    )
+    return (
+        f"{live.prefix}: stale: revision {status.revision} {confirmed} (bound {max_staleness:g}s); "
+        f"watch {watch.state}; last error: {watch.last_error or 'none'}"
+    )
+
+
+def readiness(
+    lives: Sequence[LiveSettings[Any]], max_staleness: float = DEFAULT_MAX_STALENESS
+) -> tuple[bool, dict[str, Any]]:
+    """(ready, body): ready when every LiveSettings is loaded and fresh within ``max_staleness``.
+
+    The body is ``{"status": "ready"}`` or ``{"status": "not ready", "reasons": [...]}``, each reason
+    naming the prefix, the staleness, the watch state and its last error (never a value).
+    """
+    reasons = [r for r in (_why_not_ready(live, max_staleness) for live in lives) if r is not None]
+    if reasons:
+        return False, {"status": "not ready", "reasons": reasons}
+    return True, {"status": "ready", "prefixes": [live.prefix for live in lives]}
+
+
+def readiness_dependency(
+    live: LiveSettings[Any], *more: LiveSettings[Any], max_staleness: float = DEFAULT_MAX_STALENESS
+) -> Callable[[], dict[str, Any]]:
+    """A dependency for ``Depends(...)``: raises ``HTTPException(503)`` (detail: the not-ready body)
+    unless every LiveSettings is loaded and confirmed current within ``max_staleness`` seconds.
+
+    For a readiness route that checks more than config:
+    ``async def readyz(config: dict = Depends(readiness_dependency(live))) -> dict: ...``.
+    """
+    lives = (live, *more)
+
+    def ready() -> dict[str, Any]:
+        ok, body = readiness(lives, max_staleness)
+        if not ok:
+            raise HTTPException(status_code=503, detail=body, headers=_NO_STORE)
+        return body
+
+    return ready
+
+
+def probes_router(
+    live: LiveSettings[Any],
+    *more: LiveSettings[Any],
+    max_staleness: float = DEFAULT_MAX_STALENESS,
+    readiness_path: str = "/readyz",
+    liveness_path: str = "/livez",
+) -> APIRouter:
+    """Kubernetes' probes: ``GET /readyz`` (503 with reasons while settings are not loaded or are
+    staler than ``max_staleness``, 200 otherwise) and ``GET /livez`` (200 while the process serves;
+    never depends on etcd, so an etcd outage never gets pods restarted).
+    """
+    lives = (live, *more)
+    router = APIRouter()
+
+    @router.get(readiness_path, include_in_schema=False)
+    def readyz() -> JSONResponse:
+        ok, body = readiness(lives, max_staleness)
+        return JSONResponse(body, status_code=200 if ok else 503, headers=_NO_STORE)
+
+    @router.get(liveness_path, include_in_schema=False)
+    def livez() -> JSONResponse:
+        return JSONResponse({"status": "alive"}, headers=_NO_STORE)
+
+    return router
+
+
+# -- the status route, page and event stream -------------------------------------------------------
+
+
+def _prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks HTML above JSON (a browser); ``*/*`` and ties get JSON."""
+    html = other = 0.0
+    for part in accept.split(","):
+        media, _, params = part.partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        media = media.strip().lower()
+        if media in ("text/html", "application/xhtml+xml"):
+            html = max(html, quality)
+        elif media in ("application/json", "application/*", "*/*"):
+            other = max(other, quality)
+    return html > other
+
+
+def _status_body(lives: Sequence[LiveSettings[Any]], max_staleness: float) -> dict[str, Any]:
+    reports = [status_report(live, max_staleness=max_staleness) for live in lives]
+    return {
+        "status": "fresh" if all(r["fresh"] for r in reports) else "stale",
+        "max_staleness": max_staleness,
+        "taken_at": time.time(),
+        "settings": reports,
+    }
+
+
+def _tick_body(lives: Sequence[LiveSettings[Any]], max_staleness: float) -> dict[str, Any]:
+    """Freshness only: what a page needs every second between changes."""
+    keep = ("prefix", "started", "loaded", "fresh", "revision", "staleness", "watch")
+    reports = [status_report(live, max_staleness=max_staleness, settings=False) for live in lives]
+    return {
+        "status": "fresh" if all(r["fresh"] for r in reports) else "stale",
+        "taken_at": time.time(),
+        "settings": [{k: r[k] for k in keep if k in r} for r in reports],
+    }
+
+
+def _signature(lives: Sequence[LiveSettings[Any]]) -> tuple[tuple[int, int, int, bool], ...]:
+    """Changes when a revision is applied or rejected: then the page gets the whole status again."""
+    out = []
+    for live in lives:
+        try:
+            status = live.status
+        except RuntimeError:
+            out.append((live.revision, -1, -1, False))
+            continue
+        out.append((status.revision, status.applied, status.rejected, status.loaded))
+    return tuple(out)
+
+
+def _dumps(body: Any) -> str:
+    return json.dumps(body, allow_nan=False, separators=(",", ":"))
+
+
+def _page(body: dict[str, Any]) -> str:
+    template = resources.files(__package__ or "aetcdcfg").joinpath("status_page.html").read_text("utf-8")
+    # The status as a JSON script block, so the page shows something before its event stream opens;
+    # "<" escaped so that no key name can close the script element.
+    initial = _dumps(body).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return template.replace("/*INITIAL_STATUS*/null", initial)
+
+
+class _EventStream(Response):
+    """``text/event-stream`` of the status: ``status`` events (everything) whenever a revision is
+    applied or rejected, ``tick`` events (freshness) every ``heartbeat`` seconds.
+
+    One task group per open stream, owned by this response: one task per LiveSettings waiting on
+    ``live.updates()``, one listening for the client's disconnect. It ends when the client leaves,
+    after ``lifetime`` seconds (the browser reconnects within a second; this bounds how long a
+    server's graceful shutdown waits for open streams), or when every LiveSettings has stopped.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, lives: Sequence[LiveSettings[Any]], max_staleness: float, heartbeat: float, lifetime: float
+    ) -> None:
+        super().__init__(headers={**_NO_STORE, "X-Accel-Buffering": "no"})
+        # A stream has no length: drop the "content-length: 0" Response computed for the empty body.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.lives = tuple(lives)
+        self.max_staleness = max_staleness
+        self.heartbeat = heartbeat
+        self.lifetime = lifetime
+        self.ended = "lifetime"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        began = time.monotonic()
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        wake_send, wake_receive = anyio.create_memory_object_stream[None](1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._until_disconnect, receive, tg.cancel_scope)
+            for live in self.lives:
+                tg.start_soon(self._forward, live, wake_send)
+            with anyio.move_on_after(self.lifetime):
+                await self._stream(send, wake_receive)
+            tg.cancel_scope.cancel()
+        wake_send.close()
+        wake_receive.close()
+        if self.ended != "disconnected":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        log.debug("status.stream_closed", reason=self.ended, seconds=round(time.monotonic() - began, 3))
+
+    async def _stream(self, send: Send, wake: MemoryObjectReceiveStream[None]) -> None:
+        await send({"type": "http.response.body", "body": b"retry: 1000\n\n", "more_body": True})
+        seen: tuple[tuple[int, int, int, bool], ...] | None = None
+        while True:
+            signature = _signature(self.lives)
+            if all(applied < 0 for _, applied, _, _ in signature) and seen is not None:
+                self.ended = "stopped"  # every LiveSettings has closed: the app is shutting down
+                return
+            if signature != seen:
+                event, body = "status", _status_body(self.lives, self.max_staleness)
+                seen = signature
+            else:
+                event, body = "tick", _tick_body(self.lives, self.max_staleness)
+            message = f"event: {event}\ndata: {_dumps(body)}\n\n".encode()
+            await send({"type": "http.response.body", "body": message, "more_body": True})
+            with anyio.move_on_after(self.heartbeat):
+                await wake.receive()
+
+    async def _forward(self, live: LiveSettings[Any], wake: MemoryObjectSendStream[None]) -> None:
+        async for _ in live.updates():
+            with contextlib.suppress(anyio.WouldBlock):
+                wake.send_nowait(None)
+
+    async def _until_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.ended = "disconnected"
+        scope.cancel()
+
+
+def status_router(
+    live: LiveSettings[Any],
+    *more: LiveSettings[Any],
+    path: str = "/status",
+    max_staleness: float = DEFAULT_MAX_STALENESS,
+    heartbeat: float = 1.0,
+    stream_lifetime: float = 30.0,
+) -> APIRouter:
+    """``GET {path}``: the status of each LiveSettings as JSON (see :func:`aetcdcfg.status_report`),
+    or, when the client prefers HTML (a browser), a page that follows it live through
+    ``GET {path}/events`` (server-sent events). Values of secrets and of rejected changes never
+    appear. Mount it where only operators reach it: it names keys, endpoints and sources.
+    """
+    lives = (live, *more)
+    router = APIRouter()
+
+    @router.get(path, include_in_schema=False)
+    def status(request: Request) -> Response:
+        body = _status_body(lives, max_staleness)
+        headers = {**_NO_STORE, "Vary": "Accept"}
+        if _prefers_html(request.headers.get("accept", "")):
+            return HTMLResponse(_page(body), headers={**headers, "Content-Security-Policy": _PAGE_POLICY})
+        return JSONResponse(body, headers=headers)
+
+    @router.get(path.rstrip("/") + "/events", include_in_schema=False)
+    def events() -> Response:
+        return _EventStream(lives, max_staleness, heartbeat, stream_lifetime)
+
+    return router

@@ -1,0 +1,345 @@
+"""Readiness, liveness, the status route and its event stream, served by a real uvicorn against real etcd.
+
+The watcher probes a silent stream after 1 s and gives up 1 s later (``WATCHER_OPTIONS``), so a
+stale bound of 3 s is crossed within 3 s + one keepalive window of etcd going away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings
+from structlog.testing import capture_logs
+
+from aetcdcfg import EtcdClient, LiveSettings
+from aetcdcfg.fastapi import probes_router, readiness_dependency, settings_dependency, status_router
+from aetcdcfg.testing import EtcdServer
+
+from .harness import MEMBER_OPTIONS, RECOVERY_BOUND, WATCHER_OPTIONS, wait_logged
+
+pytestmark = pytest.mark.anyio
+
+WINDOW = WATCHER_OPTIONS["keepalive_time"] + WATCHER_OPTIONS["keepalive_timeout"]
+SECRET = "hunter2-status-secret"
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class Database(BaseModel):
+    url: str = "sqlite://"
+    password: SecretStr = SecretStr("")
+
+
+class Service(BaseSettings):
+    rate_limit: int = Field(default=100, ge=1)
+    token: SecretStr = SecretStr("")
+    db: Database = Database()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_app(
+    live: LiveSettings[Service], *, bound: float = 30.0, lifespan: bool = True, **status: Any
+) -> FastAPI:
+    app = FastAPI(lifespan=live.lifespan if lifespan else None)
+    app.include_router(probes_router(live, max_staleness=bound))
+    app.include_router(status_router(live, max_staleness=bound, **status))
+
+    current = Depends(settings_dependency(live))
+    ready = Depends(readiness_dependency(live, max_staleness=bound))
+
+    # locals, so as defaults: FastAPI would evaluate an Annotated[...] string in the module's globals
+    @app.get("/limit")
+    def limit(settings: Service = current) -> int:
+        return settings.rate_limit
+
+    @app.get("/ready-and-more")
+    def ready_and_more(config: dict[str, Any] = ready) -> dict[str, Any]:
+        return {"config": config, "database": "ok"}
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """``app`` on a real uvicorn server on a free loopback port, in this event loop (grpc.aio's)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(30):
+            while not server.started:
+                if server.should_exit:
+                    raise RuntimeError("uvicorn did not start")
+                await anyio.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any], str]]:
+    """(event, data, raw text) of each server-sent event of a streaming response."""
+    event, data = "message", ""
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif not line and data:
+            yield event, json.loads(data), data
+            event, data = "message", ""
+
+
+@pytest.fixture
+def server() -> Iterator[EtcdServer]:
+    """A member of this test's own, which the test kills."""
+    with EtcdServer(**MEMBER_OPTIONS) as private:
+        yield private
+
+
+async def test_never_loaded_is_not_ready_and_liveness_does_not_care(etcd_prefix: str) -> None:
+    live = LiveSettings(Service, prefix=etcd_prefix)  # never entered: nothing loaded
+    async with serving(make_app(live, lifespan=False)) as url, httpx.AsyncClient(base_url=url) as http:
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "status": "not ready",
+            "reasons": [f"{etcd_prefix}: settings never loaded (LiveSettings not started)"],
+        }
+        assert ready.headers["cache-control"] == "no-store"
+        assert (await http.get("/livez")).json() == {"status": "alive"}
+        assert (await http.get("/livez")).status_code == 200
+        custom = await http.get("/ready-and-more")
+        assert custom.status_code == 503 and custom.json()["detail"]["status"] == "not ready"
+        status = (await http.get("/status")).json()
+        assert status["status"] == "stale"
+        assert status["settings"][0] | {"max_staleness": 0} == {
+            "prefix": etcd_prefix,
+            "model": "Service",
+            "max_staleness": 0,
+            "started": False,
+            "loaded": False,
+            "fresh": False,
+            "revision": 0,
+        }
+        page = await http.get("/status", headers={"accept": BROWSER})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+async def test_readiness_turns_503_when_stale_and_200_once_the_watch_resumes(
+    server: EtcdServer, etcd_prefix: str
+) -> None:
+    bound = 3.0
+    with capture_logs() as logs, anyio.fail_after(90):
+        async with (
+            EtcdClient(endpoints=[server.endpoint], **WATCHER_OPTIONS) as client,
+            LiveSettings(Service, prefix=etcd_prefix, client=client) as live,
+            serving(make_app(live, bound=bound, lifespan=False)) as url,
+            httpx.AsyncClient(base_url=url, timeout=5) as http,
+        ):
+            await client.put(etcd_prefix + "rate_limit", "7")
+            await live.wait_for(lambda s: s.rate_limit == 7, timeout=5)
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200 and ready.json() == {"status": "ready", "prefixes": [etcd_prefix]}
+            assert (await http.get("/ready-and-more")).json()["database"] == "ok"
+
+            server.kill()
+            killed = time.monotonic()
+            while (ready := await http.get("/readyz")).status_code == 200:
+                await anyio.sleep(0.05)
+            went_stale = time.monotonic() - killed
+            assert went_stale <= bound + WINDOW + 0.5, went_stale
+            (reason,) = ready.json()["reasons"]
+            assert reason.startswith(f"{etcd_prefix}: stale: revision {live.revision} last confirmed current")
+            assert f"(bound {bound:g}s); watch reconnecting; last error: " in reason
+            assert not reason.endswith("last error: none")
+            assert ready.json()["status"] == "not ready"
+            assert (await http.get("/limit")).json() == 7  # the last good settings keep serving
+            assert (await http.get("/livez")).status_code == 200  # never restarted for an etcd outage
+            assert (await http.get("/ready-and-more")).status_code == 503
+            status = (await http.get("/status")).json()["settings"][0]
+            assert status["fresh"] is False and status["watch"]["state"] == "reconnecting"
+            assert status["watch"]["outage_seconds"] > 0 and status["staleness"] > bound
+
+            await anyio.to_thread.run_sync(server.restart)
+            await wait_logged(logs, "watch.resumed", etcd_prefix, timeout=RECOVERY_BOUND)
+            resumed = time.monotonic()
+            while (await http.get("/readyz")).status_code != 200:
+                await anyio.sleep(0.02)
+            assert time.monotonic() - resumed <= 1.0
+            status = (await http.get("/status")).json()["settings"][0]
+            assert status["watch"]["reconnects"] == 1 and status["watch"]["state"] == "live"
+    print(f"\nNOT READY after {went_stale:.2f}s (bound {bound}s)")
+
+
+async def test_status_json_reports_freshness_watch_history_and_settings(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint], **WATCHER_OPTIONS) as client:
+        first = await client.put_many(
+            {etcd_prefix + "rate_limit": "5", etcd_prefix + "db/url": "postgres://a"}
+        )
+        live = LiveSettings(Service, prefix=etcd_prefix, client=client)
+        async with serving(make_app(live, bound=10)) as url, httpx.AsyncClient(base_url=url) as http:
+            changed = await client.put(etcd_prefix + "rate_limit", "6")
+            await live.wait_for(lambda s: s.rate_limit == 6, timeout=5)
+            with anyio.fail_after(5):
+                while live.status.watch.state != "live":
+                    await anyio.sleep(0.01)
+            response = await http.get("/status", headers={"accept": "*/*"})
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["vary"] == "Accept"
+    body = response.json()
+    assert body["status"] == "fresh" and body["max_staleness"] == 10
+    (report,) = body["settings"]
+    assert report["prefix"] == etcd_prefix and report["model"] == "Service"
+    assert (report["revision"], report["started"], report["loaded"], report["fresh"]) == (
+        changed,
+        True,
+        True,
+        True,
+    )
+    assert 0 <= report["staleness"] < 10
+    watch = report["watch"]
+    assert (watch["state"], watch["endpoint"], watch["reconnects"], watch["last_error"]) == (
+        "live",
+        etcd_server.endpoint,
+        0,
+        None,
+    )
+    assert watch["confirmed_at"] <= time.time() and watch["outage_started_at"] is None
+    assert report["history"] == [
+        {
+            "revision": changed,
+            "applied": True,
+            "keys": [etcd_prefix + "rate_limit"],
+            "problems": [],
+            "at": report["history"][0]["at"],
+        }
+    ]
+    assert report["last_rejected"] is None and report["applied"] == 1 and first < changed
+    fields = {f["field"]: f for f in report["settings"]["fields"]}
+    assert (fields["rate_limit"]["value"], fields["rate_limit"]["origin"]) == (6, etcd_prefix + "rate_limit")
+    assert (fields["db.url"]["source"], fields["token"]["source"]) == ("etcd", "default")
+
+
+async def test_rejected_change_shows_keys_and_problems_never_the_value(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        live = LiveSettings(Service, prefix=etcd_prefix, client=client)
+        async with serving(make_app(live)) as url, httpx.AsyncClient(base_url=url) as http:
+            await client.put(etcd_prefix + "rate_limit", "5")
+            await live.wait_for(lambda s: s.rate_limit == 5, timeout=5)
+            bad = await client.put_many({etcd_prefix + "rate_limit": "-4242", etcd_prefix + "token": SECRET})
+            with anyio.fail_after(5):
+                while live.last_error is None:
+                    await anyio.sleep(0.01)
+            json_text = (await http.get("/status")).text
+            page = (await http.get("/status", headers={"accept": BROWSER})).text
+    report = json.loads(json_text)["settings"][0]
+    rejected = report["last_rejected"]
+    assert rejected["revision"] == bad and rejected["applied"] is False
+    assert set(rejected["keys"]) == {etcd_prefix + "rate_limit", etcd_prefix + "token"}
+    assert rejected["problems"] == [f"{etcd_prefix}rate_limit: Input should be greater than or equal to 1"]
+    assert report["history"][-1] == rejected
+    assert report["revision"] < bad and "greater than or equal to 1" in report["config_error"]
+    for text in (json_text, page):
+        assert "-4242" not in text and SECRET not in text
+    assert f"{etcd_prefix}rate_limit: Input should be greater than or equal to 1" in page
+
+
+async def test_no_secret_in_status_page_event_stream_or_logs(
+    etcd_server: EtcdServer, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    with capture_logs() as logs:
+        async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+            await client.put_many(
+                {etcd_prefix + "token": SECRET, etcd_prefix + "db/password": SECRET + "-db"}
+            )
+            live = LiveSettings(Service, prefix=etcd_prefix, client=client)
+            app = make_app(live, heartbeat=0.2)
+            async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+                assert live.current.token.get_secret_value() == SECRET
+                seen.append((await http.get("/status")).text)
+                seen.append((await http.get("/status", headers={"accept": BROWSER})).text)
+                seen.append((await http.get("/readyz")).text)
+                with anyio.fail_after(10):
+                    async with http.stream("GET", "/status/events") as stream:
+                        assert stream.headers["content-type"].startswith("text/event-stream")
+                        events = sse_events(stream)
+                        kind, first, raw = await anext(events)  # closed with the stream below
+                        seen.append(raw)
+                        assert kind == "status" and first["settings"][0]["revision"] == live.revision
+                        revision = await client.put_many(
+                            {etcd_prefix + "token": SECRET + "-2", etcd_prefix + "rate_limit": "77"}
+                        )
+                        kinds = []
+                        async for kind, body, raw in events:  # ticks, then the change, pushed live
+                            seen.append(raw)
+                            kinds.append(kind)
+                            if kind == "status" and body["settings"][0]["revision"] == revision:
+                                break
+                        fields = {f["field"]: f for f in body["settings"][0]["settings"]["fields"]}
+                        assert fields["rate_limit"]["value"] == 77
+                        assert fields["token"]["value"] == "**********" and fields["token"]["secret"]
+                        await client.put(etcd_prefix + "rate_limit", "zero")  # rejected: on the next tick
+                        async for kind, body, raw in events:
+                            seen.append(raw)
+                            if kind == "status" and body["settings"][0]["last_rejected"]:
+                                break
+    text = "\n".join(seen) + repr(logs) + caplog.text
+    assert SECRET not in text and "zero" not in text
+    assert "**********" in seen[0] and "•••••• secret" in seen[1]
+
+
+async def test_event_stream_ends_when_the_client_leaves_or_its_lifetime_is_over(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        live = LiveSettings(Service, prefix=etcd_prefix, client=client)
+        with capture_logs() as logs, anyio.fail_after(30):
+            async with httpx.AsyncClient() as outer:
+                async with serving(make_app(live, heartbeat=0.2, stream_lifetime=1.5)) as url:
+                    async with httpx.AsyncClient(base_url=url) as http:
+                        async with http.stream("GET", "/status/events") as stream:
+                            async with contextlib.aclosing(sse_events(stream)) as events:
+                                await anext(events)
+                        while not closed(logs):
+                            await anyio.sleep(0.02)
+                        assert closed(logs) == ["disconnected"]
+
+                        began = time.monotonic()
+                        async with http.stream("GET", "/status/events") as stream:
+                            kinds = [kind async for kind, _, _ in sse_events(stream)]  # the server ends it
+                        assert 1.4 <= time.monotonic() - began < 5
+                        assert kinds[0] == "status" and set(kinds[1:]) == {"tick"}
+                        assert closed(logs)[-1] == "lifetime"
+                    # a stream still open at shutdown holds the server up no longer than its lifetime
+                    opened = await outer.send(outer.build_request("GET", url + "/status/events"), stream=True)
+                    stopping = time.monotonic()
+                assert time.monotonic() - stopping < 5
+                await opened.aclose()
+        assert live.revision > 0
+
+
+def closed(logs: list[dict[str, Any]]) -> list[str]:
+    return [e["reason"] for e in logs if e["event"] == "status.stream_closed"]
