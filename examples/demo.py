@@ -7,6 +7,7 @@ once, then prints how long after each write each copy applied it. Stops everythi
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -78,6 +79,24 @@ async def observe(
     return results
 
 
+async def show_operations(http: httpx.AsyncClient, port: int) -> None:
+    """What an operator (or Kubernetes) sees of one copy: readiness and the status route."""
+    base = f"http://127.0.0.1:{port}"
+    ready = await http.get(base + "/readyz")
+    print(f"GET {base}/readyz -> {ready.status_code} {ready.text}")
+    status = (await http.get(base + "/status")).json()
+    report = status["settings"][0]
+    staleness = "never" if report["staleness"] is None else f"{report['staleness']:.2f}s"
+    print(
+        f"GET {base}/status -> {status['status']}, {report['prefix']} at revision {report['revision']}, "
+        f"staleness {staleness}, watch {report['watch']['state']}"
+    )
+    for field in report["settings"]["fields"]:
+        origin = f" ({field['origin']})" if field["origin"] else ""
+        print(f"    {field['field']:<12} = {json.dumps(field['value']):<32} from {field['source']}{origin}")
+    print(f"open {base}/status in a browser for the live page ({base}/livez: liveness)\n")
+
+
 async def main() -> int:
     with ExitStack() as stack:
         server = stack.enter_context(EtcdServer())
@@ -88,6 +107,7 @@ async def main() -> int:
                     PREFIX + "rate_limit": "100",
                     PREFIX + "maintenance": "false",
                     PREFIX + "db/url": "postgresql://db.internal/app",
+                    PREFIX + "db/password": "demo-secret-not-shown",
                 }
             )
             ports = [free_port() for _ in range(COPIES)]
@@ -98,6 +118,7 @@ async def main() -> int:
             async with httpx.AsyncClient(timeout=5) as http:
                 await wait_ready(http, ports)
                 print(f"{COPIES} copies of examples.fastapi_app serving on ports {ports[0]}..{ports[-1]}\n")
+                await show_operations(http, ports[0])
 
                 written = time.time()
                 rev_limit = await client.put(PREFIX + "rate_limit", "200")

@@ -3,6 +3,11 @@
 Run it with ``ETCD_ENDPOINTS=http://127.0.0.1:2379 uvicorn examples.fastapi_app:app``; change
 ``/myservice/rate_limit`` or ``/myservice/maintenance`` in etcd and every copy follows within
 milliseconds, without a restart.
+
+Operations, by Kubernetes' convention: ``GET /livez`` (the process serves), ``GET /readyz`` (503 until
+the config is loaded, and while etcd has not confirmed it current for 30 s), ``GET /status`` (JSON;
+in a browser, a page that follows the config live: values with their sources, secrets masked,
+freshness, and the recent applied and rejected revisions).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aetcdcfg import LiveSettings
-from aetcdcfg.fastapi import settings_dependency
+from aetcdcfg.fastapi import probes_router, settings_dependency, status_router
 
 # Logging is the application's choice (the library never configures it): LOG_LEVEL=warning quiets it.
 structlog.configure(
@@ -61,6 +66,8 @@ def record(settings: ServiceSettings) -> None:
 
 live = LiveSettings(ServiceSettings, prefix=os.environ.get("SERVICE_PREFIX", "/myservice/"), on_change=record)
 app = FastAPI(lifespan=live.lifespan)
+app.include_router(probes_router(live, max_staleness=30))  # GET /livez, GET /readyz
+app.include_router(status_router(live, path="/status"))  # operators only: keep it off the public ingress
 Settings = Annotated[ServiceSettings, Depends(settings_dependency(live))]
 
 

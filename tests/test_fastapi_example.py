@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import AsyncIterator
 
 import anyio
@@ -77,3 +78,24 @@ async def test_invalid_change_keeps_serving_last_good(
     body = (await http.get("/config")).json()
     assert body["rate_limit"] == 3
     assert prefix + "rate_limit" in body["last_error"]
+
+
+async def test_probes_and_status_page(service: tuple[httpx.AsyncClient, EtcdClient, str]) -> None:
+    http, client, prefix = service
+    assert (await http.get("/livez")).json() == {"status": "alive"}
+    ready = await http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    await client.put(prefix + "db/password", "hunter2-example")
+    with anyio.fail_after(5):
+        while (await http.get("/config")).json()["revision"] == 0:
+            await anyio.sleep(0.01)
+        while not (await http.get("/status")).json()["settings"][0]["history"]:
+            await anyio.sleep(0.01)
+    status = (await http.get("/status")).json()
+    assert status["status"] == "fresh"
+    fields = {f["field"]: f for f in status["settings"][0]["settings"]["fields"]}
+    assert fields["rate_limit"]["value"] == 3 and fields["rate_limit"]["origin"] == prefix + "rate_limit"
+    assert fields["db.password"]["value"] == "**********"
+    page = await http.get("/status", headers={"accept": "text/html"})
+    assert page.headers["content-type"].startswith("text/html")
+    assert "hunter2-example" not in page.text + json.dumps(status)
