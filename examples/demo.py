@@ -94,6 +94,14 @@ async def show_operations(http: httpx.AsyncClient, port: int) -> None:
     for field in report["settings"]["fields"]:
         origin = f" ({field['origin']})" if field["origin"] else ""
         print(f"    {field['field']:<12} = {json.dumps(field['value']):<32} from {field['source']}{origin}")
+    scraped = (await http.get(base + "/metrics/")).text
+    samples = [
+        line for line in scraped.splitlines() if line.startswith("aetcdcfg_") and "_created" not in line
+    ]
+    print(f"GET {base}/metrics -> {len(samples)} aetcdcfg samples, e.g.")
+    for line in samples:
+        if line.split("{")[0] in ("aetcdcfg_watch_staleness_seconds", "aetcdcfg_settings_applied_total"):
+            print(f"    {line}")
     print(f"open {base}/status in a browser for the live page ({base}/livez: liveness)\n")
 
 

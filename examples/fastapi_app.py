@@ -7,7 +7,7 @@ milliseconds, without a restart.
 Operations, by Kubernetes' convention: ``GET /livez`` (the process serves), ``GET /readyz`` (503 until
 the config is loaded, and while etcd has not confirmed it current for 30 s), ``GET /status`` (JSON;
 in a browser, a page that follows the config live: values with their sources, secrets masked,
-freshness, and the recent applied and rejected revisions).
+freshness, and the recent applied and rejected revisions), and ``GET /metrics`` (Prometheus).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, HTTPException
+from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aetcdcfg import LiveSettings
 from aetcdcfg.fastapi import probes_router, settings_dependency, status_router
+from aetcdcfg.metrics import AetcdcfgCollector
 
 # Logging is the application's choice (the library never configures it): LOG_LEVEL=warning quiets it.
 structlog.configure(
@@ -68,6 +70,9 @@ live = LiveSettings(ServiceSettings, prefix=os.environ.get("SERVICE_PREFIX", "/m
 app = FastAPI(lifespan=live.lifespan)
 app.include_router(probes_router(live, max_staleness=30))  # GET /livez, GET /readyz
 app.include_router(status_router(live, path="/status"))  # operators only: keep it off the public ingress
+metrics = CollectorRegistry()  # a registry of its own, so importing this module twice never clashes
+metrics.register(AetcdcfgCollector(live))
+app.mount("/metrics", make_asgi_app(metrics))  # computed when scraped: nothing per event
 Settings = Annotated[ServiceSettings, Depends(settings_dependency(live))]
 
 
