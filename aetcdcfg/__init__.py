@@ -3,6 +3,9 @@
 Users import from here; submodules are private except ``aetcdcfg.fastapi`` and ``aetcdcfg.testing``.
 """
 
+from ._diff import ConfigDiff as ConfigDiff
+from ._diff import History as History
+from ._diff import HistoryEntry as HistoryEntry
 from ._fanout import Subscription as Subscription
 from ._report import FieldReport as FieldReport
 from ._report import SettingsReport as SettingsReport
@@ -16,6 +19,7 @@ from .errors import ConfigRejected as ConfigRejected
 from .errors import ConfigurationError as ConfigurationError
 from .errors import EtcdError as EtcdError
 from .errors import EtcdUnavailable as EtcdUnavailable
+from .errors import FutureRevision as FutureRevision
 from .errors import PermissionDenied as PermissionDenied
 from .errors import RequestTooLarge as RequestTooLarge
 from .errors import RevisionCompacted as RevisionCompacted
@@ -38,6 +42,7 @@ __all__ = [
     "AppliedChange",
     "AuthenticationFailed",
     "ClientClosedError",
+    "ConfigDiff",
     "ConfigRejected",
     "ConfigurationError",
     "EtcdClient",
@@ -48,6 +53,9 @@ __all__ = [
     "Event",
     "EventType",
     "FieldReport",
+    "FutureRevision",
+    "History",
+    "HistoryEntry",
     "LiveSettings",
     "PermissionDenied",
     "RequestTooLarge",

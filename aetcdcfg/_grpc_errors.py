@@ -48,8 +48,10 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
         return Failure.AUTH_FAILED
     if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
         return Failure.PERMISSION
-    if "request is too large" in details or (
-        code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details
+    if (
+        "request is too large" in details
+        or "too many operations in txn" in details
+        or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details)
     ):
         return Failure.TOO_LARGE
     if any(text in details for text in _NOT_APPLIED_DETAILS):
@@ -88,7 +90,7 @@ def to_error(exc: grpc.aio.AioRpcError, *, endpoint: str, key: str | None = None
         what = f" for key {key!r}" if key else ""
         return RequestTooLarge(
             f"request{what} is larger than etcd accepts ({cause}); etcd's --max-request-bytes "
-            "is 1.5 MiB by default",
+            "is 1.5 MiB and --max-txn-ops 128 by default",
             endpoint=endpoint,
         )
     return EtcdError(f"etcd request failed: {cause}", endpoint=endpoint)

@@ -9,14 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from aetcd.rpc import rpc_pb2
+from pydantic import BaseModel
 
 from ._connection import Connection
+from ._diff import ConfigDiff, History
+from ._history import scan_history, snapshot_at
 from ._keys import KeyLike, as_bytes, decode_key, prefix_range_end
 from ._reads import range_pages
-from .errors import TxnConflict
+from ._validate import build_model
+from .errors import RequestTooLarge, TxnConflict
 from .events import Snapshot
 
-__all__ = ["KV", "Items"]
+__all__ = ["KV", "Items", "MAX_TXN_OPS"]
+
+#: etcd's default ``--max-txn-ops``: at most this many operations (and compares) in one transaction.
+MAX_TXN_OPS = 128
 
 #: Mapping is invariant in its key type, so spell out the shapes callers actually have.
 Items = Mapping[str, str] | Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[KeyLike, KeyLike]
@@ -39,10 +46,107 @@ class KV:
         return bytes(response.kvs[0].value) if response.kvs else None
 
     async def get_prefix(self, prefix: KeyLike, *, revision: int | None = None) -> Snapshot:
-        """Every key under ``prefix`` at one revision (the current one, or ``revision``), read in
-        pages so any number of keys fits."""
-        items, revision = await range_pages(self._conn, as_bytes(prefix), at_revision=revision or 0)
-        return Snapshot(revision=revision, items={decode_key(item[0]): item[1] for item in items})
+        """Every key under ``prefix`` at one revision, read in pages so any number of keys fits.
+
+        With ``revision`` the prefix is read as it was at that revision (all pages at it). etcd keeps
+        history only until compaction: an older revision raises :class:`RevisionCompacted` (its
+        ``compact_revision`` is the oldest one that can be read), one not reached yet
+        :class:`FutureRevision`.
+        """
+        if revision is not None:
+            return await snapshot_at(self._conn, as_bytes(prefix), revision)
+        items, current = await range_pages(self._conn, as_bytes(prefix))
+        return Snapshot(revision=current, items={decode_key(item[0]): item[1] for item in items})
+
+    async def history(
+        self,
+        prefix: KeyLike,
+        *,
+        limit: int = 10,
+        since_revision: int | None = None,
+        max_revisions: int = 10_000,
+    ) -> History:
+        """The last ``limit`` revisions that changed ``prefix``, newest first, from etcd's MVCC history.
+
+        Each entry is a :class:`ConfigDiff` from the revision before it (values included: mask
+        secrets before showing them). The scan reads the prefix at each revision going back from
+        now, at most ``max_revisions`` of them and none before ``since_revision``; it stops early
+        where etcd compacted its history (``History.compact_revision``). etcd does not record when
+        a revision was written, so entries carry no time.
+        """
+        return await scan_history(
+            self._conn,
+            as_bytes(prefix),
+            limit=limit,
+            max_revisions=max_revisions,
+            since_revision=since_revision,
+        )
+
+    async def diff(self, prefix: KeyLike, from_revision: int, to_revision: int | None = None) -> ConfigDiff:
+        """How ``prefix`` changed from ``from_revision`` to ``to_revision`` (default: now)."""
+        old = await snapshot_at(self._conn, as_bytes(prefix), from_revision, operation="diff")
+        if to_revision is None:
+            new = await self.get_prefix(prefix)
+        else:
+            new = await snapshot_at(self._conn, as_bytes(prefix), to_revision, operation="diff")
+        return ConfigDiff.between(old, new)
+
+    async def plan_rollback(self, prefix: KeyLike, to_revision: int) -> tuple[ConfigDiff, Snapshot]:
+        """What restoring ``prefix`` to its state at ``to_revision`` would write, and that state.
+
+        The diff goes from the current state (``diff.old_revision`` is now) to the old one; apply it
+        with :meth:`apply_diff`, which refuses if the prefix changed after it was planned.
+        """
+        target = await snapshot_at(self._conn, as_bytes(prefix), to_revision, operation="rollback")
+        current = await self.get_prefix(prefix)
+        return ConfigDiff.between(current, target), target
+
+    async def apply_diff(
+        self,
+        prefix: KeyLike,
+        diff: ConfigDiff,
+        *,
+        since_revision: int | None = None,
+        max_txn_ops: int = MAX_TXN_OPS,
+    ) -> int:
+        """Write ``diff`` (its puts and deletes) in one transaction guarded like :meth:`apply_if_unchanged`.
+
+        The guard is ``since_revision``, by default ``diff.old_revision``: if a key under ``prefix``
+        was created or changed after it, :class:`TxnConflict` and nothing is written. Returns the
+        new revision (the current one, with nothing written, for an empty diff).
+        """
+        guard = diff.old_revision if since_revision is None else since_revision
+        if not diff:
+            return (await self.get_prefix(prefix)).revision
+        return await self.apply_if_unchanged(
+            prefix, diff.puts, diff.deletes, since_revision=guard, max_txn_ops=max_txn_ops
+        )
+
+    async def rollback(
+        self,
+        prefix: KeyLike,
+        to_revision: int,
+        *,
+        model: type[BaseModel] | None = None,
+        expect_revision: int | None = None,
+        max_txn_ops: int = MAX_TXN_OPS,
+    ) -> tuple[ConfigDiff, int]:
+        """Restore ``prefix`` to its state at ``to_revision`` as one new revision; returns (diff, revision).
+
+        With ``model`` the restored state is validated first (:class:`ConfigRejected` names the
+        keys, nothing is written). The write is one transaction guarded by ``expect_revision`` (or
+        the revision the plan was read at): any key under the prefix created or changed since
+        refuses it with :class:`TxnConflict`. Watchers see the rollback as an ordinary change.
+        """
+        diff, target = await self.plan_rollback(prefix, to_revision)
+        if model is not None:
+            label = decode_key(as_bytes(prefix))
+            items = {k[len(label) :]: v for k, v in target.items.items()}
+            build_model(model, label, items, to_revision)
+        revision = await self.apply_diff(
+            prefix, diff, since_revision=expect_revision, max_txn_ops=max_txn_ops
+        )
+        return diff, revision
 
     async def put(self, key: KeyLike, value: KeyLike) -> int:
         """Set ``key`` to ``value``; returns the new revision."""
@@ -63,15 +167,27 @@ class KV:
         deletes: Iterable[KeyLike] = (),
         *,
         since_revision: int,
+        max_txn_ops: int = MAX_TXN_OPS,
     ) -> int:
         """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
 
         Refused with :class:`TxnConflict`, writing nothing, if any key under ``prefix`` was created
         or changed after ``since_revision``, or a key this call changes was deleted since. (A
         deletion of another key under the prefix is not detected: etcd cannot compare a count.)
-        One transaction holds at most etcd's ``--max-txn-ops`` (128 by default) operations.
+        One transaction holds at most etcd's ``--max-txn-ops`` operations and compares (128 by
+        default; pass the server's value as ``max_txn_ops``): a larger change raises
+        :class:`RequestTooLarge` before anything is sent.
         """
         raw = as_bytes(prefix)
+        delete_keys = [as_bytes(k) for k in deletes]
+        operations = len(puts) + len(delete_keys)
+        if max(operations, 1 + len(delete_keys)) > max_txn_ops:
+            raise RequestTooLarge(
+                f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r} do not fit "
+                f"one transaction: etcd's --max-txn-ops allows {max_txn_ops} operations (and "
+                f"{max_txn_ops - 1} guarded deletes); nothing was written. Split the change, or raise "
+                "the server's limit and pass max_txn_ops"
+            )
         compare = [
             rpc_pb2.Compare(
                 target=rpc_pb2.Compare.MOD,
@@ -81,7 +197,6 @@ class KV:
                 mod_revision=since_revision + 1,
             )
         ]
-        delete_keys = [as_bytes(k) for k in deletes]
         ops = [_put(k, v) for k, v in puts.items()]
         ops += [
             rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)) for k in delete_keys

@@ -9,8 +9,9 @@ Every error the public API raises derives from :class:`AetcdcfgError`; no raw ``
     │   ├── EtcdUnavailable     no endpoint answered in time; lists endpoints tried and the last cause
     │   ├── AuthenticationFailed    wrong user name or password (retrying cannot fix it)
     │   ├── PermissionDenied    the user's etcd role does not cover the key or prefix
-    │   ├── RequestTooLarge     a value or request over etcd's ``--max-request-bytes``
-    │   ├── RevisionCompacted   a watch asked for history etcd has compacted away
+    │   ├── RequestTooLarge     over etcd's ``--max-request-bytes`` or ``--max-txn-ops``
+    │   ├── RevisionCompacted   a watch or read asked for history etcd has compacted away
+    │   ├── FutureRevision      a read asked for a revision etcd has not reached yet
     │   └── TxnConflict         a guarded write found that etcd changed since it was read
     ├── SubscriberLagged        a watch subscriber fell behind its buffer; resume from ``resume_revision``
     └── ConfigRejected          a settings change failed validation; the last good settings stay
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "EtcdError",
     "EtcdUnavailable",
+    "FutureRevision",
     "PermissionDenied",
     "RequestTooLarge",
     "RevisionCompacted",
@@ -87,19 +89,48 @@ class PermissionDenied(EtcdError):
 
 
 class RequestTooLarge(EtcdError):
-    """The request exceeds etcd's ``--max-request-bytes`` (1.5 MiB by default)."""
+    """The request exceeds etcd's ``--max-request-bytes`` (1.5 MiB) or ``--max-txn-ops`` (128) limit."""
 
 
 class RevisionCompacted(EtcdError):
-    """History from ``requested_revision`` is gone; the oldest available is ``compact_revision + 1``."""
+    """History from ``requested_revision`` is gone; etcd compacted it up to ``compact_revision``.
 
-    def __init__(self, *, prefix: str, requested_revision: int, compact_revision: int) -> None:
+    A watch can start at ``compact_revision + 1`` at the earliest; a read (``get_prefix(revision=R)``,
+    ``diff``, ``rollback``) can use ``compact_revision`` itself, the oldest state etcd still holds.
+    ``operation`` says what was asked: ``"watch"`` (the default) or a read.
+    """
+
+    def __init__(
+        self, *, prefix: str, requested_revision: int, compact_revision: int, operation: str = "watch"
+    ) -> None:
         self.prefix = prefix
         self.requested_revision = requested_revision
         self.compact_revision = compact_revision
+        self.operation = operation
+        if operation == "watch":
+            text = (
+                f"watch of {prefix!r} from revision {requested_revision} is impossible: etcd compacted "
+                f"history up to revision {compact_revision}; re-read the prefix with get_prefix()"
+            )
+        else:
+            text = (
+                f"{operation} of {prefix!r} at revision {requested_revision} is impossible: etcd keeps "
+                f"history only until compaction, and it compacted up to revision {compact_revision}; "
+                f"pick a revision >= {compact_revision}"
+            )
+        super().__init__(text)
+
+
+class FutureRevision(EtcdError, ValueError):
+    """A read asked for ``requested_revision``, but etcd is only at ``current_revision``."""
+
+    def __init__(self, *, prefix: str, requested_revision: int, current_revision: int) -> None:
+        self.prefix = prefix
+        self.requested_revision = requested_revision
+        self.current_revision = current_revision
         super().__init__(
-            f"watch of {prefix!r} from revision {requested_revision} is impossible: etcd compacted "
-            f"history up to revision {compact_revision}; re-read the prefix with get_prefix()"
+            f"revision {requested_revision} of {prefix!r} does not exist yet: etcd is at revision "
+            f"{current_revision}; pick a revision <= {current_revision}"
         )
 
 
