@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 import anyio
 from pydantic import BaseModel
 
+from .._diff import ConfigDiff
 from ..client import EtcdClient
 from ..source import is_secret, resolve_key
 
@@ -22,6 +23,8 @@ __all__ = [
     "Subparsers",
     "MASK",
     "UsageError",
+    "diff_json",
+    "diff_lines",
     "json_value",
     "load_model",
     "make_client",
@@ -99,6 +102,41 @@ def json_value(value: bytes, secret: bool = False) -> Any:
         return value.decode()
     except UnicodeDecodeError:
         return {"base64": base64.b64encode(value).decode()}
+
+
+def _diff_secrets(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None) -> set[str]:
+    """The full keys of ``diff`` that hold secrets of ``model``."""
+    rel = {key[len(prefix) :]: key for key in diff.keys if key.startswith(prefix)}
+    return {rel[k] for k in secret_keys(model, list(rel))}
+
+
+def diff_lines(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None, indent: str = "") -> list[str]:
+    """``+ key = value``, ``~ key: old -> new`` and ``- key`` lines in key order, secrets masked."""
+    secrets = _diff_secrets(prefix, diff, model)
+    lines = []
+    for key in diff.keys:
+        secret = key in secrets
+        if key in diff.added:
+            lines.append(f"{indent}+ {key} = {show(diff.added[key], secret)}")
+        elif key in diff.changed:
+            old, new = diff.changed[key]
+            lines.append(f"{indent}~ {key}: {show(old, secret)} -> {show(new, secret)}")
+        else:
+            lines.append(f"{indent}- {key}")
+    return lines
+
+
+def diff_json(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None) -> dict[str, Any]:
+    """A diff as JSON-ready data: added/removed map keys to values, changed to ``{old, new}``."""
+    secrets = _diff_secrets(prefix, diff, model)
+    return {
+        "added": {k: json_value(v, k in secrets) for k, v in diff.added.items()},
+        "changed": {
+            k: {"old": json_value(old, k in secrets), "new": json_value(new, k in secrets)}
+            for k, (old, new) in diff.changed.items()
+        },
+        "removed": {k: json_value(v, k in secrets) for k, v in diff.removed.items()},
+    }
 
 
 @contextlib.asynccontextmanager

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from .._diff import ConfigDiff
 from .._validate import build_model
+from ..client import EtcdClient
 from ..errors import ConfigRejected
+from ..events import Snapshot
 from ..source import resolve_key
-from ._common import MASK, Subparsers, load_model, make_client, normalize_prefix, out, secret_keys, show
+from ._common import (
+    MASK,
+    Subparsers,
+    diff_lines,
+    load_model,
+    make_client,
+    normalize_prefix,
+    out,
+    secret_keys,
+)
 from ._files import flatten, load_file
 
-__all__ = ["register", "cmd_check", "cmd_push"]
+__all__ = ["register", "cmd_check", "cmd_push", "refuse_unknown", "write_result"]
 
 
 async def _current(args: argparse.Namespace) -> tuple[type[BaseModel], str, dict[str, bytes], int]:
@@ -41,16 +54,65 @@ async def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_unknown(model: type[BaseModel], prefix: str, keys: Iterable[str], source: str) -> bool:
+    """Print a refusal and return True if some relative ``keys`` are read by no field of ``model``."""
+    unknown = sorted(k for k in keys if resolve_key(model, k) is None)
+    if not unknown:
+        return False
+    out(f"REFUSED: {source} has keys that no field of {model.__name__} reads:")
+    for key in unknown:
+        out(f"  {prefix}{key}")
+    out("nothing was written")
+    return True
+
+
+async def write_result(
+    args: argparse.Namespace,
+    client: EtcdClient,
+    model: type[BaseModel],
+    prefix: str,
+    current: Snapshot,
+    result: Mapping[str, bytes],
+    *,
+    header: str,
+    notes: Sequence[str] = (),
+) -> int:
+    """Turn the prefix from ``current`` into ``result`` (full keys), as push, set and rollback do.
+
+    The result is validated with ``model`` first (refused, writing nothing, if it does not
+    validate); the diff is shown with secrets masked; ``--dry-run`` stops there; otherwise the diff
+    is written in one transaction guarded by ``--expect-revision`` or ``current.revision``.
+    """
+    try:
+        build_model(model, prefix, {k[len(prefix) :]: v for k, v in result.items()}, current.revision)
+    except ConfigRejected as exc:
+        out(f"REFUSED: the result would not validate as {model.__name__}:")
+        _report(exc)
+        out("nothing was written")
+        return 1
+    diff = ConfigDiff.between(current, Snapshot(current.revision, result))
+    out(header)
+    for line in diff_lines(prefix, diff, model):
+        out(line)
+    for note in notes:
+        out(note)
+    if not diff:
+        out("no changes")
+        return 0
+    if args.dry_run:
+        out(f"dry run: nothing written; apply with --expect-revision {current.revision}")
+        return 0
+    guard = args.expect_revision if args.expect_revision is not None else current.revision
+    revision = await client.apply_diff(prefix, diff, since_revision=guard)
+    out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
+    return 0
+
+
 async def cmd_push(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     prefix = normalize_prefix(args.prefix)
     wanted = flatten(load_file(Path(args.file)))
-    unknown = sorted(k for k in wanted if resolve_key(model, k) is None)
-    if unknown:
-        out(f"REFUSED: {args.file} has keys that no field of {model.__name__} reads:")
-        for key in unknown:
-            out(f"  {prefix}{key}")
-        out("nothing was written")
+    if refuse_unknown(model, prefix, wanted, args.file):
         return 1
     secrets = secret_keys(model, list(wanted))
     async with make_client(args) as client:
@@ -62,45 +124,24 @@ async def cmd_push(args: argparse.Namespace) -> int:
                 wanted[key] = current[key]
             else:
                 del wanted[key]
-        puts = {k: v for k, v in wanted.items() if current.get(k) != v}
         extra = sorted(k for k in current if k not in wanted)
-        deletes = extra if args.prune else []
-        result = {k: v for k, v in current.items() if k not in deletes}
-        result.update(puts)
-        try:
-            build_model(model, prefix, result, snapshot.revision)
-        except ConfigRejected as exc:
-            out(f"REFUSED: the result would not validate as {model.__name__}:")
-            _report(exc)
-            out("nothing was written")
-            return 1
-        guard = args.expect_revision if args.expect_revision is not None else snapshot.revision
-        out(f"# {prefix} at revision {snapshot.revision}, changes from {args.file}:")
-        all_secrets = secrets | secret_keys(model, list(current))
-        for key in sorted(puts):
-            secret = key in all_secrets
-            if key in current:
-                out(f"~ {prefix}{key}: {show(current[key], secret)} -> {show(puts[key], secret)}")
-            else:
-                out(f"+ {prefix}{key} = {show(puts[key], secret)}")
-        for key in deletes:
-            out(f"- {prefix}{key}")
+        result = {k: v for k, v in current.items() if not (args.prune and k in extra)}
+        result.update(wanted)
+        notes = []
         if extra and not args.prune:
-            out(f"# {len(extra)} key(s) in etcd but not in the file are kept (use --prune to delete them)")
-        if not puts and not deletes:
-            out("no changes")
-            return 0
-        if args.dry_run:
-            out(f"dry run: nothing written; apply with --expect-revision {snapshot.revision}")
-            return 0
-        revision = await client.apply_if_unchanged(
+            notes.append(
+                f"# {len(extra)} key(s) in etcd but not in the file are kept (use --prune to delete them)"
+            )
+        return await write_result(
+            args,
+            client,
+            model,
             prefix,
-            {prefix + k: v for k, v in puts.items()},
-            [prefix + k for k in deletes],
-            since_revision=guard,
+            snapshot,
+            {prefix + k: v for k, v in result.items()},
+            header=f"# {prefix} at revision {snapshot.revision}, changes from {args.file}:",
+            notes=notes,
         )
-    out(f"wrote {len(puts)} put(s) and {len(deletes)} delete(s) at revision {revision}")
-    return 0
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
