@@ -1,4 +1,4 @@
-"""The ``aetcdcfg`` command: inspect, watch, validate and push config that a settings model reads.
+"""The ``aetcdcfg`` command: inspect, watch, validate, push and roll back config a settings model reads.
 
 ``etcdctl`` knows bytes; this knows the service's pydantic settings model. Connection options and
 ``ETCD_*`` environment variables are those of :class:`~aetcdcfg.EtcdSettings`. Errors print one line
@@ -17,7 +17,7 @@ import anyio
 import structlog
 
 from ..errors import AetcdcfgError, ConfigurationError
-from . import _dev, _read, _write
+from . import _dev, _ops, _read, _write
 from ._common import UsageError, normalize_prefix
 from ._files import flatten, unflatten
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (_read, _write, _dev):
+    for group in (_read, _write, _ops, _dev):
         group.register(sub, common)
     return parser
 

@@ -1,0 +1,201 @@
+"""Day-to-day operations on a prefix's revisions: ``history``, ``diff``, ``rollback`` and ``set``.
+
+``rollback`` and ``set`` write through the same path as ``push`` (:func:`write_result`): validate the
+resulting state with the model, show the diff, ``--dry-run``, one transaction guarded by the
+revision the diff was read at (or ``--expect-revision``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import (
+    Subparsers,
+    UsageError,
+    diff_json,
+    diff_lines,
+    load_model,
+    make_client,
+    normalize_prefix,
+    out,
+)
+from ._write import refuse_unknown, write_result
+
+__all__ = ["register", "cmd_diff", "cmd_history", "cmd_rollback", "cmd_set"]
+
+#: What the commands print where a revision's time would go: etcd does not store it.
+TIME_UNKNOWN = "time unknown"
+
+
+async def cmd_history(args: argparse.Namespace) -> int:
+    prefix = normalize_prefix(args.prefix)
+    model = load_model(args.model) if args.model else None
+    async with make_client(args) as client:
+        history = await client.history(prefix, limit=args.limit, max_revisions=args.max_revisions)
+    if history.compact_revision is not None:
+        scope = f"etcd compacted history up to revision {history.compact_revision}"
+    elif len(history.entries) >= args.limit:
+        scope = f"--limit {args.limit}"
+    else:
+        scope = (
+            f"--max-revisions {args.max_revisions}" if history.scanned_from > 2 else "etcd's first revision"
+        )
+    if args.json:
+        record = {
+            "prefix": prefix,
+            "revision": history.revision,
+            "scanned_from": history.scanned_from,
+            "compact_revision": history.compact_revision,
+            "entries": [
+                {
+                    "revision": entry.revision,
+                    "time": None,
+                    **diff_json(prefix, entry.diff, model),
+                    "rewritten": list(entry.rewritten),
+                }
+                for entry in history.entries
+            ],
+        }
+        out(json.dumps(record, indent=2))
+        return 0
+    out(
+        f"# {prefix} at revision {history.revision}: {len(history.entries)} revision(s) changed it "
+        f"in revisions {history.scanned_from}..{history.revision} (stopped by {scope}), newest first"
+    )
+    for entry in history.entries:
+        diff = entry.diff
+        counts = [f"{len(diff.added)} added", f"{len(diff.changed)} changed", f"{len(diff.removed)} removed"]
+        out(f"revision {entry.revision} ({TIME_UNKNOWN}): {', '.join(counts)}")
+        for line in diff_lines(prefix, diff, model, indent="  "):
+            out(line)
+        for key in entry.rewritten:
+            out(f"  = {key} (written again with the same value)")
+    return 0
+
+
+async def cmd_diff(args: argparse.Namespace) -> int:
+    prefix = normalize_prefix(args.prefix)
+    model = load_model(args.model) if args.model else None
+    async with make_client(args) as client:
+        diff = await client.diff(prefix, args.from_revision, args.to_revision)
+    if args.json:
+        record = {
+            "prefix": prefix,
+            "from_revision": diff.old_revision,
+            "to_revision": diff.new_revision,
+            **diff_json(prefix, diff, model),
+        }
+        out(json.dumps(record, indent=2))
+        return 0
+    out(
+        f"# {prefix} from revision {diff.old_revision} to revision {diff.new_revision}: "
+        f"{len(diff.added)} added, {len(diff.changed)} changed, {len(diff.removed)} removed"
+    )
+    for line in diff_lines(prefix, diff, model):
+        out(line)
+    return 0
+
+
+async def cmd_rollback(args: argparse.Namespace) -> int:
+    prefix = normalize_prefix(args.prefix)
+    model = load_model(args.model)
+    async with make_client(args) as client:
+        target = await client.get_prefix(prefix, revision=args.to_revision)
+        current = await client.get_prefix(prefix)
+        return await write_result(
+            args,
+            client,
+            model,
+            prefix,
+            current,
+            target.items,
+            header=f"# {prefix} at revision {current.revision}, changes to restore revision "
+            f"{target.revision}:",
+        )
+
+
+def _assignments(prefix: str, pairs: list[str]) -> dict[str, bytes]:
+    """``KEY=VALUE`` arguments as relative keys (a key may also be given with the prefix)."""
+    items: dict[str, bytes] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key[len(prefix) :] if key.startswith(prefix) else key.lstrip("/")
+        if not sep or not key:
+            raise UsageError(f"{pair!r}: expected KEY=VALUE, e.g. rate_limit=200 or db/url=postgres://db")
+        if key in items:
+            raise UsageError(f"{key!r} is given twice")
+        items[key] = value.encode()
+    return items
+
+
+async def cmd_set(args: argparse.Namespace) -> int:
+    prefix = normalize_prefix(args.prefix)
+    model = load_model(args.model)
+    wanted = _assignments(prefix, args.assignments)
+    if refuse_unknown(model, prefix, wanted, "the command line"):
+        return 1
+    async with make_client(args) as client:
+        current = await client.get_prefix(prefix)
+        result = {**current.items, **{prefix + k: v for k, v in wanted.items()}}
+        return await write_result(
+            args,
+            client,
+            model,
+            prefix,
+            current,
+            result,
+            header=f"# {prefix} at revision {current.revision}, changes from the command line:",
+        )
+
+
+def _guarded(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="module:Class of the settings model")
+    parser.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    parser.add_argument(
+        "--expect-revision",
+        type=int,
+        metavar="R",
+        help="refuse if the prefix changed after revision R (a reviewed dry run)",
+    )
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    """Add this module's commands to the ``aetcdcfg`` parser."""
+    history = sub.add_parser(
+        "history", parents=[common], help="recent revisions that changed a prefix, newest first"
+    )
+    history.add_argument("prefix")
+    history.add_argument("--limit", type=int, default=10, metavar="N", help="at most N revisions (10)")
+    history.add_argument(
+        "--max-revisions",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="look back at most N revisions of etcd (10000): one read each",
+    )
+    history.add_argument("--model", help="module:Class, to mask its secret fields")
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(run=cmd_history)
+
+    diff = sub.add_parser("diff", parents=[common], help="how a prefix changed between two revisions")
+    diff.add_argument("prefix")
+    diff.add_argument("--from", dest="from_revision", type=int, required=True, metavar="R1")
+    diff.add_argument("--to", dest="to_revision", type=int, metavar="R2", help="default: now")
+    diff.add_argument("--model", help="module:Class, to mask its secret fields")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(run=cmd_diff)
+
+    rollback = sub.add_parser(
+        "rollback", parents=[common], help="restore a prefix as it was at a revision, in one txn"
+    )
+    rollback.add_argument("prefix")
+    rollback.add_argument("--to-revision", type=int, required=True, metavar="R")
+    _guarded(rollback)
+    rollback.set_defaults(run=cmd_rollback)
+
+    set_ = sub.add_parser("set", parents=[common], help="change a few keys, validated, in one txn")
+    set_.add_argument("prefix")
+    set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="keys relative to the prefix")
+    _guarded(set_)
+    set_.set_defaults(run=cmd_set)
