@@ -14,6 +14,7 @@ from .events import Snapshot
 
 __all__ = ["ConfigDiff", "History", "HistoryEntry"]
 
+
 def _empty() -> Mapping[str, bytes]:
     return MappingProxyType({})
 

@@ -91,15 +91,16 @@ class KV:
             new = await snapshot_at(self._conn, as_bytes(prefix), to_revision, operation="diff")
         return ConfigDiff.between(old, new)
 
-    async def plan_rollback(self, prefix: KeyLike, to_revision: int) -> tuple[ConfigDiff, Snapshot]:
-        """What restoring ``prefix`` to its state at ``to_revision`` would write, and that state.
+    async def plan_rollback(self, prefix: KeyLike, to_revision: int) -> tuple[Snapshot, Snapshot]:
+        """``(current, target)``: the prefix now, and as it was at ``to_revision``.
 
-        The diff goes from the current state (``diff.old_revision`` is now) to the old one; apply it
-        with :meth:`apply_diff`, which refuses if the prefix changed after it was planned.
+        ``ConfigDiff.between(current, target)`` is what a rollback writes (its ``puts`` and
+        ``deletes``); apply it with :meth:`apply_diff`, which refuses if the prefix changed after
+        ``current.revision``. A compacted ``to_revision`` raises :class:`RevisionCompacted`.
         """
         target = await snapshot_at(self._conn, as_bytes(prefix), to_revision, operation="rollback")
         current = await self.get_prefix(prefix)
-        return ConfigDiff.between(current, target), target
+        return current, target
 
     async def apply_diff(
         self,
@@ -138,7 +139,8 @@ class KV:
         the revision the plan was read at): any key under the prefix created or changed since
         refuses it with :class:`TxnConflict`. Watchers see the rollback as an ordinary change.
         """
-        diff, target = await self.plan_rollback(prefix, to_revision)
+        current, target = await self.plan_rollback(prefix, to_revision)
+        diff = ConfigDiff.between(current, target)
         if model is not None:
             label = decode_key(as_bytes(prefix))
             items = {k[len(label) :]: v for k, v in target.items.items()}

@@ -101,8 +101,7 @@ async def cmd_rollback(args: argparse.Namespace) -> int:
     prefix = normalize_prefix(args.prefix)
     model = load_model(args.model)
     async with make_client(args) as client:
-        target = await client.get_prefix(prefix, revision=args.to_revision)
-        current = await client.get_prefix(prefix)
+        current, target = await client.plan_rollback(prefix, args.to_revision)
         return await write_result(
             args,
             client,
