@@ -27,7 +27,7 @@ from ._fanout import Subscription
 from ._log import get_logger
 from ._validate import build_layered, lists_etcd_source
 from .client import EtcdClient
-from .errors import AetcdcfgError, ConfigRejected, EtcdError, EtcdUnavailable, SubscriberLagged
+from .errors import AetcdcfgError, ConfigRejected, EtcdUnavailable, RevisionCompacted, SubscriberLagged
 from .events import Event, EventType
 from .settings import EtcdSettings
 from .source import decode_items, leaf_paths
@@ -308,9 +308,7 @@ class LiveSettings(Generic[ModelT]):
                 self._log.warning("config.layer_read_retry", layer=layer.prefix, cause=str(exc))
                 await anyio.sleep(backoff.next_delay())
                 continue
-            except EtcdError as exc:
-                if "compacted" not in str(exc):
-                    raise
+            except RevisionCompacted:
                 # Compacted within moments of the write: that layer is read as it is now, so the
                 # object may combine revisions once; the next change of any layer realigns them.
                 self._log.warning("config.layer_read_compacted", layer=layer.prefix, revision=revision)
