@@ -1,4 +1,5 @@
-"""compose.yaml would really form a cluster: each member's flags agree with the others'.
+"""compose.yaml would really form a cluster: each member's flags agree with the others', and the app
+reaches the members through etcd's gRPC proxy.
 
 Docker does not run on CI, so the file is parsed with PyYAML and its wiring checked instead.
 """
@@ -60,20 +61,55 @@ def test_members_listen_on_all_interfaces_at_the_advertised_ports() -> None:
         assert member["listen-client-urls"] == "http://0.0.0.0:2379"
 
 
-def test_client_urls_and_app_endpoints_match_the_members() -> None:
-    found = members()
-    for name, member in found.items():
+def proxy() -> tuple[list[str], dict[str, str]]:
+    """The grpc-proxy service's command words before the flags, and its flags."""
+    command = load()["services"]["grpc-proxy"]["command"]
+    return [arg for arg in command if not arg.startswith("--")], flags({"command": command})
+
+
+def test_member_client_urls_are_their_service_names() -> None:
+    for name, member in members().items():
         assert member["advertise-client-urls"] == f"http://{name}:2379"
-    app = load()["services"]["app"]
-    endpoints = app["environment"]["ETCD_ENDPOINTS"].split(",")
-    assert sorted(endpoints) == sorted(m["advertise-client-urls"] for m in found.values())
+
+
+def test_grpc_proxy_forwards_to_every_member_advertised_client_url() -> None:
+    words, proxy_flags = proxy()
+    assert words == ["etcd", "grpc-proxy", "start"]
+    endpoints = proxy_flags["endpoints"].split(",")
+    # The proxy's --endpoints are host:port; the members advertise http://host:port.
+    advertised = [m["advertise-client-urls"].removeprefix("http://") for m in members().values()]
+    assert sorted(endpoints) == sorted(advertised)
     assert len(endpoints) == len(set(endpoints))
 
 
-def test_app_waits_for_healthy_members_and_runs_the_example() -> None:
+def test_grpc_proxy_listens_on_all_interfaces_and_advertises_its_service_name() -> None:
+    _, proxy_flags = proxy()
+    assert proxy_flags["listen-addr"] == "0.0.0.0:23790"
+    assert proxy_flags["advertise-client-url"] == "grpc-proxy:23790"
+
+
+def test_grpc_proxy_runs_the_members_image_after_they_are_healthy() -> None:
+    services = load()["services"]
+    service = services["grpc-proxy"]
+    assert service["image"] == services["etcd1"]["image"]
+    assert service["depends_on"] == {name: {"condition": "service_healthy"} for name in members()}
+    check = service["healthcheck"]["test"]
+    assert "etcdctl" in check
+    assert "--endpoints=http://127.0.0.1:23790" in check  # through the proxy, not a member
+
+
+def test_app_points_at_the_proxy_listen_address() -> None:
+    app = load()["services"]["app"]
+    _, proxy_flags = proxy()
+    port = proxy_flags["listen-addr"].rsplit(":", 1)[1]
+    assert app["environment"]["ETCD_ENDPOINTS"] == f"http://grpc-proxy:{port}"
+    assert proxy_flags["advertise-client-url"] == f"grpc-proxy:{port}"
+
+
+def test_app_waits_for_a_healthy_proxy_and_runs_the_example() -> None:
     compose = load()
     app = compose["services"]["app"]
-    assert app["depends_on"] == {name: {"condition": "service_healthy"} for name in members()}
+    assert app["depends_on"] == {"grpc-proxy": {"condition": "service_healthy"}}
     assert app["working_dir"] == "/src" and ".:/src" in app["volumes"]
     assert "8000:8000" in app["ports"]
     command = " ".join(app["command"])
