@@ -14,6 +14,7 @@ SECTIONS = [
     ("## Fan-out again on uvloop (what uvicorn uses when installed)", ["fanout", "--uvloop"]),
     ("## LiveSettings: put-to-settings latency (writer process puts every 5 ms)", ["live"]),
     ("## Replay: a watch from an old revision over a 50,000-event backlog", ["replay"]),
+    ("## Fleet: 200 clients of one prefix, direct vs through etcd's gRPC proxy; a 20 s storm", ["fleet"]),
 ]
 
 
