@@ -301,6 +301,14 @@ def late_clients(result: FleetResult, limit_s: float = 1.0) -> int:
     )
 
 
+def window_disconnects(result: FleetResult) -> int:
+    """``watch.disconnected`` events in the steady window: streams that broke without a fault."""
+    t0, t1 = result.steady.t0, result.steady.t1
+    return sum(
+        name == "watch.disconnected" and t0 <= t <= t1 for c in result.clients for name, t, _ in c["logs"]
+    )
+
+
 def exactly_once(result: FleetResult) -> tuple[int, list[str]]:
     """Clients whose history is exact (consecutive, from their start revision to the last write),
     and what went wrong for the others: a skipped range is described by where it starts relative to
@@ -416,6 +424,8 @@ def report(opts: Options, direct: FleetResult, direct_storm: FleetResult, proxy:
         rows.append([label, f"{a:.2f}", f"{b:.2f}", ratio(b, a)])
     late = [late_clients(direct), late_clients(proxy)]
     rows.append(["clients with a delivery more than 1 s late", late[0], late[1], ""])
+    drops = [window_disconnects(direct), window_disconnects(proxy)]
+    rows.append(["`watch.disconnected` during the window", drops[0], drops[1], ""])
     writes = [len(dl), len(pl)]
     rows.append(["puts in the window (all clients had them)", writes[0], writes[1], ""])
     d_cpu = direct.steady.etcd_cpu / max(writes[0], 1) * 1e3
