@@ -72,7 +72,10 @@ def channel_options(settings: EtcdSettings) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
+        # gRPC core takes this as the *minimum connect timeout*: the time one connection attempt
+        # (TCP, TLS, HTTP/2 SETTINGS) may take. At 100 ms a handshake slower than the backoff
+        # (a loaded host, a far member, a reconnect storm) never completed and was retried forever.
+        ("grpc.min_reconnect_backoff_ms", int(settings.connect_timeout * 1000)),
         ("grpc.max_reconnect_backoff_ms", 1000),
         # We retry ourselves, knowing which etcd requests are safe to repeat.
         ("grpc.enable_retries", 0),

@@ -18,7 +18,7 @@ from aetcdcfg import (
     RequestTooLarge,
     Snapshot,
 )
-from aetcdcfg.testing import EtcdCluster, EtcdServer, TLSFiles
+from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, TLSFiles
 
 pytestmark = pytest.mark.anyio
 
@@ -256,3 +256,16 @@ async def test_read_on_a_frozen_member_fails_over_within_request_timeout(
         assert await client.get(etcd_prefix + "k") == b"v"
         assert time.monotonic() - started < 4
         assert client.endpoint != cluster.endpoints[used]
+
+
+async def test_connects_through_a_path_slower_than_the_reconnect_backoff(etcd_server: EtcdServer) -> None:
+    """0.7 s each way: the HTTP/2 handshake takes ~1.4 s, more than the 1 s maximum reconnect backoff.
+
+    gRPC gives one connection attempt max(backoff, min_reconnect_backoff_ms) to finish; with that at
+    100 ms every attempt was abandoned before etcd's SETTINGS frame arrived, forever.
+    """
+    with FaultProxy.to(etcd_server.endpoint) as proxy:
+        proxy.set_delay(0.7)
+        async with EtcdClient(endpoints=[proxy.endpoint], connect_timeout=8, request_timeout=12) as client:
+            with anyio.fail_after(15):
+                assert await client.get("/no/such/key") is None
