@@ -144,3 +144,42 @@ async def test_revision_too_large_for_the_client_through_the_proxy_fails_clearly
                     async for _ in sub:
                         pass
     assert "proxy" in str(info.value)
+
+
+async def test_resume_through_the_proxy_after_a_long_backlog_relists_instead_of_losing_revisions(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str
+) -> None:
+    """etcd's proxy drops revisions of a watcher resuming more than ~1,000 revisions behind. Behind
+    the proxy, a watch that far behind re-lists: its state (and the settings) equal etcd's."""
+    keys = [f"{etcd_prefix}k{i}" for i in range(20)]
+    with capture_logs() as logs, anyio.fail_after(90):
+        async with (
+            EtcdClient(endpoints=[quiet_etcd.endpoint]) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS) as watcher,
+            watcher.watch(etcd_prefix, with_snapshot=True, buffer_size=100_000) as sub,
+        ):
+            while not logged(logs, "watch.progress_unanswered", etcd_prefix):  # it knows: a proxy
+                await anyio.sleep(0.05)
+            proxy.kill()
+            for n in range(1_500):  # while the proxy is down: 1,500 revisions, puts and deletes
+                key = keys[n % len(keys)]
+                if n % 7 == 3:
+                    await writer.delete(key)
+                else:
+                    await writer.put(key, str(n))
+            await anyio.to_thread.run_sync(proxy.restart)
+            last = await writer.put(etcd_prefix + "end", "1")
+            state = dict(sub.snapshot.items) if sub.snapshot else {}
+            async for batch in sub.batches():
+                for event in batch:
+                    if event.type.value == "PUT":
+                        state[event.key] = event.value
+                    else:
+                        state.pop(event.key, None)
+                if batch[-1].revision >= last:
+                    break
+            expected = await writer.get_prefix(etcd_prefix, revision=last)
+    assert state == dict(expected.items)
+    backlog = logged(logs, "watch.proxy_backlog", etcd_prefix)
+    assert len(backlog) == 1 and backlog[0]["behind"] >= 1_000
+    assert any(e.get("reason") == "proxy_backlog" for e in logged(logs, "watch.resynced", etcd_prefix))
