@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -14,6 +15,24 @@ from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, as_records, et
 pytestmark = pytest.mark.anyio
 
 END = "zz-end"
+
+
+@pytest.fixture(scope="module")
+def counted() -> Iterator[EtcdServer]:
+    """A member only the watcher-counting tests use. On the shared ``etcd_server`` a baseline read at
+    a test's start can still include a server watcher of the test before it (etcd drops it only once it
+    has processed that stream's cancellation), so the counts would be off by it."""
+    with EtcdServer() as server:
+        yield server
+
+
+async def wait_for_count(server: EtcdServer, expected: int) -> None:
+    """Wait until etcd counts ``expected`` server watchers: entering ``client.watch()`` does not wait for
+    etcd to create the watcher (delivery from ``start_revision`` is guaranteed either way), and leaving
+    it does not wait for etcd to drop it."""
+    with anyio.fail_after(5):
+        while server.watcher_count() != expected:
+            await anyio.sleep(0.05)
 
 
 async def random_writes(client: EtcdClient, prefix: str, count: int, *, seed: int, pause: float = 0.0) -> int:
@@ -189,12 +208,12 @@ async def test_start_revision_older_than_compaction_raises_revision_compacted(
 
 
 async def test_thousand_subscribers_on_ten_prefixes_share_ten_server_watchers(
-    etcd_server: EtcdServer, etcd_prefix: str
+    counted: EtcdServer, etcd_prefix: str
 ) -> None:
     prefixes = [f"{etcd_prefix}p{i}/" for i in range(10)]
-    baseline = etcd_server.watcher_count()
+    await wait_for_count(counted, 0)  # the other counting test's watchers are gone
     received: dict[int, list[int]] = {}
-    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client, anyio.create_task_group() as tg:
+    async with EtcdClient(endpoints=[counted.endpoint]) as client, anyio.create_task_group() as tg:
         ready = anyio.Semaphore(0)
         done: list[int] = []
         lasts: dict[str, int] = {}
@@ -219,7 +238,10 @@ async def test_thousand_subscribers_on_ten_prefixes_share_ten_server_watchers(
         with anyio.fail_after(30):
             for _ in range(1000):
                 await ready.acquire()
-        assert etcd_server.watcher_count() - baseline == 10
+        with anyio.fail_after(5):  # etcd creates the watchers after entry
+            while (count := counted.watcher_count()) < 10:
+                await anyio.sleep(0.05)
+        assert count == 10  # one per prefix, not one per subscriber
         for round_ in range(5):
             for prefix in prefixes:
                 lasts[prefix] = await client.put(prefix + "k", str(round_))
@@ -229,9 +251,7 @@ async def test_thousand_subscribers_on_ten_prefixes_share_ten_server_watchers(
         per_prefix.setdefault(prefixes[n % 10], revisions)
         assert revisions == per_prefix[prefixes[n % 10]], n
         assert len(revisions) == 5
-    with anyio.fail_after(5):
-        while etcd_server.watcher_count() != baseline:
-            await anyio.sleep(0.05)
+    await wait_for_count(counted, 0)
 
 
 async def test_slow_subscriber_lags_without_stalling_fast_one_and_resumes_gap_free(
@@ -255,25 +275,15 @@ async def test_slow_subscriber_lags_without_stalling_fast_one_and_resumes_gap_fr
     assert slow_seen + rest == revisions
 
 
-async def test_leaving_cancelling_and_closing_remove_server_watchers(etcd_prefix: str) -> None:
-    # An etcd of its own: on the shared one, watchers of earlier tests' closed clients are still
-    # going away while the baseline is read, and the count then never equals baseline + 1.
-    with EtcdServer() as etcd_server:
-        await _leaving_cancelling_and_closing(etcd_server, etcd_prefix)
+async def test_leaving_cancelling_and_closing_remove_server_watchers(
+    counted: EtcdServer, etcd_prefix: str
+) -> None:
+    await wait_for_count(counted, 0)  # the other counting test's watchers are gone
 
-
-async def _leaving_cancelling_and_closing(etcd_server: EtcdServer, etcd_prefix: str) -> None:
-    baseline = etcd_server.watcher_count()
-
-    async def wait_for_count(expected: int) -> None:
-        with anyio.fail_after(5):
-            while etcd_server.watcher_count() != expected:
-                await anyio.sleep(0.05)
-
-    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+    async with EtcdClient(endpoints=[counted.endpoint]) as client:
         async with client.watch(etcd_prefix + "a/"), client.watch(etcd_prefix + "a/"):
-            await wait_for_count(baseline + 1)
-        await wait_for_count(baseline)
+            await wait_for_count(counted, 1)
+        await wait_for_count(counted, 0)
 
         entered = anyio.Event()
 
@@ -286,16 +296,16 @@ async def _leaving_cancelling_and_closing(etcd_server: EtcdServer, etcd_prefix: 
         async with anyio.create_task_group() as tg:
             tg.start_soon(subscriber)
             await entered.wait()
-            await wait_for_count(baseline + 1)
+            await wait_for_count(counted, 1)
             tg.cancel_scope.cancel()
-        await wait_for_count(baseline)
+        await wait_for_count(counted, 0)
 
         async with client.watch(etcd_prefix + "c/"):
-            await wait_for_count(baseline + 1)
+            await wait_for_count(counted, 1)
             closing = client.watch(etcd_prefix + "d/")
             await closing.__aenter__()
-            await wait_for_count(baseline + 2)
-    await wait_for_count(baseline)
+            await wait_for_count(counted, 2)
+    await wait_for_count(counted, 0)
 
 
 @pytest.mark.cluster
