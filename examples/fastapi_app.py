@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import structlog
@@ -77,18 +79,23 @@ Settings = Annotated[ServiceSettings, Depends(settings_dependency(live))]
 
 
 class _Window:
-    """A fixed one-second request counter: enough to show the limit changing live."""
+    """At most ``limit`` requests in any one-second span: a log of the recent ones, not a counter reset
+    at whole seconds (that lets 2 x limit through around a boundary, and a burst that straddles one
+    may see no refusal at all)."""
 
-    def __init__(self) -> None:
-        self.second = 0
-        self.count = 0
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.served: deque[float] = deque()
 
     def allow(self, limit: int) -> bool:
-        now = int(time.monotonic())
-        if now != self.second:
-            self.second, self.count = now, 0
-        self.count += 1
-        return self.count <= limit
+        now = self.clock()
+        served = self.served
+        while served and served[0] <= now - 1.0:
+            served.popleft()
+        if len(served) >= limit:
+            return False
+        served.append(now)
+        return True
 
 
 window = _Window()
