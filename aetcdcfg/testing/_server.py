@@ -52,6 +52,10 @@ def _cleanup_at_exit() -> None:
 
 _PORT_LOCK = threading.Lock()
 _PORTS_GIVEN: set[int] = set()
+#: Lock files through which test processes on one machine hand out each port to only one of them.
+_PORT_CLAIMS = Path(tempfile.gettempdir()) / "aetcdcfg-ports"
+#: Open descriptors holding this process's claims; the kernel drops the locks when the process ends.
+_CLAIMED: dict[int, int] = {}
 
 
 def _ephemeral_floor() -> int:
@@ -61,8 +65,35 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
+def _claim(port: int) -> bool:
+    """Claim ``port`` for this process's lifetime against other processes that use ``free_port``.
+
+    Binding only shows that a port is free now: a member that is down (killed, or held down for an
+    outage test) leaves its ports unbound, and another test process on the same machine could draw
+    one of them, so that the member could not be restarted on its own URLs. Always True where
+    ``fcntl`` is missing or the lock directory cannot be used (the bind check alone, as before).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return True
+    try:
+        _PORT_CLAIMS.mkdir(mode=0o777, exist_ok=True)
+        fd = os.open(_PORT_CLAIMS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMED[port] = fd
+    return True
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago, never handed out twice by this process.
+    """A loopback TCP port that was free a moment ago, never handed out twice by this process nor
+    by any other process using this function on the same machine while this one lives.
 
     Drawn below the kernel's ephemeral range rather than by binding port 0: ports from that range
     are also used as source ports of outgoing connections, so a member restarted on "its" port can
@@ -79,6 +110,8 @@ def free_port() -> int:
                     sock.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+            if not _claim(port):
+                continue
             _PORTS_GIVEN.add(port)
             return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
