@@ -140,6 +140,22 @@ def _get_health(metrics_url: str) -> bool | None:
         return False
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (or gone). True where there is no ``/proc`` to ask."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in threads:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # that thread has exited
+        if stat.rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
 class EtcdMember:
     """One etcd process with its own ports and data dir (alone, or one member of an EtcdCluster).
 
@@ -385,12 +401,22 @@ class EtcdMember:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.start(wait=wait, timeout=timeout)
 
-    def pause(self) -> None:
-        """SIGSTOP: the process freezes with its sockets open (no RST, nothing answered)."""
+    def pause(self, timeout: float = 10.0) -> None:
+        """SIGSTOP: the process freezes with its sockets open (no RST, nothing answered).
+
+        Returns once every thread of etcd has stopped. ``kill()`` only starts a group stop: one
+        thread of etcd must be scheduled to spread it, and until then the others go on serving (on
+        a loaded machine, long enough to answer a request sent after this returned).
+        """
         if self.running:
             assert self.process is not None
             self.process.send_signal(signal.SIGSTOP)
             self._paused = True
+            deadline = time.monotonic() + timeout
+            while not _all_threads_stopped(self.process.pid):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"etcd {self.name} did not stop within {timeout}s of SIGSTOP")
+                time.sleep(0.002)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
