@@ -4,8 +4,9 @@ The backlog is a bulk config push, 500 transactions x 100 keys (~6.7 MB of event
 the watch opens; each contender then watches from the backlog's first revision and stops at its last
 event. Reported: wall time to the last event and the etcd process's CPU over the replay (from
 /proc/PID/stat), each the median of ROUNDS, and their ratios against the raw aetcd watch. A third
-row, aetcd with ``fragment=True``, shows what etcd 3.5's fragmenting costs (why aetcdcfg asks for
-fragments only when a response is too large for it).
+and fourth row, bare grpc.aio stubs without and with ``fragment=True``, show what etcd 3.5's
+fragmenting costs (why aetcdcfg asks for fragments only when a response is too large for it; aetcd
+1.0 accepts a ``fragment`` argument but never puts it in its create request).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import aetcd
 import anyio
+import grpc
+from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
 from aetcdcfg import EtcdClient
 from aetcdcfg.testing import EtcdServer
@@ -59,13 +62,13 @@ async def run_aetcdcfg(endpoint: str, prefix: str, first: int) -> int:
     return seen
 
 
-def run_aetcd(fragment: bool) -> Callable[[str, str, int], Awaitable[int]]:
+def run_aetcd() -> Callable[[str, str, int], Awaitable[int]]:
     async def run(endpoint: str, prefix: str, first: int) -> int:
         host, port = endpoint.split("://", 1)[1].rsplit(":", 1)
         options = {"grpc.max_receive_message_length": 64 << 20}
         seen = 0
         async with aetcd.Client(host=host, port=int(port), options=options) as client:
-            watch = await client.watch_prefix(prefix.encode(), start_revision=first, fragment=fragment)
+            watch = await client.watch_prefix(prefix.encode(), start_revision=first)
             async for _ in watch:
                 seen += 1
                 if seen >= EVENTS:
@@ -76,11 +79,33 @@ def run_aetcd(fragment: bool) -> Callable[[str, str, int], Awaitable[int]]:
     return run
 
 
+def run_raw(fragment: bool) -> Callable[[str, str, int], Awaitable[int]]:
+    async def run(endpoint: str, prefix: str, first: int) -> int:
+        seen = 0
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(endpoint.split("://", 1)[1], options=options) as channel:
+            call = rpc_pb2_grpc.WatchStub(channel).Watch()
+            key = prefix.encode()
+            end = key[:-1] + bytes([key[-1] + 1])
+            create = rpc_pb2.WatchCreateRequest(
+                key=key, range_end=end, start_revision=first, fragment=fragment
+            )
+            await call.write(rpc_pb2.WatchRequest(create_request=create))
+            while seen < EVENTS:
+                response = await call.read()
+                seen += len(response.events)
+            call.cancel()
+        return seen
+
+    return run
+
+
 async def main() -> None:
     contenders: list[tuple[str, Callable[[str, str, int], Awaitable[int]]]] = [
-        ("aetcd watch (baseline)", run_aetcd(False)),
+        ("aetcd watch (baseline)", run_aetcd()),
         ("aetcdcfg client.watch", run_aetcdcfg),
-        ("aetcd watch, fragment=True", run_aetcd(True)),
+        ("raw stubs watch", run_raw(False)),
+        ("raw stubs watch, fragment=True", run_raw(True)),
     ]
     with EtcdServer() as server:
         assert server.pid is not None
