@@ -262,9 +262,7 @@ class WatchLoop:
                 tg.cancel_scope.cancel()
                 return
             if not known:
-                endpoint.answers_progress = self._progress_rx >= probe_at
-                if known is None and not endpoint.answers_progress:
-                    self._log.info("watch.progress_unanswered", endpoint=endpoint.url, probe="range")
+                self._learn(endpoint, answered=self._progress_rx >= probe_at)
 
     @staticmethod
     async def _probe(call: grpc.aio.StreamStreamCall) -> None:
@@ -279,10 +277,16 @@ class WatchLoop:
         asked = anyio.current_time()
         await self._probe(call)
         await anyio.sleep(self._conn.settings.keepalive_timeout)
-        if endpoint.answers_progress is None:
-            endpoint.answers_progress = self._progress_rx >= asked
-            if not endpoint.answers_progress:
-                self._log.info("watch.progress_unanswered", endpoint=endpoint.url, probe="range")
+        self._learn(endpoint, answered=self._progress_rx >= asked)
+
+    def _learn(self, endpoint: Endpoint, *, answered: bool) -> None:
+        """Record whether ``endpoint`` answered a progress request; an answer is final, silence is
+        believed only until one comes (an etcd member busy replaying may answer late)."""
+        if answered:
+            endpoint.answers_progress = True
+        elif endpoint.answers_progress is None:
+            endpoint.answers_progress = False
+            self._log.info("watch.progress_unanswered", endpoint=endpoint.url, probe="range")
 
     async def _check_proxy_backlog(self) -> None:
         """Through etcd's gRPC proxy, refuse to replay a long backlog: re-list instead.
