@@ -14,6 +14,11 @@ SECTIONS = [
     ("## Fan-out again on uvloop (what uvicorn uses when installed)", ["fanout", "--uvloop"]),
     ("## LiveSettings: put-to-settings latency (writer process puts every 5 ms)", ["live"]),
     ("## Replay: a watch from an old revision over a 50,000-event backlog", ["replay"]),
+    (
+        "## One stream: CPU per event against raw grpc.aio stubs (writer process, as fast as etcd takes it)",
+        ["stream"],
+    ),
+    ("## First load: 40,000 keys into a dict, LiveSettings start, idle subscribers", ["firstload"]),
     ("## Fleet: 200 clients of one prefix, direct vs through etcd's gRPC proxy; a 20 s storm", ["fleet"]),
 ]
 

@@ -30,7 +30,7 @@ def rss_bytes() -> int:
 
 
 async def start_writer(
-    endpoint: str, prefix: str, count: int, interval: float, keys: int = 10
+    endpoint: str, prefix: str, count: int, interval: float, keys: int = 10, txn: int = 1
 ) -> anyio.abc.Process:
     """The writer runs as its own process so its CPU is not billed to the subscribers."""
     command = [
@@ -42,6 +42,7 @@ async def start_writer(
         str(count),
         str(interval),
         str(keys),
+        str(txn),
     ]
     return await anyio.open_process(command, cwd=ROOT, env=dict(os.environ), stdout=None, stderr=None)
 

@@ -1,0 +1,227 @@
+"""Instructions per event on the hot paths, counted by callgrind: stable where wall clocks are not.
+
+No etcd and no network: WatchResponses and a RangeResponse are built and serialised up front, then fed
+through the same code the I/O loops run. ``python -m benchmarks.instructions`` runs each scenario
+under ``valgrind --tool=callgrind`` twice, with 0 and with N units of work, and prints the
+difference per unit (so start-up and building the input cancel out):
+
+* ``raw``: ``WatchResponse.FromString`` and decoding each event into a (key, value, revision) tuple,
+  the floor any Python client pays;
+* ``watch``: ``FromString`` + ``WatchState.on_response`` + ``PrefixWatch._publish`` to one subscription
+  + draining it event by event (``async for`` over the subscription's ready batches);
+* ``single`` / ``raw_single``: the same with one event per response (single-put revisions);
+* ``get_prefix`` / ``list_keys``: ``RangeResponse.FromString`` of 40,000 keys x 100 B and what
+  ``get_prefix`` (the Snapshot dict) or a watch's listing (state + snapshot for ``with_snapshot``)
+  builds from it, per key.
+
+``python -m benchmarks.instructions SCENARIO run`` runs one scenario natively (for py-spy or timing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aetcd.rpc import kv_pb2, rpc_pb2
+
+from ._util import ROOT, table
+
+PREFIX = b"/bench/0123abcd/"
+TXN_EVENTS = 100
+VALUE = b"1749400000123456789" + b"v" * 45  # 64 bytes
+LOAD_KEYS = 40_000
+LOAD_VALUE = b"x" * 100
+
+
+def watch_responses(count: int, per_response: int) -> list[bytes]:
+    """``count`` events of 10,000 keys, ``per_response`` per revision (a txn), serialised."""
+    out = []
+    revision = 100
+    for start in range(0, count, per_response):
+        revision += 1
+        events = []
+        for i in range(start, min(start + per_response, count)):
+            kv = kv_pb2.KeyValue(
+                key=PREFIX + b"k%05d" % (i % 10_000),
+                value=VALUE,
+                mod_revision=revision,
+                create_revision=50 + i % 10_000,
+                version=1 + i // 10_000,
+            )
+            events.append(kv_pb2.Event(type=kv_pb2.Event.PUT, kv=kv))
+        response = rpc_pb2.WatchResponse(
+            header=rpc_pb2.ResponseHeader(revision=revision), watch_id=7, events=events
+        )
+        out.append(response.SerializeToString())
+    return out
+
+
+def range_response(count: int, stem: bytes = b"k") -> bytes:
+    kvs = [
+        kv_pb2.KeyValue(
+            key=PREFIX + stem + b"%06d" % i,
+            value=LOAD_VALUE,
+            mod_revision=60 + i,
+            create_revision=60 + i,
+            version=1,
+        )
+        for i in range(count)
+    ]
+    return rpc_pb2.RangeResponse(
+        header=rpc_pb2.ResponseHeader(revision=60 + count), kvs=kvs, count=count
+    ).SerializeToString()
+
+
+def run_raw(data: list[bytes]) -> int:
+    parse = rpc_pb2.WatchResponse.FromString
+    seen = 0
+    for blob in data:
+        response = parse(blob)
+        decoded = [(ev.kv.key.decode(), ev.kv.value, ev.kv.mod_revision) for ev in response.events]
+        seen += len(decoded)
+    return seen
+
+
+async def run_watch(data: list[bytes]) -> int:
+    from aetcdcfg._fanout import PrefixWatch
+    from aetcdcfg._resume import WatchState
+
+    hub = PrefixWatch(None, PREFIX, lambda hub: None)  # type: ignore[arg-type]
+    state = hub.state = WatchState(PREFIX, 100, {})
+    state.watch_id = 7
+    subscription, _ = hub.subscribe(None, len(data) + 1, with_snapshot=False)
+    parse = rpc_pb2.WatchResponse.FromString
+    seen = 0
+    for blob in data:
+        step = state.on_response(parse(blob))
+        hub._publish(step.batches)
+        for _ in range(sum(len(batch) for batch in step.batches)):
+            event = await subscription.__anext__()
+            seen += event.revision > 0
+    return seen
+
+
+class _FakeConnection:
+    """Answers ``Range`` with one pre-serialised response (parsed per call, as grpc would)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    async def unary(self, service: str, method: str, request: Any, **kwargs: Any) -> Any:
+        return rpc_pb2.RangeResponse.FromString(self.blob)
+
+
+async def run_get_prefix(blob: bytes) -> int:
+    from aetcdcfg._kv import KV
+
+    snapshot = await KV(_FakeConnection(blob)).get_prefix(PREFIX.decode())  # type: ignore[arg-type]
+    return len(snapshot.items)
+
+
+async def run_list_keys(blob: bytes) -> int:
+    from aetcdcfg._fanout import PrefixWatch
+    from aetcdcfg._reads import list_keys
+    from aetcdcfg._resume import WatchState
+
+    listing, revision = await list_keys(_FakeConnection(blob), PREFIX)  # type: ignore[arg-type]
+    hub = PrefixWatch(None, PREFIX, lambda hub: None)  # type: ignore[arg-type]
+    hub.state = WatchState(PREFIX, revision, listing)
+    subscription, _ = hub.subscribe(None, 16, with_snapshot=True)
+    assert subscription.snapshot is not None
+    return len(subscription.snapshot.items)
+
+
+#: name -> (unit, units, build the input, process it)
+async def run_live_start(blob: bytes) -> int:
+    """What ``async with LiveSettings(Flags, ...)`` does with a 40,000-key prefix, minus the I/O."""
+    from pydantic_settings import BaseSettings
+
+    from aetcdcfg._validate import build_layered
+
+    class Flags(BaseSettings):
+        flags: dict[str, str] = {}
+
+    await run_list_keys(blob)  # the listing, the watch state and the snapshot
+    snapshot = await _snapshot(blob)
+    cut = len(PREFIX)
+    items = {key[cut:]: value for key, value in snapshot.items()}
+    return len(build_layered(Flags, [(PREFIX.decode(), items)], 1).flags)
+
+
+async def _snapshot(blob: bytes) -> dict[str, bytes]:
+    response = rpc_pb2.RangeResponse.FromString(blob)
+    return {kv.key.decode(): kv.value for kv in response.kvs}
+
+
+SCENARIOS: dict[str, tuple[str, int, Callable[[int], Any], Callable[[Any], object]]] = {
+    "raw": ("event", 20_000, lambda n: watch_responses(n, TXN_EVENTS), run_raw),
+    "watch": ("event", 20_000, lambda n: watch_responses(n, TXN_EVENTS), lambda d: asyncio.run(run_watch(d))),
+    "raw_single": ("event", 5_000, lambda n: watch_responses(n, 1), run_raw),
+    "single": ("event", 5_000, lambda n: watch_responses(n, 1), lambda d: asyncio.run(run_watch(d))),
+    "get_prefix": ("key", LOAD_KEYS, range_response, lambda d: asyncio.run(run_get_prefix(d))),
+    "list_keys": ("key", LOAD_KEYS, range_response, lambda d: asyncio.run(run_list_keys(d))),
+    "live_start": (
+        "key",
+        LOAD_KEYS,
+        lambda n: range_response(n, b"flags/f"),
+        lambda d: asyncio.run(run_live_start(d)),
+    ),
+}
+
+
+def run_one(scenario: str, process: bool) -> None:
+    """Build the input; process it only if asked (the difference is what the processing costs)."""
+    _, n, build, run = SCENARIOS[scenario]
+    data = build(n)
+    if process:
+        run(data)
+    elif not scenario.startswith("raw"):
+        asyncio.run(asyncio.sleep(0))  # start-up of the loop and the imports count in both runs
+        run(build(0))
+
+
+def instructions(scenario: str, process: bool) -> int:
+    """Instructions of one run of ``scenario``, as callgrind counts them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-m",
+                "benchmarks.instructions",
+                scenario,
+                "run" if process else "build",
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        assert match, "no totals in the callgrind output"
+        return int(match.group(1))
+
+
+def main(names: list[str]) -> None:
+    rows = []
+    for name in names or list(SCENARIOS):
+        unit, n, _, _ = SCENARIOS[name]
+        per_unit = (instructions(name, True) - instructions(name, False)) / n
+        rows.append([name, f"{n:,} {unit}s", f"{per_unit:,.0f}"])
+        print(f"{name}: {per_unit:,.0f} instructions/{unit}", file=sys.stderr, flush=True)
+    print(table(["scenario", "work", "instructions per unit"], rows))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] in SCENARIOS and sys.argv[2] in ("run", "build"):
+        run_one(sys.argv[1], sys.argv[2] == "run")
+    else:
+        main(sys.argv[1:])
