@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ._keys import decode_key
-from .events import Event, EventType
+from .events import Event, EventType, make_event
 
 __all__ = ["Batch", "KeyState", "Step", "StepKind", "WatchState"]
 
@@ -142,13 +142,15 @@ class WatchState:
             previous = keys.get(key) if keys is not None else None
             prev_value = previous.value if previous is not None else None
             if raw.type == _DELETE:
-                event = Event(EventType.DELETE, decode_key(key), b"", revision, prev_value)
+                event = make_event(EventType.DELETE, decode_key(key), b"", revision, prev_value, 0, 0)
                 if keys is not None:
                     keys.pop(key, None)
             else:
                 value = bytes(kv.value)
                 create, version = int(kv.create_revision), int(kv.version)
-                event = Event(EventType.PUT, decode_key(key), value, revision, prev_value, create, version)
+                event = make_event(
+                    EventType.PUT, decode_key(key), value, revision, prev_value, create, version
+                )
                 if keys is not None:
                     keys[key] = KeyState(value, revision, create, version)
             current.append(event)
