@@ -40,6 +40,13 @@ class KeyState(NamedTuple):
     version: int
 
 
+_PUT_TYPE = EventType.PUT
+_DELETED = EventType.DELETE
+#: ``_new_tuple(KeyState, (...))`` is ``KeyState(...)`` without the NamedTuple's Python-level
+#: ``__new__`` (a frame per event).
+_new_tuple = tuple.__new__
+
+
 class StepKind(enum.Enum):
     NOTHING = "nothing"  # keep reading
     CREATED = "created"  # the server watcher exists; ``revision`` is etcd's current revision
@@ -125,35 +132,37 @@ class WatchState:
         return Step(StepKind.EMIT, batches=batches, revision=self.delivered)
 
     def _batches(self, raw_events: Iterable[Any]) -> tuple[Batch, ...]:
+        # Runs once per etcd event, so it is written flat: protobuf already hands out ``int`` and
+        # ``bytes`` (no conversions), and what the loop reads is in local names.
         batches: list[Batch] = []
         current: list[Event] = []
         current_revision = 0
+        delivered = self.delivered
         keys = self.keys
         for raw in raw_events:
             kv = raw.kv
-            revision = int(kv.mod_revision)
-            if revision <= self.delivered:
+            revision = kv.mod_revision
+            if revision <= delivered:
                 continue  # already delivered before a reconnect; never repeat
             if revision != current_revision and current:
                 batches.append(tuple(current))
                 current = []
             current_revision = revision
-            key = bytes(kv.key)
+            key = kv.key
+            name = key.decode("utf-8", "surrogateescape")  # as _keys.decode_key, inlined
             previous = keys.get(key) if keys is not None else None
             prev_value = previous.value if previous is not None else None
             if raw.type == _DELETE:
-                event = make_event(EventType.DELETE, decode_key(key), b"", revision, prev_value, 0, 0)
+                current.append(make_event(_DELETED, name, b"", revision, prev_value, 0, 0))
                 if keys is not None:
                     keys.pop(key, None)
             else:
-                value = bytes(kv.value)
-                create, version = int(kv.create_revision), int(kv.version)
-                event = make_event(
-                    EventType.PUT, decode_key(key), value, revision, prev_value, create, version
-                )
+                value = kv.value
+                create = kv.create_revision
+                version = kv.version
+                current.append(make_event(_PUT_TYPE, name, value, revision, prev_value, create, version))
                 if keys is not None:
-                    keys[key] = KeyState(value, revision, create, version)
-            current.append(event)
+                    keys[key] = _new_tuple(KeyState, (value, revision, create, version))
         if current:
             batches.append(tuple(current))
             self.delivered = current_revision
