@@ -342,7 +342,11 @@ class PrefixWatch:
         sub.catching_up = first < self.floor
         snapshot = None
         if with_snapshot:
-            snapshot = Snapshot(delivered, {decode_key(k): v.value for k, v in (state.keys or {}).items()})
+            keys = state.keys or {}
+            # decode_key, inlined: this runs once per key of the prefix.
+            snapshot = Snapshot(
+                delivered, {k.decode("utf-8", "surrogateescape"): v.value for k, v in keys.items()}
+            )
         subscription = Subscription(self.label, receive, start_revision=first, snapshot=snapshot, hub=self)
         sub.subscription = subscription
         for batch in replay:

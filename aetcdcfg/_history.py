@@ -22,7 +22,7 @@ import anyio
 from ._connection import Connection
 from ._diff import ConfigDiff, History, HistoryEntry
 from ._keys import decode_key
-from ._reads import RawKV, cluster_revision, range_pages
+from ._reads import RawKV, cluster_revision, range_items
 from .errors import EtcdError, FutureRevision, RevisionCompacted
 from .events import Snapshot
 
@@ -39,7 +39,7 @@ def _is_compacted(exc: EtcdError) -> bool:
 
 async def _readable(conn: Connection, prefix: bytes, revision: int) -> bool:
     try:
-        await range_pages(conn, prefix, at_revision=revision, keys_only=True)
+        await range_items(conn, prefix, at_revision=revision, keys_only=True)
     except EtcdError as exc:
         if _is_compacted(exc):
             return False
@@ -71,7 +71,7 @@ async def snapshot_at(conn: Connection, prefix: bytes, revision: int, *, operati
     if revision < 1:
         raise ValueError(f"revision must be >= 1, got {revision}")
     try:
-        items, _ = await range_pages(conn, prefix, at_revision=revision)
+        items, _ = await range_items(conn, prefix, at_revision=revision)
     except EtcdError as exc:
         label = decode_key(prefix)
         if _is_compacted(exc):
@@ -133,7 +133,7 @@ async def scan_history(
     async def read(revision: int) -> None:
         async with limiter:
             try:
-                items, _ = await range_pages(conn, prefix, at_revision=revision, keys_only=True)
+                items, _ = await range_items(conn, prefix, at_revision=revision, keys_only=True)
                 states[revision] = items
             except EtcdError as exc:
                 if not _is_compacted(exc):

@@ -55,8 +55,10 @@ class KV:
         """
         if revision is not None:
             return await snapshot_at(self._conn, as_bytes(prefix), revision)
-        items, current = await range_pages(self._conn, as_bytes(prefix))
-        return Snapshot(revision=current, items={decode_key(item[0]): item[1] for item in items})
+        pages, current = await range_pages(self._conn, as_bytes(prefix))
+        # decode_key, inlined: this runs once per key of the prefix.
+        items = {kv.key.decode("utf-8", "surrogateescape"): kv.value for page in pages for kv in page}
+        return Snapshot(revision=current, items=items)
 
     async def history(
         self,

@@ -6,7 +6,8 @@ wiped-cluster checks all read a prefix the same way, at one revision, in pages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anyio
 from aetcd.rpc import rpc_pb2
@@ -18,7 +19,15 @@ from ._log import get_logger
 from ._resume import KeyState
 from .errors import EtcdError, EtcdUnavailable
 
-__all__ = ["PAGE_SIZE", "RawKV", "cluster_revision", "history_matches", "list_keys", "range_pages"]
+__all__ = [
+    "PAGE_SIZE",
+    "RawKV",
+    "cluster_revision",
+    "history_matches",
+    "list_keys",
+    "range_items",
+    "range_pages",
+]
 
 log = get_logger()
 
@@ -26,16 +35,22 @@ log = get_logger()
 PAGE_SIZE = 10_000
 #: (key, value, mod revision, create revision, version) as etcd returned it.
 RawKV = tuple[bytes, bytes, int, int, int]
+#: ``KeyState(...)`` without the NamedTuple's Python-level ``__new__`` (a frame per key).
+_new_tuple = tuple.__new__
 
 
 async def range_pages(
     conn: Connection, prefix: bytes, *, at_revision: int = 0, keys_only: bool = False
-) -> tuple[list[RawKV], int]:
-    """Every key under ``prefix``, all at one revision (the current one, or ``at_revision``)."""
+) -> tuple[list[Sequence[Any]], int]:
+    """Every key under ``prefix``, all at one revision (the current one, or ``at_revision``).
+
+    Returns the pages as etcd sent them (``mvccpb.KeyValue`` messages) and the revision: each
+    caller builds what it needs straight from them, in one pass (a prefix can hold many keys).
+    """
     end = prefix_range_end(prefix)
     label = decode_key(prefix)
     while True:  # starts over if the pinned revision is compacted mid-way
-        items: list[RawKV] = []
+        pages: list[Sequence[Any]] = []
         revision = at_revision
         start = prefix
         limit = PAGE_SIZE
@@ -53,17 +68,27 @@ async def range_pages(
                     raise
                 if revision == 0:
                     revision = int(response.header.revision)
-                items.extend(
-                    (bytes(kv.key), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.version)
-                    for kv in response.kvs
-                )
-                if not response.more or not response.kvs:
-                    return items, revision
-                start = bytes(response.kvs[-1].key) + b"\0"
+                kvs = response.kvs
+                if kvs:
+                    pages.append(kvs)
+                if not response.more or not kvs:
+                    return pages, revision
+                start = kvs[-1].key + b"\0"
         except EtcdError as exc:
             if "has been compacted" in str(exc) and not at_revision:
                 continue
             raise
+
+
+async def range_items(
+    conn: Connection, prefix: bytes, *, at_revision: int = 0, keys_only: bool = False
+) -> tuple[list[RawKV], int]:
+    """:func:`range_pages` flattened into ``RawKV`` tuples, for callers that compare states."""
+    pages, revision = await range_pages(conn, prefix, at_revision=at_revision, keys_only=keys_only)
+    items = [
+        (kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.version) for page in pages for kv in page
+    ]
+    return items, revision
 
 
 async def list_keys(
@@ -73,14 +98,19 @@ async def list_keys(
     backoff = Backoff(initial=0.1, maximum=2.0)
     while True:
         try:
-            items, revision = await range_pages(conn, prefix)
+            pages, revision = await range_pages(conn, prefix)
         except EtcdUnavailable as exc:
             if not retry_forever:
                 raise
             log.warning("watch.relist_retry", prefix=decode_key(prefix), cause=str(exc))
             await anyio.sleep(backoff.next_delay())
             continue
-        return {k: KeyState(v, mod, create, version) for k, v, mod, create, version in items}, revision
+        listing = {
+            kv.key: _new_tuple(KeyState, (kv.value, kv.mod_revision, kv.create_revision, kv.version))
+            for page in pages
+            for kv in page
+        }
+        return listing, revision
 
 
 async def history_matches(
@@ -93,14 +123,15 @@ async def history_matches(
     tell (compacted; the watch itself will then report the compaction).
     """
     try:
-        items, _ = await range_pages(conn, prefix, at_revision=revision, keys_only=True)
+        pages, _ = await range_pages(conn, prefix, at_revision=revision, keys_only=True)
     except EtcdError as exc:
         if "has been compacted" in str(exc):
             return None
         if "future revision" in str(exc):
             return False
         raise
-    return {item[0]: item[2] for item in items} == {k: v.mod_revision for k, v in keys.items()}
+    found = {kv.key: kv.mod_revision for page in pages for kv in page}
+    return found == {k: v.mod_revision for k, v in keys.items()}
 
 
 async def cluster_revision(conn: Connection, prefix: bytes) -> int:
