@@ -17,6 +17,7 @@ import dataclasses
 import json
 import types
 import typing
+import weakref
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -111,20 +112,42 @@ def _forbids_extra(model: type[BaseModel]) -> bool:
     return model.model_config.get("extra") == "forbid"
 
 
+def _value_kind(annotation: Any) -> str:
+    """How values for a field of type ``annotation`` are read: "json", "text" or "either"."""
+    options = _unwrap(annotation) if annotation is not None else [Any]
+    if all(_is_structured(tp) for tp in options):
+        return "json"
+    if all(_is_text(tp) for tp in options):
+        return "text"
+    return "either"
+
+
+#: annotation -> _value_kind(annotation), for the hashable ones (a handful per model).
+_kinds: dict[Any, str] = {}
+
+
 def _decode_value(raw: bytes, annotation: Any) -> tuple[Any, str | None]:
     """(value, problem) for one etcd value aimed at a field of type ``annotation``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, f"value is not UTF-8 text (invalid byte at position {exc.start})"
-    options = _unwrap(annotation) if annotation is not None else [Any]
-    if all(_is_structured(tp) for tp in options):
+    try:
+        kind = _kinds.get(annotation)
+    except TypeError:  # an unhashable annotation (e.g. Annotated with a list in it)
+        kind = _value_kind(annotation)
+    else:
+        if kind is None:
+            if len(_kinds) > 1_000:  # models made on the fly (tests): keep the memo small
+                _kinds.clear()
+            kind = _kinds[annotation] = _value_kind(annotation)
+    if kind == "json":
         try:
             return json.loads(text), None
         except json.JSONDecodeError as exc:
             what = "empty value" if not text.strip() else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
             return None, f"structured field needs JSON: {what}"
-    if all(_is_text(tp) for tp in options):
+    if kind == "text":
         if text.startswith('"') and text.endswith('"') and len(text) >= 2:
             try:
                 decoded = json.loads(text)
@@ -155,6 +178,41 @@ def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None
         node[leaf] = value
 
 
+class _Field(typing.NamedTuple):
+    """What one part of a key resolves to on one model: a field, and where the next part goes."""
+
+    name: str
+    annotation: Any
+    nested: type[BaseModel] | None  # the next part names a field of this model
+    mapping: bool  # the rest of the key is a key of this dict field
+    mapping_value: Any  # ... whose values have this type
+
+
+#: model -> key part -> _Field, for parts that name a field (so bounded by the models' fields).
+#: A prefix of 40,000 keys resolves its few distinct parts once, not 40,000 times.
+_fields: weakref.WeakKeyDictionary[type[BaseModel], dict[str, _Field]] = weakref.WeakKeyDictionary()
+
+
+def _resolve_part(model: type[BaseModel], part: str) -> _Field | None:
+    known = _fields.get(model)
+    if known is None:
+        known = _fields[model] = {}
+    found = known.get(part)
+    if found is not None:
+        return found
+    name = _match_field(model, part)
+    if name is None:
+        return None
+    annotation = model.model_fields[name].annotation
+    options = _unwrap(annotation)
+    nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
+    mapping = next((tp for tp in options if _is_mapping(tp)), None)
+    args = typing.get_args(mapping) if mapping is not None else ()
+    value = args[1] if len(args) == 2 else Any
+    found = known[part] = _Field(name, annotation, nested, mapping is not None, value)
+    return found
+
+
 def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any] | None:
     """The field path and annotation a relative key fills, or None if it matches no field."""
     parts = [p for p in key.split("/") if p]
@@ -165,25 +223,20 @@ def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any]
     index = 0
     while index < len(parts):
         part = parts[index]
-        name = _match_field(target, part)
-        if name is None:
+        field = _resolve_part(target, part)
+        if field is None:
             if _forbids_extra(target) and index == len(parts) - 1:
                 return (*path, part), None  # pydantic will say "extra inputs are not permitted"
             return None
-        path.append(name)
-        annotation = target.model_fields[name].annotation
+        path.append(field.name)
         index += 1
         if index == len(parts):
-            return tuple(path), annotation
-        options = _unwrap(annotation)
-        nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
-        if nested is not None:
-            target = nested
+            return tuple(path), field.annotation
+        if field.nested is not None:
+            target = field.nested
             continue
-        mapping = next((tp for tp in options if _is_mapping(tp)), None)
-        if mapping is not None:
-            args = typing.get_args(mapping)
-            return (*path, "/".join(parts[index:])), (args[1] if len(args) == 2 else Any)
+        if field.mapping:
+            return (*path, "/".join(parts[index:])), field.mapping_value
         return None
     return None
 
