@@ -274,10 +274,15 @@ class WatchLoop:
     async def _learn_progress(self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint) -> None:
         """On a new endpoint, find out at once whether it answers progress requests (etcd does, its
         gRPC proxy does not), so that a resume after an outage knows whether it goes through a proxy."""
+        timeout = self._conn.settings.keepalive_timeout
         asked = anyio.current_time()
         await self._probe(call)
-        await anyio.sleep(self._conn.settings.keepalive_timeout)
-        self._learn(endpoint, answered=self._progress_rx >= asked)
+        alive = await self._probe_read(endpoint, timeout)
+        await anyio.sleep(max(asked + timeout - anyio.current_time(), 0))
+        if self._progress_rx >= asked:
+            self._learn(endpoint, answered=True)
+        elif alive:  # the path works, yet no answer: not etcd itself (silence on a dead path proves nothing)
+            self._learn(endpoint, answered=False)
 
     def _learn(self, endpoint: Endpoint, *, answered: bool) -> None:
         """Record whether ``endpoint`` answered a progress request; an answer is final, silence is
@@ -313,7 +318,7 @@ class WatchLoop:
         )
         raise _Relist("proxy_backlog", current)
 
-    async def _probe_read(self, endpoint: Endpoint, timeout: float) -> None:
+    async def _probe_read(self, endpoint: Endpoint, timeout: float) -> bool:
         """A linearizable read on ``endpoint`` of any key under the prefix changed after ``delivered``.
 
         An answer proves the endpoint and etcd (behind any proxy) alive; an empty one also confirms
@@ -333,10 +338,11 @@ class WatchLoop:
             response = await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
         except grpc.aio.AioRpcError as exc:
             self._log.debug("watch.probe_failed", endpoint=endpoint.url, cause=describe(exc))
-            return
+            return False
         self._last_rx = max(self._last_rx, anyio.current_time())
         if not response.kvs:
             self.health.confirm()
+        return True
 
     async def _read_loop(
         self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, token: str | None
@@ -361,6 +367,8 @@ class WatchLoop:
                 now = self._last_rx = anyio.current_time()
                 if not response.events and not (response.created or response.canceled or response.fragment):
                     self._progress_rx = now
+                    if response.watch_id == -1:  # etcd's own answer to a progress request: not a proxy
+                        endpoint.answers_progress = True
                     if self._idle_probe:
                         # etcd < 3.5.8 answers at once, synced or not; after keepalive_time of
                         # silence the watcher is synced (a lagging one is being sent events).

@@ -17,8 +17,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from aetcdcfg import EtcdClient, EtcdError
-from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer
+from aetcdcfg import EtcdClient, EtcdError, Event, Subscription
+from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, FaultProxy, as_records, etcd_history
 
 from .harness import WATCHER_OPTIONS, following, logged, report, stall_detected
 
@@ -183,3 +183,46 @@ async def test_resume_through_the_proxy_after_a_long_backlog_relists_instead_of_
     backlog = logged(logs, "watch.proxy_backlog", etcd_prefix)
     assert len(backlog) == 1 and backlog[0]["behind"] >= 1_000
     assert any(e.get("reason") == "proxy_backlog" for e in logged(logs, "watch.resynced", etcd_prefix))
+
+
+async def test_a_black_hole_right_after_creation_is_not_mistaken_for_a_proxy(
+    quiet_etcd: EtcdServer, etcd_prefix: str
+) -> None:
+    """Straight to etcd, the path black-holed just after the watch was created: the unanswered
+    progress request proves nothing (the liveness read failed too), so the resume replays every
+    revision exactly instead of re-listing as it would behind a proxy."""
+    with FaultProxy.to(quiet_etcd.endpoint) as path, capture_logs() as logs, anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[quiet_etcd.endpoint]) as writer,
+            EtcdClient(endpoints=[path.endpoint], **WATCHER_OPTIONS) as watcher,
+        ):
+            path.set_delay(0.3)  # so etcd's answer to the first progress request is still on its way
+            async with watcher.watch(etcd_prefix) as sub:
+                start = sub.start_revision
+                while not logged(logs, "watch.connected", etcd_prefix):
+                    await anyio.sleep(0.005)
+                path.blackhole(True)  # ... when the path goes silent: held, not delivered
+                path.set_delay(0)
+                events = await _through_outage(writer, path, sub, etcd_prefix)
+            expected = await etcd_history(quiet_etcd.endpoint, etcd_prefix, start, events[-1].revision)
+    assert as_records(events) == expected
+    assert logged(logs, "watch.proxy_backlog", etcd_prefix) == []
+    assert logged(logs, "watch.progress_unanswered", etcd_prefix) == []
+
+
+async def _through_outage(
+    writer: EtcdClient, path: FaultProxy, sub: Subscription, prefix: str
+) -> list[Event]:
+    """700 revisions written while ``path`` is black-holed; healed after a probe window; returns the
+    subscriber's events up to a last write made after healing."""
+    for n in range(700):
+        await writer.put(f"{prefix}k{n % 5}", str(n))
+    await anyio.sleep(WINDOW + 1)
+    path.blackhole(False)
+    last = await writer.put(prefix + "end", "1")
+    events: list[Event] = []
+    async for event in sub:
+        events.append(event)
+        if event.revision >= last:
+            break
+    return events
