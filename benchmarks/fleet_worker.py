@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import anyio
 import structlog
 
-from aetcdcfg import EtcdClient, EtcdError
+from aetcdcfg import EtcdClient, EtcdError, Event
 
 #: Log events counted as reconnect activity, and the first successful one after an outage.
 RECONNECT_EVENTS = ("watch.disconnected", "watch.retry", "watch.resumed")
@@ -63,6 +63,7 @@ class Client:
         self.last_cause = ""  # of the last watch.retry
         self.jumps: list[tuple[int, int]] = []  # (revision delivered, next revision received) off by != 1
         self.logs: list[tuple[str, int, int]] = []  # (event name, time_ns, revision delivered)
+        self.resyncs = 0
 
     def take(self, value: bytes, revision: int, received_ns: int) -> None:
         counter_text, put_text = value.split()
@@ -80,6 +81,15 @@ class Client:
         self.last, self.last_revision, self.last_put_ns = counter, revision, put_ns
         self.latency_us.append((received_ns - put_ns) // 1000)
 
+    def resynced(self, batch: Sequence[Event]) -> None:
+        """A resync batch (after compaction, or a long backlog behind etcd's gRPC proxy): the keys'
+        latest values at one revision; the history goes on from the newest counter among them."""
+        counters = [int(event.value.split()[0]) for event in batch if event.value]
+        if counters:
+            self.last = max(self.last, *counters)
+        self.last_revision = batch[-1].revision
+        self.resyncs += 1
+
     def error(self, text: str) -> None:
         if len(self.errors) < 5:
             self.errors.append(text)
@@ -96,6 +106,7 @@ class Client:
             "open_failures": self.open_failures,
             "last_cause": self.last_cause,
             "logs": self.logs,
+            "resyncs": self.resyncs,
         }
 
 
@@ -136,6 +147,9 @@ class Fleet:
                     task_status.started()
                     async for batch in sub.batches():
                         now = time.time_ns()
+                        if batch[0].resync:  # a re-list: the net change, documented, not each write
+                            client.resynced(batch)
+                            continue
                         for event in batch:
                             client.take(event.value, event.revision, now)
                 return
