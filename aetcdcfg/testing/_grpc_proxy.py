@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from ._binary import etcd_binary, release
+from ._binary import etcd_binary
 from ._binary import spawn as spawn_process
-from ._server import OWNED_DIRS, free_port
+from ._process import OWNED_DIRS, ManagedProcess
+from ._server import free_port
 
 __all__ = ["EtcdGrpcProxy"]
 
@@ -58,7 +56,7 @@ def _host_port(endpoint: str) -> str:
     return endpoint.removeprefix("http://")
 
 
-class EtcdGrpcProxy:
+class EtcdGrpcProxy(ManagedProcess):
     """``etcd grpc-proxy start`` forwarding to ``endpoints``: ``with EtcdGrpcProxy([server.endpoint]) as p:``.
 
     Clients use :attr:`endpoint`. :meth:`metrics` is the proxy's *own* Prometheus text (its
@@ -126,19 +124,6 @@ class EtcdGrpcProxy:
         """Plain-http ``/proxy/metrics``, ``/proxy/health``, ``/health`` and (relayed) ``/metrics``."""
         return f"http://127.0.0.1:{self.metrics_port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """The process exists (it may be paused)."""
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def paused(self) -> bool:
-        return self.running and self._paused
-
     def args(self) -> list[str]:
         """The ``etcd grpc-proxy start`` command line."""
         args = [
@@ -186,20 +171,6 @@ class EtcdGrpcProxy:
         creates a Watch (3 s) through the proxy's own listen port, so this can take seconds to say no."""
         return _get_json_health(f"{self.metrics_url}/proxy/health") is True
 
-    def _wait(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self.process
-            if proc is None:
-                raise RuntimeError("grpc-proxy is not running")
-            if proc.poll() is not None:
-                raise RuntimeError(f"grpc-proxy exited with {proc.returncode}:\n{self.log_tail()}")
-            if condition():
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"grpc-proxy not {what} within {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until ``/proxy/health`` says true: a Get and a Watch through the proxy work."""
         self._wait(self.health, "healthy", timeout)
@@ -217,68 +188,13 @@ class EtcdGrpcProxy:
 
         self._wait(ready, "ready", timeout)
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the proxy's log, for error messages."""
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _end(self, sig: signal.Signals, timeout: float) -> None:
-        proc = self.process
-        if proc is None:
-            return
-        if proc.poll() is None:
-            if sig is not signal.SIGKILL:
-                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        release(proc)
-        self.process = None
-        self._paused = False
-
-    def kill(self) -> None:
-        """SIGKILL and reap: client connections see a reset, not a goodbye."""
-        self._end(signal.SIGKILL, 10.0)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if still running after ``timeout`` seconds."""
-        self._end(signal.SIGTERM, timeout)
-
-    def restart(self, *, wait: bool = True, timeout: float = 30.0) -> None:
-        """Kill if running, then start again on the same listen and metrics ports."""
-        self.kill()
-        self.start(wait=wait, timeout=timeout)
-
-    def pause(self) -> None:
-        """SIGSTOP: the proxy freezes with its sockets open (clients see silence, not errors)."""
-        if self.running:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGSTOP)
-            self._paused = True
-
-    def resume(self) -> None:
-        """SIGCONT after :meth:`pause`."""
-        if self.running:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGCONT)
-        self._paused = False
-
-    def cleanup(self) -> None:
-        """Kill the process and remove its files (the base dir too, if this object made it)."""
-        self.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            OWNED_DIRS.discard(self.base_dir)
-
     # -- looking inside
 
     def metrics(self) -> str:
         """The proxy's own Prometheus text (``/proxy/metrics``), not the relayed etcd ``/metrics``."""
         with urllib.request.urlopen(f"{self.metrics_url}/proxy/metrics", timeout=5) as response:
             return str(response.read().decode())
+
+    @property
+    def label(self) -> str:
+        return "grpc-proxy"

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,19 +24,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._binary import etcd_binary, etcdctl_binary, kill_spawned, release
+from ._binary import etcd_binary, etcdctl_binary, kill_spawned
 from ._binary import spawn as spawn_process
+from ._process import OWNED_DIRS, ManagedProcess
 from ._tls import TLSFiles
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdServer", "free_port"]
-
-#: Temp dirs made by members, clusters and proxies of this process, removed at exit if still there.
-OWNED_DIRS: set[Path] = set()
 
 
 @atexit.register
@@ -140,23 +137,7 @@ def _get_health(metrics_url: str) -> bool | None:
         return False
 
 
-def _all_threads_stopped(pid: int) -> bool:
-    """Every thread of ``pid`` is stopped (or gone). True where there is no ``/proc`` to ask."""
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return True
-    for tid in threads:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # that thread has exited
-        if stat.rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):
-            return False
-    return True
-
-
-class EtcdMember:
+class EtcdMember(ManagedProcess):
     """One etcd process with its own ports and data dir (alone, or one member of an EtcdCluster).
 
     Ports are fixed for the member's lifetime, so ``restart()`` comes back on the same URLs. Logs
@@ -234,19 +215,6 @@ class EtcdMember:
         return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """The process exists (it may be paused)."""
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def paused(self) -> bool:
-        return self.running and self._paused
-
-    @property
     def in_cluster(self) -> bool:
         """True if ``--initial-cluster`` names other members too."""
         return "," in self.initial_cluster
@@ -319,20 +287,6 @@ class EtcdMember:
         """Whether ``/health`` says true right now (false while there is no leader, or no answer)."""
         return _get_health(self.metrics_url) is True
 
-    def _wait(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self.process
-            if proc is None:
-                raise RuntimeError(f"etcd {self.name} is not running")
-            if proc.poll() is not None:
-                raise RuntimeError(f"etcd {self.name} exited with {proc.returncode}:\n{self.log_tail()}")
-            if condition():
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"etcd {self.name} not {what} within {timeout}s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until ``/health`` says true: the member serves and a leader exists."""
         self._wait(self.health, "healthy", timeout)
@@ -353,43 +307,6 @@ class EtcdMember:
 
         self._wait(ready, "ready", timeout)
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of this member's log, for error messages."""
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _end(self, sig: signal.Signals, timeout: float) -> None:
-        proc = self.process
-        if proc is None:
-            return
-        if proc.poll() is None:
-            if sig is not signal.SIGKILL:
-                proc.send_signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        release(proc)
-        self.process = None
-        self._paused = False
-
-    def kill(self) -> None:
-        """SIGKILL and reap: a crash, with no chance to flush or say goodbye."""
-        self._end(signal.SIGKILL, 10.0)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (a graceful shutdown), then SIGKILL if still running after ``timeout`` seconds."""
-        self._end(signal.SIGTERM, timeout)
-
-    def restart(self, *, wait: bool = True, timeout: float = 30.0) -> None:
-        """Kill if running, then start again on the same ports and data dir."""
-        self.kill()
-        self.start(wait=wait, timeout=timeout)
-
     def wipe_and_restart(self, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Start over with an empty data dir on the same ports: a new cluster, revision back to 1.
 
@@ -400,38 +317,6 @@ class EtcdMember:
         self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.start(wait=wait, timeout=timeout)
-
-    def pause(self, timeout: float = 10.0) -> None:
-        """SIGSTOP: the process freezes with its sockets open (no RST, nothing answered).
-
-        Returns once every thread of etcd has stopped. ``kill()`` only starts a group stop: one
-        thread of etcd must be scheduled to spread it, and until then the others go on serving (on
-        a loaded machine, long enough to answer a request sent after this returned).
-        """
-        if self.running:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGSTOP)
-            self._paused = True
-            deadline = time.monotonic() + timeout
-            while not _all_threads_stopped(self.process.pid):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"etcd {self.name} did not stop within {timeout}s of SIGSTOP")
-                time.sleep(0.002)
-
-    def resume(self) -> None:
-        """SIGCONT after :meth:`pause`."""
-        if self.running:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGCONT)
-        self._paused = False
-
-    def cleanup(self) -> None:
-        """Kill the process and remove its data (and the base dir, if this member made it)."""
-        self.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            OWNED_DIRS.discard(self.base_dir)
 
     # -- looking inside
 
@@ -489,8 +374,11 @@ class EtcdMember:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed (exit {result.returncode}): {stderr}")
         return result.stdout.decode(errors="replace")
 
+    # -- a single-member server ------------------------------------------------------------------------
 
-# -- a single-member server ------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return f"etcd {self.name}"
 
 
 class EtcdServer(EtcdMember):
