@@ -20,7 +20,7 @@ from ._common import (
     normalize_prefix,
     out,
 )
-from ._write import refuse_unknown, write_result
+from ._write import add_guard_options, refuse_unknown, write_result
 
 __all__ = ["register", "cmd_diff", "cmd_history", "cmd_rollback", "cmd_set"]
 
@@ -148,17 +148,6 @@ async def cmd_set(args: argparse.Namespace) -> int:
         )
 
 
-def _guarded(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="module:Class of the settings model")
-    parser.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
-    parser.add_argument(
-        "--expect-revision",
-        type=int,
-        metavar="R",
-        help="refuse if the prefix changed after revision R (a reviewed dry run)",
-    )
-
-
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aetcdcfg`` parser."""
     history = sub.add_parser(
@@ -190,11 +179,11 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     rollback.add_argument("prefix")
     rollback.add_argument("--to-revision", type=int, required=True, metavar="R")
-    _guarded(rollback)
+    add_guard_options(rollback)
     rollback.set_defaults(run=cmd_rollback)
 
     set_ = sub.add_parser("set", parents=[common], help="change a few keys, validated, in one txn")
     set_.add_argument("prefix")
     set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="keys relative to the prefix")
-    _guarded(set_)
+    add_guard_options(set_)
     set_.set_defaults(run=cmd_set)

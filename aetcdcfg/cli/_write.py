@@ -26,7 +26,7 @@ from ._common import (
 )
 from ._files import flatten, load_file
 
-__all__ = ["register", "cmd_check", "cmd_push", "refuse_unknown", "write_result"]
+__all__ = ["add_guard_options", "register", "cmd_check", "cmd_push", "refuse_unknown", "write_result"]
 
 
 async def _current(args: argparse.Namespace) -> tuple[type[BaseModel], str, dict[str, bytes], int]:
@@ -144,6 +144,18 @@ async def cmd_push(args: argparse.Namespace) -> int:
         )
 
 
+def add_guard_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dry-run`` and ``--expect-revision``: what every command that writes takes."""
+    parser.add_argument("--model", required=True, help="module:Class of the settings model")
+    parser.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    parser.add_argument(
+        "--expect-revision",
+        type=int,
+        metavar="R",
+        help="refuse if the prefix changed after revision R (a reviewed dry run)",
+    )
+
+
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aetcdcfg`` parser."""
     check = sub.add_parser("check", parents=[common], help="validate what etcd holds against a model")
@@ -154,14 +166,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "push", parents=[common], help="validate a file, show the diff, write it in one txn"
     )
     push.add_argument("file", help="a .yaml, .json or .toml file of settings")
-    push.add_argument("--model", required=True, help="module:Class of the settings model")
     push.add_argument("--prefix", required=True)
-    push.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     push.add_argument("--prune", action="store_true", help="delete keys under the prefix that the file lacks")
-    push.add_argument(
-        "--expect-revision",
-        type=int,
-        metavar="R",
-        help="refuse if the prefix changed after revision R (a reviewed diff)",
-    )
+    add_guard_options(push)
     push.set_defaults(run=cmd_push)

@@ -25,7 +25,6 @@ from pathlib import Path
 from types import TracebackType
 
 from ._binary import etcd_binary
-from ._binary import spawn as spawn_process
 from ._process import OWNED_DIRS, ManagedProcess
 from ._server import free_port
 
@@ -142,13 +141,6 @@ class EtcdGrpcProxy(ManagedProcess):
         return args + self.extra_args
 
     # -- lifecycle
-
-    def spawn(self) -> None:
-        """Start the process without waiting for it to serve."""
-        if self.running:
-            raise RuntimeError(f"grpc-proxy is already running (pid {self.pid})")
-        self.process = spawn_process(self.args(), self.log_file)
-        self._paused = False
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> EtcdGrpcProxy:
         """Start; with ``wait`` (the default) return once a Get and a Watch through the proxy succeed.

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._binary import release
+from ._binary import spawn as spawn_process
 
 __all__ = ["OWNED_DIRS", "ManagedProcess"]
 
@@ -55,8 +56,19 @@ class ManagedProcess:
         """What messages call it, e.g. ``etcd m0``."""
         raise NotImplementedError
 
+    def args(self) -> list[str]:
+        """The command line."""
+        raise NotImplementedError
+
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> ManagedProcess:
         raise NotImplementedError
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to serve."""
+        if self.running:
+            raise RuntimeError(f"{self.label} is already running (pid {self.pid})")
+        self.process = spawn_process(self.args(), self.log_file)
+        self._paused = False
 
     @property
     def pid(self) -> int | None:

@@ -30,7 +30,6 @@ from types import TracebackType
 from typing import Any
 
 from ._binary import etcd_binary, etcdctl_binary, kill_spawned
-from ._binary import spawn as spawn_process
 from ._process import OWNED_DIRS, ManagedProcess
 from ._tls import TLSFiles
 
@@ -259,13 +258,6 @@ class EtcdMember(ManagedProcess):
         return args + self.extra_args
 
     # -- lifecycle
-
-    def spawn(self) -> None:
-        """Start the process without waiting for it to serve."""
-        if self.running:
-            raise RuntimeError(f"etcd {self.name} is already running (pid {self.pid})")
-        self.process = spawn_process(self.args(), self.log_file)
-        self._paused = False
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> EtcdMember:
         """Start; with ``wait`` (the default) return once ``/health`` is true, i.e. a leader exists.
