@@ -34,12 +34,11 @@ from pydantic_settings import (
 
 from ._validate import lists_etcd_source
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
-from .source import EtcdSettingsSource, is_secret, leaf_paths
+from .source import MASK, EtcdSettingsSource, is_secret, leaf_paths
 from .status import AppliedChange, WatchStatus
 
 __all__ = ["FieldReport", "MASK", "SettingsReport", "settings_report", "status_report"]
 
-MASK = "**********"
 
 Path_ = tuple[str, ...]
 

@@ -9,8 +9,8 @@ stream that cannot re-list) leave ``run()``.
 
 Liveness probe: after ``keepalive_time`` of silence the stream is asked for a progress notification.
 etcd's gRPC proxy never answers that request, so on an endpoint not yet known to answer it the probe
-also sends a linearizable count-only ``Range`` of the prefix on the same channel: the proxy forwards it
-to etcd, so an answer proves the proxy, its connection and etcd behind it alive. Either answer within
+also sends a linearizable read of the prefix on the same channel (``_probe_read``): the proxy forwards
+it to etcd, so an answer proves the proxy, its connection and etcd behind it alive. Either answer within
 ``keepalive_timeout`` keeps the stream; an endpoint that answered a progress request is then probed
 with progress requests only (etcd answers them for free).
 Both unanswered means the stream is dead. What a read cannot prove through a proxy is that the
@@ -421,13 +421,17 @@ class WatchLoop:
         self._created_in_session = True
         state = self._state
         self.health.connected(endpoint.url)
-        if endpoint.answers_progress is None and self._session_tg is not None and self._call is not None:
-            self._session_tg.start_soon(self._learn_progress, self._call, endpoint)
         if revision <= state.delivered:
             self.health.confirm()  # etcd has nothing newer at all
-        elif self._session_tg is not None:
+        tg, call = self._session_tg, self._call
+        assert tg is not None  # both set by _session before its read loop runs
+        assert call is not None
+        if endpoint.answers_progress is None:
+            # Its read also confirms the watch current, as the one below would.
+            tg.start_soon(self._learn_progress, call, endpoint)
+        elif revision > state.delivered:
             # Confirm as soon as etcd says nothing newer is pending, not a keepalive_time later.
-            self._session_tg.start_soon(self._probe_read, endpoint, self._conn.settings.keepalive_timeout)
+            tg.start_soon(self._probe_read, endpoint, self._conn.settings.keepalive_timeout)
         if self._lost_at is not None:
             self._log.info(
                 "watch.resumed",

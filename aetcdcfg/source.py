@@ -27,7 +27,18 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from ._log import get_logger
 
-__all__ = ["DecodedConfig", "EtcdSettingsSource", "decode_items", "is_secret", "leaf_paths", "resolve_key"]
+__all__ = [
+    "MASK",
+    "DecodedConfig",
+    "EtcdSettingsSource",
+    "decode_items",
+    "is_secret",
+    "leaf_paths",
+    "resolve_key",
+]
+
+#: What every output (the command, the status route and page) shows instead of a secret value.
+MASK = "**********"
 
 log = get_logger()
 

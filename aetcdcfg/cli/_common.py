@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from .._diff import ConfigDiff
 from ..client import EtcdClient
-from ..source import is_secret, resolve_key
+from ..source import MASK, is_secret, resolve_key
 
 __all__ = [
     "Subparsers",
@@ -37,8 +37,6 @@ __all__ = [
 
 #: What ``argparse.ArgumentParser.add_subparsers()`` returns, for the command groups to add to.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-MASK = "**********"
 
 
 class UsageError(Exception):
