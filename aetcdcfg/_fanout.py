@@ -401,9 +401,6 @@ class WatchRegistry:
         self._task_group = task_group
         self._hubs: dict[bytes, PrefixWatch] = {}
 
-    def __len__(self) -> int:
-        return len(self._hubs)
-
     def _forget(self, hub: PrefixWatch) -> None:
         if self._hubs.get(hub.prefix) is hub:
             del self._hubs[hub.prefix]

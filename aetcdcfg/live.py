@@ -105,8 +105,9 @@ class LiveSettings(Generic[ModelT]):
         self._version = 0
         self._changed = anyio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
-        label = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
-        self._log = log.bind(prefix=label, model=model.__name__)
+        #: How logs and the repr name it: the prefix, or the list of layers.
+        self._where: str | list[str] = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
+        self._log = log.bind(prefix=self._where, model=model.__name__)
         self._applied = 0
         self._rejected = 0
         self._last_rejected: AppliedChange | None = None
@@ -114,8 +115,7 @@ class LiveSettings(Generic[ModelT]):
         self._loaded_without_etcd = False
 
     def __repr__(self) -> str:
-        where = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
-        return f"<LiveSettings {self.model.__name__} from {where!r} @ revision {self._revision}>"
+        return f"<LiveSettings {self.model.__name__} from {self._where!r} @ revision {self._revision}>"
 
     # -- reading -----------------------------------------------------------------------------------
 
