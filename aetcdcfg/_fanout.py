@@ -7,10 +7,12 @@ subscribers: it still receives every revision already buffered, then its iterato
 ``client.watch(prefix, start_revision=exc.resume_revision)`` continues gap-free: from the watch's
 recent history in memory when it still holds that revision, otherwise from a private catch-up stream.
 
-asyncio only, on purpose: the hand-off to a waiting subscriber is a bare ``asyncio`` future, not an
-anyio primitive. grpc.aio, beneath every watch, runs only on asyncio anyway, and anyio's
-``receive()`` cost ~20 µs per delivery where the future costs ~1.7 µs (measured; see
-``Subscription._next_batch``). The buffers themselves are anyio memory object streams.
+asyncio only, on purpose: a subscriber's task sleeps on a reusable :class:`~._wakeup.Sleeper` that the
+hub wakes (one loop callback per round for all of them), not on an anyio primitive nor a fresh
+future. grpc.aio, beneath every watch, runs only on asyncio anyway; anyio's ``receive()`` cost ~20 µs
+per delivery, and a future per sleep left ~6 GC-tracked objects per subscriber per revision, which
+at a thousand subscribers made the cyclic GC the p99 tail (see ``_wakeup``). The buffers themselves
+are anyio memory object streams.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._log import get_logger
 from ._reads import list_keys
 from ._resume import Batch, WatchState
 from ._stream import WatchLoop
+from ._wakeup import Sleeper, Waker
 from .errors import AetcdcfgError, ClientClosedError, EtcdError, SubscriberLagged
 from .events import Event, Snapshot
 from .status import WatchHealth, WatchStatus
@@ -68,9 +71,9 @@ class Subscription:
         self._batch: Batch = ()
         self._index = 0
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._available = 0  # revisions the hub put in the buffer and we have not taken yet
         self._ended = False
+        self._sleeper = Sleeper(hub.waker.loop)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.prefix!r} from revision {self.start_revision}>"
@@ -107,12 +110,11 @@ class Subscription:
             yield batch
 
     async def _next_batch(self) -> Batch:
-        # The memory stream is the bounded buffer; the hand-off is a bare future that the hub
-        # resolves when it adds to the buffer, and ``_available`` counts what it added, so the
-        # common path neither raises WouldBlock nor yields when a revision is already buffered.
-        # anyio's receive() spends a checkpoint and a TaskInfo per call (~20 us, measured), and
-        # this runs once per revision per subscriber; the buffer bounds how long it can go on
-        # without suspending, as asyncio.Queue.get() does.
+        # The memory stream is the bounded buffer, and ``_available`` counts what the hub added to
+        # it, so the common path neither raises WouldBlock nor yields when a revision is already
+        # buffered. anyio's receive() spends a checkpoint and a TaskInfo per call (~20 us,
+        # measured), and this runs once per revision per subscriber; the buffer bounds how long it
+        # can go on without suspending, as asyncio.Queue.get() does.
         while True:
             if self._available:
                 self._available -= 1
@@ -124,21 +126,11 @@ class Subscription:
                     if self._error is not None:
                         raise self._error from None
                     raise StopAsyncIteration from None
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            await self._sleeper  # the hub wakes it when it adds to the buffer or ends us
 
     def _end(self) -> None:
         self._ended = True
-        self._wake()
+        self._hub.waker.wake(self._sleeper)
 
 
 class _Subscriber:
@@ -187,9 +179,7 @@ class _Subscriber:
         target = self.subscription
         if target is not None:
             target._available += 1
-            waiter = target._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self.hub.waker.wake(target._sleeper)
 
     def offer_caught_up(self, batches: tuple[Batch, ...]) -> None:
         """Deliver revisions from the private catch-up stream, ahead of the pending live ones."""
@@ -226,6 +216,7 @@ class PrefixWatch:
         self.label = decode_key(prefix)
         self._on_closed = on_closed
         self.health = WatchHealth(self.label)
+        self.waker = Waker(asyncio.get_running_loop())
         self.log = log.bind(prefix=self.label)
         self.state: WatchState | None = None
         self.subscribers: list[_Subscriber] = []
