@@ -92,7 +92,9 @@ class Subscription:
         if index < len(batch):
             self._index = index + 1
             return batch[index]
-        batch = await self._next_batch()
+        while not self._available and not self._ended:
+            await self._sleeper  # the hub wakes it when it adds to the buffer or ends us
+        batch = self._take()
         self._batch = batch
         self._index = 1
         return batch[0]
@@ -103,30 +105,32 @@ class Subscription:
             rest, self._batch = self._batch[self._index :], ()
             yield rest
         while True:
+            while not self._available and not self._ended:
+                await self._sleeper
             try:
-                batch = await self._next_batch()
+                batch = self._take()
             except StopAsyncIteration:
                 return
             yield batch
 
-    async def _next_batch(self) -> Batch:
-        # The memory stream is the bounded buffer, and ``_available`` counts what the hub added to
-        # it, so the common path neither raises WouldBlock nor yields when a revision is already
-        # buffered. anyio's receive() spends a checkpoint and a TaskInfo per call (~20 us,
-        # measured), and this runs once per revision per subscriber; the buffer bounds how long it
-        # can go on without suspending, as asyncio.Queue.get() does.
-        while True:
-            if self._available:
-                self._available -= 1
-                return self._receive.receive_nowait()
-            if self._ended:
-                try:
-                    return self._receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    if self._error is not None:
-                        raise self._error from None
-                    raise StopAsyncIteration from None
-            await self._sleeper  # the hub wakes it when it adds to the buffer or ends us
+    def _take(self) -> Batch:
+        """The next revision; the buffer must hold one unless this subscription has ended.
+
+        The memory stream is the bounded buffer, and ``_available`` counts what the hub added to it,
+        so the common path neither raises WouldBlock nor yields when a revision is already buffered.
+        anyio's receive() spends a checkpoint and a TaskInfo per call (~20 us, measured), and this
+        runs once per revision per subscriber; the buffer bounds how long it can go on without
+        suspending, as asyncio.Queue.get() does.
+        """
+        if self._available:
+            self._available -= 1
+            return self._receive.receive_nowait()
+        try:
+            return self._receive.receive_nowait()  # ended: what was buffered before the end
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._error is not None:
+                raise self._error from None
+            raise StopAsyncIteration from None
 
     def _end(self) -> None:
         self._ended = True
