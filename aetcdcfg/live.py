@@ -10,6 +10,7 @@ and the streams' later copies of revisions up to R are skipped. With one layer n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections import deque
@@ -26,6 +27,7 @@ from ._backoff import Backoff
 from ._fanout import Subscription
 from ._log import get_logger
 from ._validate import build_layered, lists_etcd_source
+from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, EtcdUnavailable, RevisionCompacted, SubscriberLagged
 from .events import Event, EventType
@@ -103,7 +105,10 @@ class LiveSettings(Generic[ModelT]):
         self._revision = 0
         self.last_error: ConfigRejected | None = None
         self._version = 0
-        self._changed = anyio.Event()
+        # updates() iterators sleep on a Sleeper each and are woken in one loop callback per change
+        # (see _wakeup: an anyio.Event left a future per waiter for the GC, a Handle per wake-up).
+        self._waker: Waker | None = None
+        self._sleepers: list[Sleeper] = []
         self._stack: contextlib.AsyncExitStack | None = None
         #: How logs and the repr name it: the prefix, or the list of layers.
         self._where: str | list[str] = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
@@ -189,11 +194,18 @@ class LiveSettings(Generic[ModelT]):
         is a state, not a log); it never misses the latest. Any number of tasks may iterate at once.
         """
         seen = self._version
-        while True:
-            if self._version == seen:
-                await self._changed.wait()
-            seen = self._version
-            yield self.current
+        if self._waker is None:
+            self._waker = Waker(asyncio.get_running_loop())
+        sleeper = Sleeper(self._waker.loop)
+        self._sleepers.append(sleeper)
+        try:
+            while True:
+                while self._version == seen:
+                    await sleeper
+                seen = self._version
+                yield self.current
+        finally:
+            self._sleepers.remove(sleeper)
 
     async def wait_for(self, predicate: Callable[[ModelT], bool], timeout: float | None = None) -> ModelT:
         """Return the first settings (current or future) for which ``predicate`` is true.
@@ -369,8 +381,9 @@ class LiveSettings(Generic[ModelT]):
         self._applied += 1
         self._history.append(AppliedChange(revision, True, tuple(changed)))
         self._version += 1
-        changed_event, self._changed = self._changed, anyio.Event()
-        changed_event.set()
+        if self._waker is not None:
+            for sleeper in self._sleepers:
+                self._waker.wake(sleeper)
         self._log.info("config.applied", revision=revision, keys=changed)
         if self._on_change is not None:
             try:
