@@ -66,7 +66,7 @@ async def main(k: int, n: int) -> str:
     try:
         for i in range(n):
             revision = 101 + i
-            event = make_event(EventType.PUT, "/bench/gc/k%d" % (i % 10), b"v", revision, None, 50, 1)
+            event = make_event(EventType.PUT, f"/bench/gc/k{i % 10}", b"v", revision, None, 50, 1)
             round_done = loop.create_future()
             begin = time.perf_counter()
             hub.state.delivered = revision
