@@ -112,6 +112,62 @@ async def test_two_key_transactions_are_never_seen_torn(etcd_server: EtcdServer,
     assert len({a for a, _, _ in seen_current}) > 10  # it really sampled while changes landed
 
 
+async def test_updates_iterators_each_get_each_change_and_one_cancelled_leaves_the_rest(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Twenty iterators share the wake-up of each change; cancelling another (an anyio scope, as a
+    request's disconnect would) neither wakes nor stops them, and a new iterator starts fresh."""
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with LiveSettings(Pair, prefix=etcd_prefix, client=client) as live:
+            seen: list[list[int]] = [[] for _ in range(21)]
+            started = anyio.Semaphore(0)
+            doomed = anyio.CancelScope()
+
+            async def reader(i: int, until: int) -> None:
+                updates = live.updates()
+                started.release()
+                async for settings in updates:
+                    seen[i].append(settings.a)
+                    if settings.a == until:
+                        return
+
+            async def cancelled_reader() -> None:
+                with doomed:
+                    await reader(20, 99)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for i in range(20):
+                        tg.start_soon(reader, i, 3)
+                    tg.start_soon(cancelled_reader)
+                    for _ in range(21):
+                        await started.acquire()
+                    for a in (1, 2):
+                        await client.put(etcd_prefix + "a", str(a))
+                        await live.wait_for(lambda s, a=a: s.a == a)  # type: ignore[misc]
+                    doomed.cancel()
+                    await client.put(etcd_prefix + "a", "3")
+                assert doomed.cancelled_caught
+                assert all(values[-1] == 3 and values == sorted(set(values)) for values in seen[:20])
+                assert set(seen[20]) <= {1, 2}
+
+                async def fresh() -> int:
+                    async for settings in live.updates():
+                        return settings.a
+                    raise AssertionError("updates() ended")
+
+                async with anyio.create_task_group() as tg:
+                    result: list[int] = []
+
+                    async def run_fresh() -> None:
+                        result.append(await fresh())
+
+                    tg.start_soon(run_fresh)
+                    await anyio.sleep(0.05)
+                    await client.put(etcd_prefix + "a", "4")
+                assert result == [4]
+
+
 async def test_bad_value_keeps_last_good_and_fix_applies(etcd_server: EtcdServer, etcd_prefix: str) -> None:
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         await client.put(etcd_prefix + "rate_limit", "100")
