@@ -14,6 +14,10 @@ SECTIONS = [
     ("## Fan-out again on uvloop (what uvicorn uses when installed)", ["fanout", "--uvloop"]),
     ("## Fan-out without etcd: GC collections and CPU per delivery, 1,000 subscribers", ["fanout_gc"]),
     ("## LiveSettings: put-to-settings latency (writer process puts every 5 ms)", ["live"]),
+    (
+        "## LiveSettings, a 200-field model: put-to-settings latency, one key per revision every 5 ms",
+        ["livemodel"],
+    ),
     ("## Replay: a watch from an old revision over a 50,000-event backlog", ["replay"]),
     (
         "## One stream: CPU per event against raw grpc.aio stubs (writer process, as fast as etcd takes it)",

@@ -12,7 +12,11 @@ difference per unit (so start-up and building the input cancel out):
 * ``single`` / ``raw_single``: the same with one event per response (single-put revisions);
 * ``get_prefix`` / ``list_keys``: ``RangeResponse.FromString`` of 40,000 keys x 100 B and what
   ``get_prefix`` (the Snapshot dict) or a watch's listing (state + snapshot for ``with_snapshot``)
-  builds from it, per key.
+  builds from it, per key;
+* ``live_start``: what ``async with LiveSettings(Flags, ...)`` does with 40,000 keys of one
+  ``dict[str, str]`` field, minus the I/O, per key;
+* ``live_revision``: ``LiveSettings._apply`` of single-key revisions to the 200-field model of
+  ``benchmarks/livemodel.py`` (one batch in, one validated object swapped in), per revision.
 
 ``python -m benchmarks.instructions SCENARIO run`` runs one scenario natively (for py-spy or timing).
 """
@@ -24,7 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +128,8 @@ async def run_get_prefix(blob: bytes) -> int:
     return len(snapshot.items)
 
 
-async def run_list_keys(blob: bytes) -> int:
+async def _listed(blob: bytes) -> Mapping[str, bytes]:
+    """A watch's listing of the prefix (state + snapshot for ``with_snapshot``): its snapshot's items."""
     from aetcdcfg._fanout import PrefixWatch
     from aetcdcfg._reads import list_keys
     from aetcdcfg._resume import WatchState
@@ -134,31 +139,60 @@ async def run_list_keys(blob: bytes) -> int:
     hub.state = WatchState(PREFIX, revision, listing)
     subscription, _ = hub.subscribe(None, 16, with_snapshot=True)
     assert subscription.snapshot is not None
-    return len(subscription.snapshot.items)
+    return subscription.snapshot.items
 
 
-#: name -> (unit, units, build the input, process it)
+async def run_list_keys(blob: bytes) -> int:
+    return len(await _listed(blob))
+
+
 async def run_live_start(blob: bytes) -> int:
-    """What ``async with LiveSettings(Flags, ...)`` does with a 40,000-key prefix, minus the I/O."""
+    """What ``async with LiveSettings(Flags, ...)`` does with a 40,000-key prefix, minus the I/O:
+    the watch's listing and snapshot, then ``LiveSettings._load`` from the snapshot's items."""
     from pydantic_settings import BaseSettings
 
-    from aetcdcfg._validate import build_layered
+    from aetcdcfg import LiveSettings
 
     class Flags(BaseSettings):
         flags: dict[str, str] = {}
 
-    await run_list_keys(blob)  # the listing, the watch state and the snapshot
-    snapshot = await _snapshot(blob)
-    cut = len(PREFIX)
-    items = {key[cut:]: value for key, value in snapshot.items()}
-    return len(build_layered(Flags, [(PREFIX.decode(), items)], 1).flags)
+    live = LiveSettings(Flags, prefix=PREFIX.decode())
+    layer = live._layers[0]
+    layer.items = layer.relative(await _listed(blob))
+    live._load(1)
+    return len(live.current.flags)
 
 
-async def _snapshot(blob: bytes) -> dict[str, bytes]:
-    response = rpc_pb2.RangeResponse.FromString(blob)
-    return {kv.key.decode(): kv.value for kv in response.kvs}
+def live_revisions(count: int) -> list[list[Any]]:
+    """``count`` single-put revisions of the 200-field model, as the watch hands them over."""
+    from aetcdcfg.events import EventType, make_event
+
+    from .livemodel import change
+
+    batches = []
+    for i in range(count):
+        key, value = change(i)
+        batches.append([make_event(EventType.PUT, PREFIX.decode() + key, value.encode(), 2 + i, None, 1, 1)])
+    return batches
 
 
+def run_live_revisions(batches: list[list[Any]]) -> int:
+    """Load the 200-field model from every key, then apply each batch as ``_follow`` does."""
+    from aetcdcfg import LiveSettings
+
+    from .livemodel import Service, initial_items
+
+    live = LiveSettings(Service, prefix=PREFIX.decode())
+    layer = live._layers[0]
+    layer.items = {key: value.encode() for key, value in initial_items().items()}
+    live._load(1)
+    for batch in batches:
+        live._apply(layer, batch, {})
+    assert live.last_error is None, live.last_error
+    return live.revision
+
+
+#: name -> (unit, units, build the input, process it)
 SCENARIOS: dict[str, tuple[str, int, Callable[[int], Any], Callable[[Any], object]]] = {
     "raw": ("event", 20_000, lambda n: watch_responses(n, TXN_EVENTS), run_raw),
     "watch": ("event", 20_000, lambda n: watch_responses(n, TXN_EVENTS), lambda d: asyncio.run(run_watch(d))),
@@ -172,6 +206,7 @@ SCENARIOS: dict[str, tuple[str, int, Callable[[int], Any], Callable[[Any], objec
         lambda n: range_response(n, b"flags/f"),
         lambda d: asyncio.run(run_live_start(d)),
     ),
+    "live_revision": ("revision", 200, live_revisions, run_live_revisions),
 }
 
 
