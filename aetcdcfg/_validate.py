@@ -2,6 +2,10 @@
 
 A BaseSettings model is constructed (so env, dotenv and secrets sources apply below etcd); a plain
 pydantic model is validated. Failures become :class:`ConfigRejected` naming keys, never values.
+
+LiveSettings builds its model once per etcd revision, so it decodes each layer with a
+:class:`~aetcdcfg.source.KeyDecoder` (which decodes again only what changed) and validates with
+:func:`validate_layered`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pydantic_settings import BaseSettings
 from .errors import ConfigRejected
 from .source import DecodedConfig, EtcdSettingsSource, current_config, decode_items
 
-__all__ = ["build_layered", "build_model", "lists_etcd_source"]
+__all__ = ["build_layered", "build_model", "lists_etcd_source", "validate_layered"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -82,12 +86,27 @@ def build_layered(
     Layers merge field by field: nested models and dict fields merge by key, as pydantic-settings
     merges its sources. Problems name the full etcd key (so its layer), never the value.
     """
+    decoded = [(prefix, decode_items(model, items)) for prefix, items in layers]
+    return validate_layered(
+        model, decoded, revision, init_kwargs=init_kwargs, source_listed=source_listed, changed=changed
+    )
+
+
+def validate_layered(
+    model: type[ModelT],
+    layers: Sequence[tuple[str, DecodedConfig]],
+    revision: int,
+    *,
+    init_kwargs: Mapping[str, Any] | None = None,
+    source_listed: bool | None = None,
+    changed: Sequence[str] = (),
+) -> ModelT:
+    """:func:`build_layered` from layers decoded already."""
     label = ", ".join(prefix for prefix, _ in layers)
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     problems: dict[str, str] = {}
-    for prefix, items in layers:
-        decoded = decode_items(model, items)
+    for prefix, decoded in layers:
         problems.update({prefix + key: why for key, why in decoded.problems.items()})
         data = merge(data, decoded.data) if data else decoded.data
         origins.update({path: prefix + key for path, key in decoded.origins.items()})
@@ -104,12 +123,11 @@ def build_layered(
     kwargs = dict(init_kwargs or {})
     token = current_config.set(DecodedConfig(data, origins, {}))
     try:
-        if source_listed:
-            return model(**kwargs)
-        merged = merge(data, kwargs)
+        if not source_listed:
+            kwargs = merge(data, kwargs)
         if issubclass(model, BaseSettings):
-            return model(**merged)  # init kwargs outrank env/dotenv/secrets in pydantic-settings
-        return model.model_validate(merged)
+            return model(**kwargs)  # init kwargs outrank env/dotenv/secrets in pydantic-settings
+        return model.model_validate(kwargs)
     except ValidationError as exc:
         keys, found = explain(exc, origins, changed)
         raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None

@@ -26,13 +26,13 @@ from pydantic import BaseModel
 from ._backoff import Backoff
 from ._fanout import Subscription
 from ._log import get_logger
-from ._validate import build_layered, lists_etcd_source
+from ._validate import lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, EtcdUnavailable, RevisionCompacted, SubscriberLagged
 from .events import Event, EventType
 from .settings import EtcdSettings
-from .source import decode_items, leaf_paths
+from .source import KeyDecoder, leaf_paths
 from .status import AppliedChange, SettingsStatus
 
 __all__ = ["LiveSettings"]
@@ -52,6 +52,7 @@ class _Layer:
     """One prefix of a LiveSettings: its keys (relative to the prefix) and its subscription."""
 
     prefix: str
+    decoder: KeyDecoder
     items: dict[str, bytes] = field(default_factory=dict)
     sub: Subscription | None = None
 
@@ -98,7 +99,7 @@ class LiveSettings(Generic[ModelT]):
         self._on_change = on_change
         self._init_kwargs = dict(init_kwargs or {})
         self._source_listed = lists_etcd_source(model)
-        self._layers = [_Layer(p) for p in self.prefixes]
+        self._layers = [_Layer(p, KeyDecoder(model)) for p in self.prefixes]
         self._known = 0  # every layer's items reflect this revision (it may be a rejected one)
         self._apply_lock = anyio.Lock()
         self._current: ModelT | None = None
@@ -170,7 +171,7 @@ class LiveSettings(Generic[ModelT]):
             return {}
         fields: dict[tuple[str, ...], str] = {}
         for layer in self._layers:  # a later layer's key wins, as its value does
-            decoded = decode_items(self.model, layer.items)
+            decoded = layer.decoder.decode(layer.items)
             for path in leaf_paths(decoded.data):
                 for depth in range(len(path), 0, -1):
                     key = decoded.origins.get(path[:depth])
@@ -401,10 +402,13 @@ class LiveSettings(Generic[ModelT]):
         self._history.append(rejected)
 
     def _build(self, revision: int, *, use_etcd: bool = True, changed: Sequence[str] = ()) -> ModelT:
-        """Validate the model from the layers' keys; raise ConfigRejected naming keys, never values."""
-        return build_layered(
+        """Validate the model from the layers' keys; raise ConfigRejected naming keys, never values.
+
+        Each layer's keys go through its KeyDecoder, which decodes again only what changed.
+        """
+        return validate_layered(
             self.model,
-            [(layer.prefix, layer.items) for layer in self._layers] if use_etcd else [],
+            [(layer.prefix, layer.decoder.decode(layer.items)) for layer in self._layers] if use_etcd else [],
             revision,
             init_kwargs=self._init_kwargs,
             source_listed=self._source_listed,

@@ -31,7 +31,9 @@ __all__ = [
     "MASK",
     "DecodedConfig",
     "EtcdSettingsSource",
+    "KeyDecoder",
     "decode_items",
+    "fresh",
     "is_secret",
     "leaf_paths",
     "resolve_key",
@@ -172,12 +174,18 @@ def _decode_value(raw: bytes, annotation: Any) -> tuple[Any, str | None]:
         return text, None
 
 
-def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any, made: set[int]) -> None:
+    """Put ``value`` at ``path`` in ``target``, creating dicts on the way (their ids go into ``made``).
+
+    A dict met on the way that this assembly did not make (a decoded JSON value) is copied before
+    anything is put into it: decoded values are kept between revisions and must stay as decoded.
+    """
     node = target
     for part in path[:-1]:
         child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
+        if not isinstance(child, dict) or id(child) not in made:
+            child = dict(child) if isinstance(child, dict) else {}
+            made.add(id(child))
             node[part] = child
         node = child
     leaf = path[-1]
@@ -273,23 +281,103 @@ def leaf_paths(data: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[tupl
 
 def decode_items(model: type[BaseModel], items: Mapping[str, bytes]) -> DecodedConfig:
     """Turn ``{relative key: raw value}`` into model input, without validating it yet."""
-    data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    problems: dict[str, str] = {}
-    # Deeper keys first, so that _set_path lets them win over a shallower whole-object value.
-    for key in sorted(items, key=lambda k: (-k.count("/"), k)):
-        resolved = resolve_key(model, key)
-        if resolved is None:
-            log.debug("config.unknown_key", key=key)
-            continue
-        path, annotation = resolved
-        value, problem = _decode_value(items[key], annotation)
-        if problem is not None:
-            problems[key] = problem
-            continue
-        _set_path(data, path, value)
-        origins[path] = key
-    return DecodedConfig(data, origins, problems)
+    return KeyDecoder(model).decode(items)
+
+
+class _Group(typing.NamedTuple):
+    """The keys filling one top-level field (or, with ``None``, keys of no field), decoded."""
+
+    items: dict[str, bytes]
+    data: dict[str, Any]
+    origins: dict[tuple[str, ...], str]
+    problems: dict[str, str]
+
+
+class KeyDecoder:
+    """``decode_items`` for one model, remembering its results for keys that change a few at a time.
+
+    Keys are decoded a group at a time, a group being the keys that fill one top-level field (its
+    name, its alias and case variants: ``db/url``, ``db/pool``, ``DB``); a group no key of which
+    changed since the last call is not decoded again. LiveSettings keeps one per layer, so a revision
+    of a 200-field model re-decodes the one section it touched, not 200 keys. Decoded values are
+    handed out as fresh containers every time (:func:`fresh`): a validator may change its input.
+    """
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+        self._groups: dict[str | None, _Group] = {}
+
+    def decode(self, items: Mapping[str, bytes]) -> DecodedConfig:
+        data: dict[str, Any] = {}
+        origins: dict[tuple[str, ...], str] = {}
+        problems: dict[str, str] = {}
+        known = self._groups
+        groups: dict[str | None, _Group] = {}
+        for name, keys in self._split(items).items():
+            group = known.get(name)
+            if group is None or group.items != keys:
+                group = self._decode_group(keys)
+            groups[name] = group
+            data.update({field: fresh(value) for field, value in group.data.items()})
+            origins.update(group.origins)
+            problems.update(group.problems)
+        self._groups = groups
+        if len(problems) > 1:  # in the order keys are applied, across groups too
+            problems = {key: problems[key] for key in sorted(problems, key=_depth_first)}
+        return DecodedConfig(data, origins, problems)
+
+    def _split(self, items: Mapping[str, bytes]) -> dict[str | None, dict[str, bytes]]:
+        """The keys by the top-level field their first part names (None: no field)."""
+        by_part: dict[str, dict[str, bytes]] = {}
+        for key, raw in items.items():
+            # Empty parts are skipped ("/db/url" fills db.url), so the first part is the first non-empty one.
+            first = key.partition("/")[0] or key.strip("/").partition("/")[0]
+            group = by_part.get(first)
+            if group is None:
+                group = by_part[first] = {}
+            group[key] = raw
+        by_field: dict[str | None, dict[str, bytes]] = {}
+        for first, keys in by_part.items():
+            field = _resolve_part(self.model, first) if first else None
+            name = field.name if field is not None else None
+            if name in by_field:
+                by_field[name].update(keys)
+            else:
+                by_field[name] = keys
+        return by_field
+
+    def _decode_group(self, items: dict[str, bytes]) -> _Group:
+        data: dict[str, Any] = {}
+        origins: dict[tuple[str, ...], str] = {}
+        problems: dict[str, str] = {}
+        made: set[int] = set()
+        # Deeper keys first, so that _set_path lets them win over a shallower whole-object value.
+        for key in sorted(items, key=_depth_first):
+            resolved = resolve_key(self.model, key)
+            if resolved is None:
+                log.debug("config.unknown_key", key=key)
+                continue
+            path, annotation = resolved
+            value, problem = _decode_value(items[key], annotation)
+            if problem is not None:
+                problems[key] = problem
+                continue
+            _set_path(data, path, value, made)
+            origins[path] = key
+        return _Group(items, data, origins, problems)
+
+
+def _depth_first(key: str) -> tuple[int, str]:
+    return -key.count("/"), key
+
+
+def fresh(value: Any) -> Any:
+    """``value`` with its dicts and lists copied (all the way down); other values are immutable."""
+    if isinstance(value, dict):
+        return {key: fresh(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fresh(item) for item in value]
+    return value
 
 
 class EtcdSettingsSource(PydanticBaseSettingsSource):

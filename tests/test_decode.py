@@ -1,0 +1,124 @@
+"""Keys -> model input: the incremental decoder LiveSettings uses gives what decoding everything gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings
+
+from aetcdcfg.source import DecodedConfig, KeyDecoder, _decode_value, _set_path, resolve_key
+
+
+class Db(BaseModel):
+    url: str = ""
+    pool: int = 5
+    options: dict[str, str] = {}
+
+
+class Model(BaseSettings):
+    rate_limit: int = Field(default=100, alias="rateLimit")
+    name: str = "svc"
+    tags: list[str] = []
+    db: Db = Db()
+    limits: dict[str, int] = {}
+    flags: dict[str, str] = {}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+    db: Db = Db()
+
+
+def decode_all(model: type[BaseModel], items: dict[str, bytes]) -> DecodedConfig:
+    """The reference: every key in one pass, deeper keys first (so they win over whole JSON objects)."""
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    problems: dict[str, str] = {}
+    for key in sorted(items, key=lambda k: (-k.count("/"), k)):
+        resolved = resolve_key(model, key)
+        if resolved is None:
+            continue
+        path, annotation = resolved
+        value, problem = _decode_value(items[key], annotation)
+        if problem is not None:
+            problems[key] = problem
+            continue
+        _set_path(data, path, value, set())
+        origins[path] = key
+    return DecodedConfig(data, origins, problems)
+
+
+KEYS = [
+    "rate_limit",
+    "rateLimit",
+    "RATE_LIMIT",
+    "name",
+    "tags",
+    "db",
+    "DB",
+    "db/url",
+    "db/pool",
+    "Db/pool",
+    "/db/pool",
+    "db//url",
+    "db/",
+    "db/options",
+    "db/options/a",
+    "db/options/a/b",
+    "limits",
+    "limits/eu",
+    "Limits/eu",
+    "limits//eu/",
+    "flags/f1",
+    "flags/f2",
+    "flags/a/b",
+    "flags/",
+    "flags",
+    "unknown",
+    "unknown/x",
+    "/",
+    "",
+]
+VALUES = [b"1", b"7", b"x", b'"quoted"', b'{"url": "u", "pool": 2}', b'{"eu": 3}', b'["a"]', b"\xff", b""]
+
+layer = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=10)
+
+
+def same(got: DecodedConfig, want: DecodedConfig) -> None:
+    assert got.data == want.data
+    assert got.origins == want.origins
+    assert list(got.problems.items()) == list(want.problems.items())  # the order keys are named in
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(layer, min_size=1, max_size=6))
+def test_incremental_decoding_matches_decoding_everything(revisions: list[dict[str, bytes]]) -> None:
+    for model in (Model, Strict):
+        decoder = KeyDecoder(model)
+        for items in revisions:
+            same(decoder.decode(items), decode_all(model, items))
+
+
+@settings(max_examples=200, deadline=None)
+@given(layer, st.sampled_from(KEYS), st.sampled_from(VALUES))
+def test_one_changed_key_is_decoded_again(items: dict[str, bytes], key: str, value: bytes) -> None:
+    decoder = KeyDecoder(Model)
+    decoder.decode(items)
+    changed = {**items, key: value}
+    same(decoder.decode(changed), decode_all(Model, changed))
+    del changed[key]
+    same(decoder.decode(changed), decode_all(Model, changed))
+
+
+def test_input_changed_by_a_validator_does_not_change_the_next_revision() -> None:
+    decoder = KeyDecoder(Model)
+    items = {"db": b'{"options": {"a": "1"}}', "tags": b'["x"]', "flags/f1": b"on", "name": b"n"}
+    first = decoder.decode(items)
+    first.data["db"]["options"]["a"] = "changed"  # what a mode="before" validator may do to its input
+    first.data["tags"].append("y")
+    first.data["flags"]["f1"] = "off"
+    same(decoder.decode({**items, "name": b"m"}), decode_all(Model, {**items, "name": b"m"}))
