@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from ._backoff import Backoff
 from ._fanout import Subscription
 from ._log import get_logger
-from ._validate import lists_etcd_source, validate_layered
+from ._validate import ReadSources, lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
 from .errors import AetcdcfgError, ConfigRejected, EtcdUnavailable, RevisionCompacted, SubscriberLagged
@@ -100,6 +100,7 @@ class LiveSettings(Generic[ModelT]):
         self._init_kwargs = dict(init_kwargs or {})
         self._source_listed = lists_etcd_source(model)
         self._layers = [_Layer(p, KeyDecoder(model)) for p in self.prefixes]
+        self._sources: ReadSources | None = None  # env, dotenv and secrets, read at each load
         self._known = 0  # every layer's items reflect this revision (it may be a rejected one)
         self._apply_lock = anyio.Lock()
         self._current: ModelT | None = None
@@ -329,9 +330,12 @@ class LiveSettings(Generic[ModelT]):
             return layer.relative(snapshot.items)
 
     def _load(self, revision: int) -> None:
+        """The first object: built by pydantic-settings itself, which reads env, dotenv and secrets
+        files, as ``_sources`` does now for the revisions to come (see ReadSources)."""
         self._loaded_without_etcd = False
+        self._sources = ReadSources.read(self.model)
         try:
-            settings = self._build(revision)
+            settings = self._build(revision, sources=None)
         except ConfigRejected as exc:
             if not self._allow_defaults:
                 raise
@@ -339,7 +343,7 @@ class LiveSettings(Generic[ModelT]):
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
             )
             self._record_rejection(exc, exc.keys)
-            settings = self._build(revision, use_etcd=False)
+            settings = self._build(revision, use_etcd=False, sources=None)
             self._loaded_without_etcd = True
         self._current = settings
         self._revision = revision
@@ -369,7 +373,7 @@ class LiveSettings(Generic[ModelT]):
         revision = batch[-1].revision
         self._known = revision
         try:
-            settings = self._build(revision, changed=changed)
+            settings = self._build(revision, changed=changed, sources=self._sources)
         except ConfigRejected as exc:
             self._log.warning(
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
@@ -401,7 +405,14 @@ class LiveSettings(Generic[ModelT]):
         self._last_rejected = rejected
         self._history.append(rejected)
 
-    def _build(self, revision: int, *, use_etcd: bool = True, changed: Sequence[str] = ()) -> ModelT:
+    def _build(
+        self,
+        revision: int,
+        *,
+        use_etcd: bool = True,
+        changed: Sequence[str] = (),
+        sources: ReadSources | None,
+    ) -> ModelT:
         """Validate the model from the layers' keys; raise ConfigRejected naming keys, never values.
 
         Each layer's keys go through its KeyDecoder, which decodes again only what changed.
@@ -413,4 +424,5 @@ class LiveSettings(Generic[ModelT]):
             init_kwargs=self._init_kwargs,
             source_listed=self._source_listed,
             changed=changed,
+            sources=sources,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import anyio
 import pytest
@@ -218,6 +219,31 @@ async def test_deleted_key_falls_back_to_default_then_env(
             settings = await live.wait_for(lambda s: s.name != "from-etcd", timeout=5)
             assert settings.name == "from-env"  # env, next in the source order
             assert settings.rate_limit == 100
+
+
+async def test_env_and_dotenv_are_read_when_loading_not_at_every_revision(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env_file = tmp_path / "app.env"
+    env_file.write_text("READONCE_B=2\n")
+
+    class ReadOnce(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="READONCE_", env_file=env_file)
+        a: int = 0
+        b: int = 0
+        c: int = 0
+
+    monkeypatch.setenv("READONCE_A", "1")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with LiveSettings(ReadOnce, prefix=etcd_prefix, client=client) as live:
+            assert (live.current.a, live.current.b) == (1, 2)
+            monkeypatch.setenv("READONCE_A", "10")
+            env_file.write_text("READONCE_B=20\n")
+            await client.put(etcd_prefix + "c", "3")
+            settings = await live.wait_for(lambda s: s.c == 3, timeout=5)
+            assert (settings.a, settings.b) == (1, 2)  # as read when it loaded
+        async with LiveSettings(ReadOnce, prefix=etcd_prefix, client=client) as live:
+            assert (live.current.a, live.current.b, live.current.c) == (10, 20, 3)  # the next load reads them
 
 
 async def test_user_can_put_env_above_etcd(
