@@ -410,19 +410,25 @@ class LiveSettings(Generic[ModelT]):
         revision: int,
         *,
         use_etcd: bool = True,
-        changed: Sequence[str] = (),
+        changed: Sequence[str] | None = None,
         sources: ReadSources | None,
     ) -> ModelT:
         """Validate the model from the layers' keys; raise ConfigRejected naming keys, never values.
 
-        Each layer's keys go through its KeyDecoder, which decodes again only what changed.
+        ``changed``: the full keys changed since the last build (None: decode every key). Each layer's
+        keys go through its KeyDecoder, which decodes again only the fields those keys fill.
         """
+        decoded = []
+        for layer in self._layers if use_etcd else []:
+            cut = len(layer.prefix)
+            mine = None if changed is None else [k[cut:] for k in changed if k.startswith(layer.prefix)]
+            decoded.append((layer.prefix, layer.decoder.decode(layer.items, mine)))
         return validate_layered(
             self.model,
-            [(layer.prefix, layer.decoder.decode(layer.items)) for layer in self._layers] if use_etcd else [],
+            decoded,
             revision,
             init_kwargs=self._init_kwargs,
             source_listed=self._source_listed,
-            changed=changed,
+            changed=changed or (),
             sources=sources,
         )

@@ -18,7 +18,7 @@ import json
 import types
 import typing
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -306,44 +306,78 @@ class KeyDecoder:
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
         self._groups: dict[str | None, _Group] = {}
+        self._names: dict[str, str | None] = {}  # a key's first part -> the field it fills
 
-    def decode(self, items: Mapping[str, bytes]) -> DecodedConfig:
+    def decode(self, items: Mapping[str, bytes], changed: Iterable[str] | None = None) -> DecodedConfig:
+        """Model input from ``items``. ``changed``: every key added, changed or deleted since the
+        last call (the rest must be as they were then); None when that is not known."""
+        if changed is None:
+            groups = {name: self._decoded(name, keys) for name, keys in self._split(items).items()}
+        else:
+            groups = dict(self._groups)
+            touched: dict[str | None, dict[str, bytes]] = {}
+            for key in changed:
+                name = self._field_of(key)
+                keys = touched.get(name)
+                if keys is None:
+                    known = groups.get(name)
+                    keys = touched[name] = dict(known.items) if known is not None else {}
+                if key in items:
+                    keys[key] = items[key]
+                else:
+                    keys.pop(key, None)
+            for name, keys in touched.items():
+                if keys:
+                    groups[name] = self._decoded(name, keys)
+                else:
+                    groups.pop(name, None)
+        self._groups = groups
         data: dict[str, Any] = {}
         origins: dict[tuple[str, ...], str] = {}
         problems: dict[str, str] = {}
-        known = self._groups
-        groups: dict[str | None, _Group] = {}
-        for name, keys in self._split(items).items():
-            group = known.get(name)
-            if group is None or group.items != keys:
-                group = self._decode_group(keys)
-            groups[name] = group
+        for group in groups.values():
             data.update({field: fresh(value) for field, value in group.data.items()})
             origins.update(group.origins)
             problems.update(group.problems)
-        self._groups = groups
         if len(problems) > 1:  # in the order keys are applied, across groups too
             problems = {key: problems[key] for key in sorted(problems, key=_depth_first)}
         return DecodedConfig(data, origins, problems)
 
+    def _decoded(self, name: str | None, keys: dict[str, bytes]) -> _Group:
+        known = self._groups.get(name)
+        return known if known is not None and known.items == keys else self._decode_group(keys)
+
+    def _field_of(self, key: str) -> str | None:
+        """The top-level field ``key`` fills (None: no field)."""
+        # Empty parts are skipped ("/db/url" fills db.url), so the first part is the first non-empty one.
+        first = key.partition("/")[0] or key.strip("/").partition("/")[0]
+        try:
+            return self._names[first]
+        except KeyError:
+            pass
+        field = _resolve_part(self.model, first) if first else None
+        if len(self._names) > 1_000:  # stray keys under the prefix: keep the memo small
+            self._names.clear()
+        name = self._names[first] = field.name if field is not None else None
+        return name
+
     def _split(self, items: Mapping[str, bytes]) -> dict[str | None, dict[str, bytes]]:
-        """The keys by the top-level field their first part names (None: no field)."""
+        """The keys by the top-level field they fill (None: no field)."""
         by_part: dict[str, dict[str, bytes]] = {}
         for key, raw in items.items():
-            # Empty parts are skipped ("/db/url" fills db.url), so the first part is the first non-empty one.
-            first = key.partition("/")[0] or key.strip("/").partition("/")[0]
+            first = key.partition("/")[0]
             group = by_part.get(first)
             if group is None:
                 group = by_part[first] = {}
             group[key] = raw
         by_field: dict[str | None, dict[str, bytes]] = {}
         for first, keys in by_part.items():
-            field = _resolve_part(self.model, first) if first else None
-            name = field.name if field is not None else None
-            if name in by_field:
-                by_field[name].update(keys)
-            else:
-                by_field[name] = keys
+            for key_group in [keys] if first else [{key: raw} for key, raw in keys.items()]:
+                name = self._field_of(next(iter(key_group)))
+                if name in by_field:
+                    by_field[name].update(key_group)
+                else:
+                    by_field[name] = key_group
         return by_field
 
     def _decode_group(self, items: dict[str, bytes]) -> _Group:
@@ -374,10 +408,13 @@ def _depth_first(key: str) -> tuple[int, str]:
 def fresh(value: Any) -> Any:
     """``value`` with its dicts and lists copied (all the way down); other values are immutable."""
     if isinstance(value, dict):
-        return {key: fresh(item) for key, item in value.items()}
+        return {key: fresh(item) if isinstance(item, _CONTAINERS) else item for key, item in value.items()}
     if isinstance(value, list):
-        return [fresh(item) for item in value]
+        return [fresh(item) if isinstance(item, _CONTAINERS) else item for item in value]
     return value
+
+
+_CONTAINERS = (dict, list)
 
 
 class EtcdSettingsSource(PydanticBaseSettingsSource):

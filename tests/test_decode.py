@@ -103,15 +103,29 @@ def test_incremental_decoding_matches_decoding_everything(revisions: list[dict[s
             same(decoder.decode(items), decode_all(model, items))
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.lists(layer, min_size=1, max_size=6), st.lists(st.sampled_from(KEYS), max_size=3))
+def test_decoding_only_the_changed_keys_matches_decoding_everything(
+    revisions: list[dict[str, bytes]], extra: list[str]
+) -> None:
+    for model in (Model, Strict):
+        decoder = KeyDecoder(model)
+        before: dict[str, bytes] = {}
+        for items in revisions:
+            changed = [k for k in before.keys() | items.keys() if before.get(k) != items.get(k)]
+            same(decoder.decode(items, changed + extra), decode_all(model, items))  # extra: unchanged keys
+            before = items
+
+
 @settings(max_examples=200, deadline=None)
 @given(layer, st.sampled_from(KEYS), st.sampled_from(VALUES))
 def test_one_changed_key_is_decoded_again(items: dict[str, bytes], key: str, value: bytes) -> None:
     decoder = KeyDecoder(Model)
     decoder.decode(items)
     changed = {**items, key: value}
-    same(decoder.decode(changed), decode_all(Model, changed))
+    same(decoder.decode(changed, [key]), decode_all(Model, changed))
     del changed[key]
-    same(decoder.decode(changed), decode_all(Model, changed))
+    same(decoder.decode(changed, [key]), decode_all(Model, changed))
 
 
 def test_input_changed_by_a_validator_does_not_change_the_next_revision() -> None:
