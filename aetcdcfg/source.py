@@ -19,6 +19,7 @@ import types
 import typing
 import weakref
 from collections.abc import Iterable, Mapping
+from operator import methodcaller
 from typing import Any, Union
 
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -139,21 +140,26 @@ def _value_kind(annotation: Any) -> str:
 _kinds: dict[Any, str] = {}
 
 
+def _kind(annotation: Any) -> str:
+    """``_value_kind(annotation)``, remembered."""
+    try:
+        kind = _kinds.get(annotation)
+    except TypeError:  # an unhashable annotation (e.g. Annotated with a list in it)
+        return _value_kind(annotation)
+    if kind is None:
+        if len(_kinds) > 1_000:  # models made on the fly (tests): keep the memo small
+            _kinds.clear()
+        kind = _kinds[annotation] = _value_kind(annotation)
+    return kind
+
+
 def _decode_value(raw: bytes, annotation: Any) -> tuple[Any, str | None]:
     """(value, problem) for one etcd value aimed at a field of type ``annotation``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, f"value is not UTF-8 text (invalid byte at position {exc.start})"
-    try:
-        kind = _kinds.get(annotation)
-    except TypeError:  # an unhashable annotation (e.g. Annotated with a list in it)
-        kind = _value_kind(annotation)
-    else:
-        if kind is None:
-            if len(_kinds) > 1_000:  # models made on the fly (tests): keep the memo small
-                _kinds.clear()
-            kind = _kinds[annotation] = _value_kind(annotation)
+    kind = _kind(annotation)
     if kind == "json":
         try:
             return json.loads(text), None
@@ -291,6 +297,7 @@ class _Group(typing.NamedTuple):
     data: dict[str, Any]
     origins: dict[tuple[str, ...], str]
     problems: dict[str, str]
+    flat: bool = False  # data is {field: a dict of str}: a plain copy of it is a fresh one
 
 
 class KeyDecoder:
@@ -336,7 +343,10 @@ class KeyDecoder:
         origins: dict[tuple[str, ...], str] = {}
         problems: dict[str, str] = {}
         for group in groups.values():
-            data.update({field: fresh(value) for field, value in group.data.items()})
+            if group.flat:
+                data.update({field: dict(value) for field, value in group.data.items()})
+            else:
+                data.update({field: fresh(value) for field, value in group.data.items()})
             origins.update(group.origins)
             problems.update(group.problems)
         if len(problems) > 1:  # in the order keys are applied, across groups too
@@ -381,6 +391,9 @@ class KeyDecoder:
         return by_field
 
     def _decode_group(self, items: dict[str, bytes]) -> _Group:
+        table = self._decode_table(items)
+        if table is not None:
+            return table
         data: dict[str, Any] = {}
         origins: dict[tuple[str, ...], str] = {}
         problems: dict[str, str] = {}
@@ -399,6 +412,37 @@ class KeyDecoder:
             _set_path(data, path, value, made)
             origins[path] = key
         return _Group(items, data, origins, problems)
+
+    def _decode_table(self, items: dict[str, bytes]) -> _Group | None:
+        """A text-valued dict field whose every key is ``<field>/<dict key>``, decoded in one pass.
+
+        A feature-flag or tenant table may hold tens of thousands of keys: they are all one level
+        under the same first part, so none nests under or collides with another, and the general
+        path's sort, per-key resolving and path setting can be skipped. None when the group is not
+        that simple (another spelling of the field, deeper keys, a whole-table JSON value, a value
+        that is not UTF-8): the general path then decodes it, and names any problem.
+        """
+        first, slash, _ = next(iter(items)).partition("/")
+        field = _resolve_part(self.model, first) if slash else None
+        if field is None or not field.mapping or _kind(field.mapping_value) != "text":
+            return None
+        head = first + "/"
+        if (
+            not all(map(methodcaller("startswith", head), items))
+            or sum(map(methodcaller("count", "/"), items)) != len(items)  # one "/" per key
+            or head in items  # "flags/" is the whole table
+        ):
+            return None
+        cut = len(head)
+        try:
+            table = {key[cut:]: raw.decode("utf-8") for key, raw in items.items()}
+        except UnicodeDecodeError:
+            return None
+        if any(map(methodcaller("startswith", b'"'), items.values())):  # a JSON string literal is unquoted
+            table = {key: _decode_value(items[head + key], field.mapping_value)[0] for key in table}
+        name = field.name
+        origins: dict[tuple[str, ...], str] = {(name, key[cut:]): key for key in items}
+        return _Group(items, {name: table}, origins, {}, flat=True)
 
 
 def _depth_first(key: str) -> tuple[int, str]:

@@ -136,3 +136,20 @@ def test_input_changed_by_a_validator_does_not_change_the_next_revision() -> Non
     first.data["tags"].append("y")
     first.data["flags"]["f1"] = "off"
     same(decoder.decode({**items, "name": b"m"}), decode_all(Model, {**items, "name": b"m"}))
+
+
+def test_a_large_table_decodes_as_key_by_key() -> None:
+    table = {f"flags/f{i:05d}": b"on" if i % 2 else b"off" for i in range(5_000)}
+    variants = [
+        {},
+        {"flags/f00003": b'"quoted"', "flags/f00004": b'"not" closed'},
+        {"flags/f00005": b"\xff"},  # named as a problem
+        {"Flags/f00006": b"case variant"},
+        {"flags/sub/key": b"deeper"},
+        {"flags": b'{"whole": "table"}'},
+        {"flags/": b'{"whole": "table"}'},
+        {"name": b"other field"},
+    ]
+    for extra in variants:
+        items = {**table, **extra}
+        same(KeyDecoder(Model).decode(items), decode_all(Model, items))
