@@ -12,6 +12,7 @@ model with ``extra="forbid"`` they are passed on, and pydantic rejects them).
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import dataclasses
 import json
@@ -372,22 +373,26 @@ class KeyDecoder:
         return name
 
     def _split(self, items: Mapping[str, bytes]) -> dict[str | None, dict[str, bytes]]:
-        """The keys by the top-level field they fill (None: no field)."""
-        by_part: dict[str, dict[str, bytes]] = {}
-        for key, raw in items.items():
-            first = key.partition("/")[0]
-            group = by_part.get(first)
-            if group is None:
-                group = by_part[first] = {}
-            group[key] = raw
+        """The keys by the top-level field they fill (None: no field).
+
+        The keys are sorted (etcd lists them in that order already, and sorting sorted input is one
+        pass in C), so the keys under one first part are a run, found by bisection: a prefix of
+        40,000 keys under ``flags/`` is split with one search, not 40,000 steps.
+        """
+        keys = sorted(items)
         by_field: dict[str | None, dict[str, bytes]] = {}
-        for first, keys in by_part.items():
-            for key_group in [keys] if first else [{key: raw} for key, raw in keys.items()]:
-                name = self._field_of(next(iter(key_group)))
-                if name in by_field:
-                    by_field[name].update(key_group)
-                else:
-                    by_field[name] = key_group
+        start, count = 0, len(keys)
+        while start < count:
+            first, slash, _ = keys[start].partition("/")
+            # "0" sorts right after "/": the run ends at the first key past every "<first>/...".
+            end = bisect.bisect_left(keys, first + "0", start) if first and slash else start + 1
+            name = self._field_of(keys[start])
+            run = {key: items[key] for key in keys[start:end]}
+            if name in by_field:
+                by_field[name].update(run)
+            else:
+                by_field[name] = run
+            start = end
         return by_field
 
     def _decode_group(self, items: dict[str, bytes]) -> _Group:

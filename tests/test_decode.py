@@ -78,6 +78,9 @@ KEYS = [
     "flags/a/b",
     "flags/",
     "flags",
+    "flags-x",  # sorts between "flags" and "flags/..."
+    "flags./a",
+    "flags0/a",
     "unknown",
     "unknown/x",
     "/",
