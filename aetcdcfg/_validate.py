@@ -10,7 +10,7 @@ env, dotenv and secrets sources as read when LiveSettings loaded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,7 +26,7 @@ from pydantic_settings import (
 from pydantic_settings.sources import DefaultSettingsSource
 
 from .errors import ConfigRejected
-from .source import DecodedConfig, EtcdSettingsSource, current_config, decode_items, fresh
+from .source import DecodedConfig, EtcdSettingsSource, Origins, current_config, decode_items, fresh
 
 __all__ = ["ReadSources", "build_layered", "build_model", "lists_etcd_source", "validate_layered"]
 
@@ -114,12 +114,12 @@ def validate_layered(
     """:func:`build_layered` from layers decoded already; ``sources``: env, dotenv and secrets read once."""
     label = ", ".join(prefix for prefix, _ in layers)
     data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
     problems: dict[str, str] = {}
     for prefix, decoded in layers:
         problems.update({prefix + key: why for key, why in decoded.problems.items()})
         data = merge(data, decoded.data) if data else decoded.data
-        origins.update({path: prefix + key for path, key in decoded.origins.items()})
+    # A later layer's key wins, as its value does; full keys are made only when one is looked up.
+    origins = Origins([_Prefixed(prefix, decoded.origins) for prefix, decoded in reversed(layers)])
     if problems:
         keys = list(problems)
         raise ConfigRejected(
@@ -207,6 +207,22 @@ class ReadSources:
         )
         settings: ModelT = model(_build_sources=((*sources, DefaultSettingsSource(model)), kwargs))
         return settings
+
+
+class _Prefixed(Mapping[tuple[str, ...], str]):
+    """Field path -> full key, for one layer's path -> relative key."""
+
+    def __init__(self, prefix: str, origins: Mapping[tuple[str, ...], str]) -> None:
+        self._prefix, self._origins = prefix, origins
+
+    def __getitem__(self, path: tuple[str, ...]) -> str:
+        return self._prefix + self._origins[path]
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return iter(self._origins)
+
+    def __len__(self) -> int:
+        return len(self._origins)
 
 
 def explain(

@@ -19,7 +19,7 @@ import json
 import types
 import typing
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import methodcaller
 from typing import Any, Union
 
@@ -34,6 +34,7 @@ __all__ = [
     "DecodedConfig",
     "EtcdSettingsSource",
     "KeyDecoder",
+    "Origins",
     "decode_items",
     "fresh",
     "is_secret",
@@ -53,7 +54,7 @@ class DecodedConfig:
     and the keys that could not be decoded (``problems``: key -> reason, never the value)."""
 
     data: dict[str, Any]
-    origins: dict[tuple[str, ...], str]
+    origins: Mapping[tuple[str, ...], str]
     problems: dict[str, str]
 
 
@@ -296,7 +297,7 @@ class _Group(typing.NamedTuple):
 
     items: dict[str, bytes]
     data: dict[str, Any]
-    origins: dict[tuple[str, ...], str]
+    origins: Mapping[tuple[str, ...], str]
     problems: dict[str, str]
     flat: bool = False  # data is {field: a dict of str}: a plain copy of it is a fresh one
 
@@ -341,17 +342,17 @@ class KeyDecoder:
                     groups.pop(name, None)
         self._groups = groups
         data: dict[str, Any] = {}
-        origins: dict[tuple[str, ...], str] = {}
         problems: dict[str, str] = {}
         for group in groups.values():
             if group.flat:
                 data.update({field: dict(value) for field, value in group.data.items()})
             else:
                 data.update({field: fresh(value) for field, value in group.data.items()})
-            origins.update(group.origins)
             problems.update(group.problems)
         if len(problems) > 1:  # in the order keys are applied, across groups too
             problems = {key: problems[key] for key in sorted(problems, key=_depth_first)}
+        # Each group's paths start with its own fields, so a lookup finds at most one.
+        origins = Origins([group.origins for group in groups.values()])
         return DecodedConfig(data, origins, problems)
 
     def _decoded(self, name: str | None, keys: dict[str, bytes]) -> _Group:
@@ -445,9 +446,47 @@ class KeyDecoder:
             return None
         if any(map(methodcaller("startswith", b'"'), items.values())):  # a JSON string literal is unquoted
             table = {key: _decode_value(items[head + key], field.mapping_value)[0] for key in table}
-        name = field.name
-        origins: dict[tuple[str, ...], str] = {(name, key[cut:]): key for key in items}
-        return _Group(items, {name: table}, origins, {}, flat=True)
+        return _Group(items, {field.name: table}, _TableOrigins(field.name, head, items), {}, flat=True)
+
+
+class Origins(Mapping[tuple[str, ...], str]):
+    """Several field path -> key mappings seen as one; where two hold a path, the first one's key."""
+
+    def __init__(self, maps: Sequence[Mapping[tuple[str, ...], str]]) -> None:
+        self._maps = maps
+
+    def __getitem__(self, path: tuple[str, ...]) -> str:
+        for origins in self._maps:
+            key = origins.get(path)
+            if key is not None:
+                return key
+        raise KeyError(path)
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return iter(dict.fromkeys(path for origins in self._maps for path in origins))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class _TableOrigins(Mapping[tuple[str, ...], str]):
+    """A table's field paths -> keys (``("flags", "x")`` -> ``flags/x``), worked out when asked for:
+    they are needed only to name the key of a rejected value, and a table may have 40,000."""
+
+    def __init__(self, name: str, head: str, items: Mapping[str, bytes]) -> None:
+        self._name, self._head, self._items = name, head, items
+
+    def __getitem__(self, path: tuple[str, ...]) -> str:
+        if len(path) == 2 and path[0] == self._name and self._head + path[1] in self._items:
+            return self._head + path[1]
+        raise KeyError(path)
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        cut = len(self._head)
+        return ((self._name, key[cut:]) for key in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def _depth_first(key: str) -> tuple[int, str]:
