@@ -20,7 +20,7 @@ import types
 import typing
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from operator import methodcaller
+from operator import itemgetter
 from typing import Any, Union
 
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -434,17 +434,17 @@ class KeyDecoder:
             return None
         head = first + "/"
         if (
-            not all(map(methodcaller("startswith", head), items))
-            or sum(map(methodcaller("count", "/"), items)) != len(items)  # one "/" per key
+            not (min(items).startswith(head) and max(items).startswith(head))  # so every key between
+            or "".join(items).count("/") != len(items)  # one "/" per key
             or head in items  # "flags/" is the whole table
         ):
             return None
         cut = len(head)
         try:
-            table = {key[cut:]: raw.decode("utf-8") for key, raw in items.items()}
+            table = {key[cut:]: raw.decode() for key, raw in items.items()}  # UTF-8
         except UnicodeDecodeError:
             return None
-        if any(map(methodcaller("startswith", b'"'), items.values())):  # a JSON string literal is unquoted
+        if b'"' in map(_first_byte, items.values()):  # a JSON string literal is unquoted
             table = {key: _decode_value(items[head + key], field.mapping_value)[0] for key in table}
         return _Group(items, {field.name: table}, _TableOrigins(field.name, head, items), {}, flat=True)
 
@@ -467,6 +467,9 @@ class Origins(Mapping[tuple[str, ...], str]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+_first_byte = itemgetter(slice(0, 1))
 
 
 class _TableOrigins(Mapping[tuple[str, ...], str]):
