@@ -183,6 +183,12 @@ class ReadSources:
         self.env = _ReadOnce(EnvSettingsSource(model))
         self.dotenv = _ReadOnce(DotEnvSettingsSource(model))
         self.secrets = _ReadOnce(SecretsSettingsSource(model))
+        #: Without aliases, InitSettingsSource hands input keyed by field names over unchanged, and
+        #: pydantic-settings' renaming back to the init kwargs' names changes nothing: both are
+        #: skipped (~45 % of a revision of the 200-field model: alias lookups for every field, twice).
+        self._names_as_is = not model.model_config.get("nested_model_default_partial_update") and all(
+            info.alias is None and info.validation_alias is None for info in model.model_fields.values()
+        )
 
     @classmethod
     def read(cls, model: type[BaseModel]) -> ReadSources | None:
@@ -197,7 +203,11 @@ class ReadSources:
     def construct(self, model: type[ModelT], kwargs: dict[str, Any]) -> ModelT:
         """``model(**kwargs)``, with these sources in place of fresh env/dotenv/secrets sources."""
         assert issubclass(model, BaseSettings)
-        init = InitSettingsSource(model, init_kwargs=kwargs)
+        init: PydanticBaseSettingsSource
+        if self._names_as_is and kwargs.keys() <= model.model_fields.keys():
+            init, renames = _Given(model, kwargs), {}
+        else:
+            init, renames = InitSettingsSource(model, init_kwargs=kwargs), kwargs
         sources = model.settings_customise_sources(
             model,
             init_settings=init,
@@ -205,8 +215,24 @@ class ReadSources:
             dotenv_settings=self.dotenv,
             file_secret_settings=self.secrets,
         )
-        settings: ModelT = model(_build_sources=((*sources, DefaultSettingsSource(model)), kwargs))
+        settings: ModelT = model(_build_sources=((*sources, DefaultSettingsSource(model)), renames))
         return settings
+
+
+class _Given(PydanticBaseSettingsSource):
+    """The init kwargs as given: what InitSettingsSource makes of input keyed by field names when
+    the model has no aliases (see ``ReadSources._names_as_is``)."""
+
+    def __init__(self, model: type[BaseSettings], kwargs: dict[str, Any]) -> None:
+        super().__init__(model)
+        self.kwargs = kwargs
+        self.__name__ = InitSettingsSource.__name__  # the name pydantic-settings files its data under
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, "", False  # as InitSettingsSource: only __call__ is used
+
+    def __call__(self) -> dict[str, Any]:
+        return self.kwargs
 
 
 class _Prefixed(Mapping[tuple[str, ...], str]):
