@@ -316,12 +316,14 @@ class KeyDecoder:
         self.model = model
         self._groups: dict[str | None, _Group] = {}
         self._names: dict[str, str | None] = {}  # a key's first part -> the field it fills
+        self._synced = False  # whether a call decoded every key (after which `changed` is enough)
 
     def decode(self, items: Mapping[str, bytes], changed: Iterable[str] | None = None) -> DecodedConfig:
         """Model input from ``items``. ``changed``: every key added, changed or deleted since the
         last call (the rest must be as they were then); None when that is not known."""
-        if changed is None:
+        if changed is None or not self._synced:
             groups = {name: self._decoded(name, keys) for name, keys in self._split(items).items()}
+            self._synced = True
         else:
             groups = dict(self._groups)
             touched: dict[str | None, dict[str, bytes]] = {}
