@@ -16,6 +16,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -57,8 +58,9 @@ class _Layer:
     sub: Subscription | None = None
 
     def relative(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
-        cut = len(self.prefix)
-        return {key[cut:]: value for key, value in items.items()}
+        # {key[cut:]: value for ...} in C: 3.4 % of a 40,000-key start (callgrind), for one line.
+        cut = itemgetter(slice(len(self.prefix), None))
+        return dict(zip(map(cut, items), items.values(), strict=True))
 
 
 class LiveSettings(Generic[ModelT]):
