@@ -59,7 +59,8 @@ class StepKind(enum.Enum):
 
 class Step(NamedTuple):
     """What the I/O loop must do next (a NamedTuple: one is built per response, and a frozen
-    dataclass costs ~4x more to build)."""
+    dataclass costs ~4x more to build). The per-response EMIT step is built with ``_new_tuple``,
+    without the NamedTuple's Python-level ``__new__`` (~1,300 instructions less)."""
 
     kind: StepKind
     batches: tuple[Batch, ...] = ()
@@ -101,12 +102,20 @@ class WatchState:
 
     def on_response(self, response: Any) -> Step:
         """Digest one WatchResponse."""
-        header_revision = int(response.header.revision)
+        events = response.events
+        if events and not response.fragment and not self._fragments and response.watch_id == self.watch_id:
+            # The common case, first and with the fewest protobuf reads (~0.1 us each): etcd never
+            # puts events in a created, canceled or compaction response.
+            batches = self._batches(events)
+            if not batches:
+                return _NOTHING
+            return _new_tuple(Step, (StepKind.EMIT, batches, self.delivered, ""))
         if response.canceled or response.compact_revision:
             self.stream_lost()
             if response.compact_revision:
                 return Step(StepKind.RELIST, revision=int(response.compact_revision), reason="compacted")
             return Step(StepKind.CANCELED, reason=str(response.cancel_reason) or "canceled by server")
+        header_revision = int(response.header.revision)
         if response.created:
             self.watch_id = int(response.watch_id)
             if header_revision < self.delivered:
@@ -117,21 +126,19 @@ class WatchState:
             # revision can run ahead of events still being replayed, so it only proves liveness.
             return _NOTHING
         if response.fragment:
-            self._fragments.extend(response.events)
+            self._fragments.extend(events)
             return _NOTHING
-        events = list(response.events)
         if self._fragments:
-            events = self._fragments + events
+            joined = self._fragments + list(events)
             self._fragments = []
-        if not events:
-            if header_revision > self.delivered:
-                self.delivered = header_revision
-                return Step(StepKind.PROGRESS, revision=header_revision)
-            return _NOTHING
-        batches = self._batches(events)
-        if not batches:
-            return _NOTHING
-        return Step(StepKind.EMIT, batches, self.delivered)
+            batches = self._batches(joined)
+            if not batches:
+                return _NOTHING
+            return Step(StepKind.EMIT, batches, self.delivered)
+        if header_revision > self.delivered:
+            self.delivered = header_revision
+            return Step(StepKind.PROGRESS, revision=header_revision)
+        return _NOTHING
 
     def _batches(self, raw_events: Iterable[Any]) -> tuple[Batch, ...]:
         # Runs once per etcd event, so it is written flat: protobuf already hands out ``int`` and
