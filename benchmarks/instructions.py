@@ -10,6 +10,8 @@ difference per unit (so start-up and building the input cancel out):
 * ``watch``: ``FromString`` + ``WatchState.on_response`` + ``PrefixWatch._publish`` to one subscription
   + draining it event by event (``async for`` over the subscription's ready batches);
 * ``single`` / ``raw_single``: the same with one event per response (single-put revisions);
+* ``stream`` / ``stream_single``: ``watch`` / ``single`` through ``WatchLoop``'s read loop (a fake call
+  hands it the responses), so its per-response work (clock, health, progress checks) counts too;
 * ``get_prefix`` / ``list_keys``: ``RangeResponse.FromString`` of 40,000 keys x 100 B and what
   ``get_prefix`` (the Snapshot dict) or a watch's listing (state + snapshot for ``with_snapshot``)
   builds from it, per key;
@@ -24,6 +26,7 @@ difference per unit (so start-up and building the input cancel out):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import sys
@@ -32,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2
 
 from ._util import ROOT, table
@@ -109,6 +113,51 @@ async def run_watch(data: list[bytes]) -> int:
             event = await subscription.__anext__()
             seen += event.revision > 0
     return seen
+
+
+class _FakeCall:
+    """A Watch stream call answering ``read()`` with pre-serialised responses, then EOF.
+
+    Before each read it drains the subscription event by event, as the subscriber's task would.
+    """
+
+    def __init__(self, data: list[bytes], subscription: Any) -> None:
+        self.data = iter(data)
+        self.subscription = subscription
+        self.seen = 0
+
+    async def write(self, request: Any) -> None:
+        pass
+
+    async def read(self) -> Any:
+        subscription = self.subscription
+        while subscription._available or subscription._index < len(subscription._batch):
+            event = await subscription.__anext__()
+            self.seen += event.revision > 0
+        blob = next(self.data, None)
+        if blob is None:
+            return grpc.aio.EOF
+        return rpc_pb2.WatchResponse.FromString(blob)
+
+
+async def run_stream(data: list[bytes]) -> int:
+    """``run_watch`` through ``WatchLoop._read_loop`` (its per-response time and health updates)."""
+    from types import SimpleNamespace
+
+    from aetcdcfg._fanout import PrefixWatch
+    from aetcdcfg._resume import WatchState
+    from aetcdcfg._stream import WatchLoop, _StreamFailed
+
+    hub = PrefixWatch(None, PREFIX, lambda hub: None)  # type: ignore[arg-type]
+    state = hub.state = WatchState(PREFIX, 100, {})
+    state.watch_id = 7
+    subscription, _ = hub.subscribe(None, len(data) + 1, with_snapshot=False)
+    loop = WatchLoop(None, state, hub._publish, label=PREFIX.decode(), health=hub.health)  # type: ignore[arg-type]
+    call = _FakeCall(data, subscription)
+    endpoint = SimpleNamespace(url="bench", answers_progress=True)
+    with contextlib.suppress(_StreamFailed):  # EOF after the last response
+        await loop._read_loop(call, endpoint, None)  # type: ignore[arg-type]
+    return call.seen
 
 
 class _FakeConnection:
@@ -198,6 +247,13 @@ SCENARIOS: dict[str, tuple[str, int, Callable[[int], Any], Callable[[Any], objec
     "watch": ("event", 20_000, lambda n: watch_responses(n, TXN_EVENTS), lambda d: asyncio.run(run_watch(d))),
     "raw_single": ("event", 5_000, lambda n: watch_responses(n, 1), run_raw),
     "single": ("event", 5_000, lambda n: watch_responses(n, 1), lambda d: asyncio.run(run_watch(d))),
+    "stream": (
+        "event",
+        20_000,
+        lambda n: watch_responses(n, TXN_EVENTS),
+        lambda d: asyncio.run(run_stream(d)),
+    ),
+    "stream_single": ("event", 5_000, lambda n: watch_responses(n, 1), lambda d: asyncio.run(run_stream(d))),
     "get_prefix": ("key", LOAD_KEYS, range_response, lambda d: asyncio.run(run_get_prefix(d))),
     "list_keys": ("key", LOAD_KEYS, range_response, lambda d: asyncio.run(run_list_keys(d))),
     "live_start": (
