@@ -23,8 +23,7 @@ __all__ = ["AppliedChange", "SettingsStatus", "WatchHealth", "WatchStatus", "Wat
 WatchStateName = Literal["connecting", "live", "reconnecting", "failed", "closed"]
 
 
-def _monotonic() -> float:
-    return time.monotonic()
+_monotonic = time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +81,9 @@ class WatchHealth:
     events_delivered: int = 0
     lagged_subscribers: int = 0
 
-    def confirm(self, now: float | None = None) -> None:
-        self.confirmed = _monotonic() if now is None else now
+    def confirm(self) -> None:
+        """etcd said there is nothing newer than what was delivered (called once per response)."""
+        self.confirmed = _monotonic()
 
     def connected(self, endpoint: str) -> None:
         """A watcher was created on ``endpoint``; ends an outage if there was one."""
