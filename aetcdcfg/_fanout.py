@@ -164,9 +164,6 @@ class _Subscriber:
         if self.catching_up:
             self.pending.append(batch)
             return
-        self.deliver(batch, revision)
-
-    def deliver(self, batch: Batch, revision: int) -> None:
         try:
             self.send.send_nowait(batch)
         except anyio.WouldBlock:
@@ -187,10 +184,12 @@ class _Subscriber:
 
     def offer_caught_up(self, batches: tuple[Batch, ...]) -> None:
         """Deliver revisions from the private catch-up stream, ahead of the pending live ones."""
-        for batch in batches:
-            revision = batch[0].revision
-            if revision > self.last_revision:
-                self.deliver(batch, revision)
+        self.catching_up = False  # for these only: live revisions meanwhile still go to pending
+        try:
+            for batch in batches:
+                self.offer(batch)
+        finally:
+            self.catching_up = True
 
     def finish_catch_up(self) -> None:
         self.catching_up = False
