@@ -81,6 +81,8 @@ async def main(k: int, n: int) -> str:
     await asyncio.gather(*tasks, return_exceptions=True)
     for handle in handles:
         hub.release(handle)
+    if not n:
+        return "no revisions"
     ms = [r * 1e3 for r in rounds]
     return (
         f"K={k}, {n} revisions: CPU {cpu / (k * n) * 1e6:.2f} µs/delivery; publish -> last delivery "
