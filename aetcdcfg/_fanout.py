@@ -341,7 +341,7 @@ class PrefixWatch:
             keys = state.keys or {}
             # decode_key, inlined: this runs once per key of the prefix.
             snapshot = Snapshot(
-                delivered, {k.decode("utf-8", "surrogateescape"): v.value for k, v in keys.items()}
+                delivered, {k.decode("utf-8", "surrogateescape"): v[0] for k, v in keys.items()}
             )
         subscription = Subscription(self.label, receive, start_revision=first, snapshot=snapshot, hub=self)
         sub.subscription = subscription

@@ -35,8 +35,6 @@ log = get_logger()
 PAGE_SIZE = 10_000
 #: (key, value, mod revision, create revision, version) as etcd returned it.
 RawKV = tuple[bytes, bytes, int, int, int]
-#: ``KeyState(...)`` without the NamedTuple's Python-level ``__new__`` (a frame per key).
-_new_tuple = tuple.__new__
 
 
 async def range_pages(
@@ -106,7 +104,7 @@ async def list_keys(
             await anyio.sleep(backoff.next_delay())
             continue
         listing = {
-            kv.key: _new_tuple(KeyState, (kv.value, kv.mod_revision, kv.create_revision, kv.version))
+            kv.key: (kv.value, kv.mod_revision, kv.create_revision, kv.version)
             for page in pages
             for kv in page
         }
@@ -131,7 +129,7 @@ async def history_matches(
             return False
         raise
     found = {kv.key: kv.mod_revision for page in pages for kv in page}
-    return found == {k: v.mod_revision for k, v in keys.items()}
+    return found == {k: v[1] for k, v in keys.items()}  # KeyState: (value, mod_revision, ...)
 
 
 async def cluster_revision(conn: Connection, prefix: bytes) -> int:

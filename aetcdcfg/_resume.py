@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 from ._keys import decode_key
 from .events import Event, EventType, make_event
@@ -31,19 +31,16 @@ _PUT = 0
 _DELETE = 1
 
 
-class KeyState(NamedTuple):
-    """What the watch last delivered for one key."""
-
-    value: bytes
-    mod_revision: int
-    create_revision: int
-    version: int
+#: What the watch last delivered for one key: ``(value, mod_revision, create_revision, version)``.
+#: A plain tuple, not a NamedTuple: built with BUILD_TUPLE from the free list, and the cyclic GC stops
+#: tracking a tuple of bytes and ints, where a tuple subclass stays tracked (a watch holds one per key
+#: of its prefix). Callgrind: -1,600 instructions per event in 100-event transactions.
+KeyState: TypeAlias = tuple[bytes, int, int, int]
 
 
 _PUT_TYPE = EventType.PUT
 _DELETED = EventType.DELETE
-#: ``_new_tuple(KeyState, (...))`` is ``KeyState(...)`` without the NamedTuple's Python-level
-#: ``__new__`` (a frame per event).
+#: ``_new_tuple(Step, (...))`` is ``Step(...)`` without the NamedTuple's Python-level ``__new__``.
 _new_tuple = tuple.__new__
 
 
@@ -160,7 +157,7 @@ class WatchState:
             key = kv.key
             name = key.decode("utf-8", "surrogateescape")  # as _keys.decode_key, inlined
             previous = keys.get(key) if keys is not None else None
-            prev_value = previous.value if previous is not None else None
+            prev_value = previous[0] if previous is not None else None
             if raw.type == _DELETE:
                 current.append(make_event(_DELETED, name, b"", revision, prev_value, 0, 0))
                 if keys is not None:
@@ -171,7 +168,7 @@ class WatchState:
                 version = kv.version
                 current.append(make_event(_PUT_TYPE, name, value, revision, prev_value, create, version))
                 if keys is not None:
-                    keys[key] = _new_tuple(KeyState, (value, revision, create, version))
+                    keys[key] = (value, revision, create, version)
         if current:
             batches.append(tuple(current))
             self.delivered = current_revision
@@ -189,21 +186,22 @@ class WatchState:
         events: list[Event] = []
         for key in sorted(old.keys() | listing.keys()):
             before, after = old.get(key), listing.get(key)
-            prev_value = before.value if before is not None else None
+            prev_value = before[0] if before is not None else None
             if after is None:
                 events.append(
                     Event(EventType.DELETE, decode_key(key), b"", revision, prev_value, resync=True)
                 )
-            elif before is None or before.mod_revision != after.mod_revision or before.value != after.value:
+            elif before is None or before[:2] != after[:2]:  # value or mod_revision differ
+                value, _, create_revision, version = after
                 events.append(
                     Event(
                         EventType.PUT,
                         decode_key(key),
-                        after.value,
+                        value,
                         revision,
                         prev_value,
-                        after.create_revision,
-                        after.version,
+                        create_revision,
+                        version,
                         resync=True,
                     )
                 )

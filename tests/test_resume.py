@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aetcdcfg import Event, EventType
-from aetcdcfg._resume import KeyState, StepKind, WatchState
+from aetcdcfg._resume import StepKind, WatchState  # KeyState: (value, mod, create, version)
 
 WATCH_ID = 7
 
@@ -124,9 +124,9 @@ def test_fragments_are_joined_and_lost_fragments_discarded() -> None:
 
 def test_compaction_asks_for_relist_and_resync_emits_difference() -> None:
     keys = {
-        b"/p/a": KeyState(b"1", 5, 5, 1),
-        b"/p/b": KeyState(b"2", 6, 6, 1),
-        b"/p/c": KeyState(b"3", 7, 7, 1),
+        b"/p/a": (b"1", 5, 5, 1),
+        b"/p/b": (b"2", 6, 6, 1),
+        b"/p/c": (b"3", 7, 7, 1),
     }
     state = WatchState(b"/p/", 10, dict(keys))
     compacted = rpc_pb2.WatchResponse(watch_id=WATCH_ID, canceled=True, compact_revision=40, created=True)
@@ -134,9 +134,9 @@ def test_compaction_asks_for_relist_and_resync_emits_difference() -> None:
     assert step.kind is StepKind.RELIST
     assert step.revision == 40
     listing = {
-        b"/p/a": KeyState(b"1", 5, 5, 1),  # unchanged
-        b"/p/b": KeyState(b"22", 45, 6, 2),  # changed
-        b"/p/d": KeyState(b"4", 44, 44, 1),  # new
+        b"/p/a": (b"1", 5, 5, 1),  # unchanged
+        b"/p/b": (b"22", 45, 6, 2),  # changed
+        b"/p/d": (b"4", 44, 44, 1),  # new
     }  # /p/c deleted
     batch = state.resync(listing, 50)
     assert [(e.type, e.key, e.value, e.prev_value, e.revision, e.resync) for e in batch] == [
@@ -218,8 +218,8 @@ def test_any_split_and_reconnect_pattern_delivers_history_exactly_once(
 def test_resync_difference_applied_to_old_state_gives_new_state(
     before: dict[bytes, bytes], after: dict[bytes, bytes]
 ) -> None:
-    old = {k: KeyState(v, 3, 3, 1) for k, v in before.items()}
-    new = {k: KeyState(v, 9 if before.get(k) != v else 3, 3, 1) for k, v in after.items()}
+    old = {k: (v, 3, 3, 1) for k, v in before.items()}
+    new = {k: (v, 9 if before.get(k) != v else 3, 3, 1) for k, v in after.items()}
     state = WatchState(b"/p/", 5, dict(old))
     batch = state.resync(new, 20)
     materialized = {k.decode(): v for k, v in before.items()}
