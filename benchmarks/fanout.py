@@ -116,7 +116,7 @@ async def measure(name: str, endpoint: str, k: int, subscribe: Subscribe) -> Res
         gc.callbacks.append(clock)
         cpu0, t0 = time.process_time(), time.monotonic()
         writer = await start_writer(endpoint, prefix, PUTS, INTERVAL)
-        with anyio.move_on_after(180):
+        with anyio.move_on_after(60):  # a client that falls this far behind shows it in "delivered"
             while len(latencies) < PUTS * k:
                 await anyio.sleep(0.05)
         cpu1, t1 = time.process_time(), time.monotonic()
