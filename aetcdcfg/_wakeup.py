@@ -41,14 +41,9 @@ class Sleeper:
         self._cancel_message: object = None
         self._due = False  # queued in a Waker's round
 
-    def arm(self) -> Sleeper:
-        """Hand this to the task to sleep on (``return`` it from an awaitable's ``__next__``)."""
-        self._asyncio_future_blocking = True  # what Future.__await__ sets before it yields
-        return self
-
     def __await__(self) -> Generator[Sleeper, None, None]:
         """Sleep until woken (``await sleeper``); raises CancelledError if cancelled meanwhile."""
-        self._asyncio_future_blocking = True
+        self._asyncio_future_blocking = True  # what Future.__await__ sets before it yields
         yield self  # the task's wake-up calls result(), which raises if it was cancelled
 
     @property

@@ -32,7 +32,7 @@ class Until:
 
     def __await__(self) -> Generator[Any, None, str]:
         while not self.ready():
-            yield self.sleeper.arm()
+            yield from self.sleeper.__await__()
         return "done"
 
 
