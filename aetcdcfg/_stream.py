@@ -374,7 +374,7 @@ class WatchLoop:
                 if kind is StepKind.EMIT:  # the common case first: one revision or more of events
                     health.confirm()
                     self._on_batches(step.batches)
-                    if self._stop_at is not None and state.delivered >= self._stop_at:
+                    if self._reached_stop():
                         return True
                     continue
                 if not response.events and not (response.created or response.canceled or response.fragment):
