@@ -14,7 +14,6 @@ min / median / max.
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 import time
 import uuid
@@ -29,7 +28,7 @@ import anyio
 from aetcdcfg import EtcdClient
 from aetcdcfg.testing import EtcdServer
 
-from ._util import percentile, rss_bytes, start_writer, table
+from ._util import GcClock, percentile, rss_bytes, start_writer, table
 
 PUTS = 2_000
 INTERVAL = 0.005
@@ -80,22 +79,6 @@ class Result:
         ]
 
 
-class _GcClock:
-    """Counts the cyclic GC's collections per generation and their time while installed."""
-
-    def __init__(self) -> None:
-        self.counts = [0, 0, 0]
-        self.seconds = 0.0
-        self._start = 0.0
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.counts[info["generation"]] += 1
-            self.seconds += time.perf_counter() - self._start
-
-
 Subscribe = Callable[[str, Callable[[], None], "array[int]"], Awaitable[None]]
 
 
@@ -112,15 +95,13 @@ async def measure(name: str, endpoint: str, k: int, subscribe: Subscribe) -> Res
             for _ in range(k):
                 await ready.acquire()
         rss_after = rss_bytes()
-        clock = _GcClock()
-        gc.callbacks.append(clock)
-        cpu0, t0 = time.process_time(), time.monotonic()
-        writer = await start_writer(endpoint, prefix, PUTS, INTERVAL)
-        with anyio.move_on_after(60):  # a client that falls this far behind shows it in "delivered"
-            while len(latencies) < PUTS * k:
-                await anyio.sleep(0.05)
-        cpu1, t1 = time.process_time(), time.monotonic()
-        gc.callbacks.remove(clock)
+        with GcClock() as clock:
+            cpu0, t0 = time.process_time(), time.monotonic()
+            writer = await start_writer(endpoint, prefix, PUTS, INTERVAL)
+            with anyio.move_on_after(60):  # a client that falls this far behind shows it in "delivered"
+                while len(latencies) < PUTS * k:
+                    await anyio.sleep(0.05)
+            cpu1, t1 = time.process_time(), time.monotonic()
         await writer.wait()
     finally:
         for task in tasks:

@@ -20,7 +20,7 @@ from aetcdcfg._fanout import PrefixWatch, Subscription
 from aetcdcfg._resume import WatchState
 from aetcdcfg.events import EventType, make_event
 
-from ._util import percentile
+from ._util import GcClock, percentile
 
 PREFIX = b"/bench/gc/"
 
@@ -48,22 +48,9 @@ async def main(k: int, n: int) -> str:
     await asyncio.sleep(0)
     gc.collect()
 
-    counts = [0, 0, 0]
-    gc_seconds = 0.0
-    started = 0.0
-
-    def clock(phase: str, info: dict[str, int]) -> None:
-        nonlocal gc_seconds, started
-        if phase == "start":
-            started = time.perf_counter()
-        else:
-            counts[info["generation"]] += 1
-            gc_seconds += time.perf_counter() - started
-
     rounds: list[float] = []
-    gc.callbacks.append(clock)
-    cpu = time.process_time()
-    try:
+    with GcClock() as clock:
+        cpu = time.process_time()
         for i in range(n):
             revision = 101 + i
             event = make_event(EventType.PUT, f"/bench/gc/k{i % 10}", b"v", revision, None, 50, 1)
@@ -73,9 +60,7 @@ async def main(k: int, n: int) -> str:
             hub._publish(((event,),))
             await round_done
             rounds.append(time.perf_counter() - begin)
-    finally:
-        gc.callbacks.remove(clock)
-    cpu = time.process_time() - cpu
+        cpu = time.process_time() - cpu
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -87,7 +72,7 @@ async def main(k: int, n: int) -> str:
     return (
         f"K={k}, {n} revisions: CPU {cpu / (k * n) * 1e6:.2f} µs/delivery; publish -> last delivery "
         f"p50 {percentile(ms, 50):.2f} ms, p99 {percentile(ms, 99):.2f} ms, max {max(ms):.2f} ms; "
-        f"GC collections gen0/gen1/gen2 {counts[0]}/{counts[1]}/{counts[2]}, {gc_seconds * 1e3:.0f} ms"
+        f"GC collections gen0/gen1/gen2 {'/'.join(map(str, clock.counts))}, {clock.seconds * 1e3:.0f} ms"
     )
 
 
