@@ -43,6 +43,9 @@ log = get_logger()
 
 #: Events of recent revisions kept per prefix so a lagged subscriber can resume without etcd.
 HISTORY_EVENTS = 10_000
+#: Live revisions held for a subscriber whose private catch-up has not finished; past this it lags
+#: (resuming later from where the catch-up got to) rather than holding memory without bound.
+PENDING_LIMIT = 10_000
 
 
 class Subscription:
@@ -142,7 +145,16 @@ class Subscription:
 class _Subscriber:
     """The hub's side of one subscription."""
 
-    __slots__ = ("catching_up", "hub", "last_revision", "pending", "send", "size", "subscription")
+    __slots__ = (
+        "catch_up",
+        "catching_up",
+        "hub",
+        "last_revision",
+        "pending",
+        "send",
+        "size",
+        "subscription",
+    )
 
     def __init__(
         self, hub: PrefixWatch, send: MemoryObjectSendStream[Batch], size: int, last_revision: int
@@ -154,6 +166,8 @@ class _Subscriber:
         self.catching_up = False
         self.pending: list[Batch] = []
         self.subscription: Subscription | None = None
+        #: The private catch-up stream's scope, cancelled when this subscriber is discarded.
+        self.catch_up: anyio.CancelScope | None = None
 
     def offer(self, batch: Batch) -> None:
         """Hand one revision over without waiting; a full buffer cuts this subscriber off.
@@ -164,16 +178,15 @@ class _Subscriber:
         if revision <= self.last_revision:
             return
         if self.catching_up:
+            if len(self.pending) >= PENDING_LIMIT:
+                self.lag(self.last_revision + 1)
+                return
             self.pending.append(batch)
             return
         try:
             self.send.send_nowait(batch)
         except anyio.WouldBlock:
-            self.hub.health.lagged_subscribers += 1
-            self.hub.log.warning("watch.subscriber_lagged", resume_revision=revision, buffer_size=self.size)
-            self.fail(
-                SubscriberLagged(prefix=self.hub.label, resume_revision=revision, buffer_size=self.size)
-            )
+            self.lag(revision)
             return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.hub.discard(self)
@@ -183,6 +196,16 @@ class _Subscriber:
         if target is not None:
             target._available += 1
             self.hub.waker.wake(target._sleeper)
+
+    def lag(self, resume_revision: int) -> None:
+        """Cut this subscriber off: it got everything before ``resume_revision``."""
+        self.hub.health.lagged_subscribers += 1
+        self.hub.log.warning(
+            "watch.subscriber_lagged", resume_revision=resume_revision, buffer_size=self.size
+        )
+        self.fail(
+            SubscriberLagged(prefix=self.hub.label, resume_revision=resume_revision, buffer_size=self.size)
+        )
 
     def offer_caught_up(self, batches: tuple[Batch, ...]) -> None:
         """Deliver revisions from the private catch-up stream, ahead of the pending live ones."""
@@ -224,7 +247,9 @@ class PrefixWatch:
         self.waker = Waker(asyncio.get_running_loop())
         self.log = log.bind(prefix=self.label)
         self.state: WatchState | None = None
-        self.subscribers: list[_Subscriber] = []
+        #: Replaced, never mutated: publishing iterates it while a lagging subscriber removes itself,
+        #: and a list edited under that loop skipped the subscriber after the one removed.
+        self.subscribers: tuple[_Subscriber, ...] = ()
         self.history: deque[Batch] = deque()
         self._history_events = 0
         self.floor = 0  # history holds every revision from floor to state.delivered
@@ -284,7 +309,7 @@ class PrefixWatch:
                     self.health.state = "closed"
                 self.closed = True
                 self._on_closed(self)
-                for sub in list(self.subscribers):
+                for sub in self.subscribers:
                     sub.fail(error)
 
     def status(self) -> WatchStatus:
@@ -347,7 +372,7 @@ class PrefixWatch:
         sub.subscription = subscription
         for batch in replay:
             sub.offer(batch)
-        self.subscribers.append(sub)
+        self.subscribers = (*self.subscribers, sub)
         self._holders += 1
         return subscription, sub
 
@@ -357,19 +382,27 @@ class PrefixWatch:
         assert state is not None
         until = self.floor - 1
         private = WatchState(self.prefix, sub.last_revision)
-        task_status.started()
-        self.log.info("watch.catch_up", from_revision=sub.last_revision + 1, until=until)
-        try:
-            await WatchLoop(self.conn, private, sub.offer_caught_up, label=self.label, stop_at=until).run()
-        except AetcdcfgError as exc:
-            sub.fail(exc)
-            return
-        sub.finish_catch_up()
+        with anyio.CancelScope() as scope:
+            sub.catch_up = scope
+            task_status.started()
+            self.log.info("watch.catch_up", from_revision=sub.last_revision + 1, until=until)
+            try:
+                await WatchLoop(
+                    self.conn, private, sub.offer_caught_up, label=self.label, stop_at=until
+                ).run()
+            except AetcdcfgError as exc:
+                sub.fail(exc)
+                return
+            finally:
+                sub.catch_up = None
+            sub.finish_catch_up()
 
     def discard(self, sub: _Subscriber) -> None:
         """Stop publishing to a subscriber (it failed, lagged or left)."""
         if sub in self.subscribers:
-            self.subscribers.remove(sub)
+            self.subscribers = tuple(other for other in self.subscribers if other is not sub)
+        if sub.catch_up is not None:
+            sub.catch_up.cancel()  # a private catch-up lives only as long as its subscription
         sub.send.close()
         if sub.subscription is not None:
             sub.subscription._end()

@@ -1,0 +1,165 @@
+"""Exactness at the edges of the shared watch, against real etcd: orders of subscribers, compaction at
+exactly the resume revision, clients closed under calls, catch-ups outliving their subscription.
+
+Each test here failed before the fix it names (issue 17)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from aetcdcfg import (
+    ClientClosedError,
+    EtcdClient,
+    EtcdUnavailable,
+    Event,
+    EventType,
+    RevisionCompacted,
+    SubscriberLagged,
+)
+from aetcdcfg.testing import EtcdServer, FaultProxy
+
+from .test_watch import collect_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_lagging_subscriber_before_a_fast_one_does_not_make_it_skip(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The lagging subscriber leaves the hub's list while a revision is being published; the one after
+    it in that list must still get that revision (it got [2, 4, 5, 6] before)."""
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with (
+            client.watch(etcd_prefix, buffer_size=1) as slow,
+            client.watch(etcd_prefix, buffer_size=1) as slow2,
+            client.watch(etcd_prefix) as fast,
+        ):
+            revisions = [await client.put(f"{etcd_prefix}k{i}", str(i)) for i in range(6)]
+            with anyio.fail_after(5):
+                seen = [e.revision for e in await collect_until(fast, revisions[-1])]
+            assert seen == revisions
+            for lagging in (slow, slow2):
+                got = []
+                with pytest.raises(SubscriberLagged) as info:
+                    async for event in lagging:
+                        got.append(event.revision)
+                assert got == revisions[:1]
+                assert info.value.resume_revision == revisions[1]
+
+
+async def test_delete_at_exactly_the_compact_revision_during_an_outage_is_resynced(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """etcd accepts a watch created *at* its compact revision but has dropped the delete tombstone
+    written there: a resume at delivered + 1 == compact revision must re-list, not replay."""
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+        EtcdClient(endpoints=[fault_proxy.endpoint], keepalive_time=1.0, keepalive_timeout=1.0) as watcher,
+    ):
+        await writer.put(etcd_prefix + "a", "1")
+        async with watcher.watch(etcd_prefix, with_snapshot=True) as sub:
+            assert sub.snapshot is not None
+            state = dict(sub.snapshot.items)
+            delivered = await writer.put(etcd_prefix + "b", "1")
+            with anyio.fail_after(5):
+                first = await collect_until(sub, delivered)
+            fault_proxy.refuse(True)
+            fault_proxy.reset()
+            deleted = await writer.delete(etcd_prefix + "a")
+            assert deleted == delivered + 1
+            last = await writer.put(etcd_prefix + "c", "1")
+            etcd_server.etcdctl("compact", str(deleted))
+            fault_proxy.refuse(False)
+            events: list[Event] = list(first)
+            with anyio.fail_after(20):
+                async for batch in sub.batches():  # a resync is one batch: take all of it
+                    events.extend(batch)
+                    if batch[-1].revision >= last:
+                        break
+            for event in events:
+                if event.type is EventType.PUT:
+                    state[event.key] = event.value
+                else:
+                    state.pop(event.key, None)
+            final = await writer.get_prefix(etcd_prefix)
+    assert state == dict(final.items), [(e.type, e.key, e.revision, e.resync) for e in events]
+    assert any(e.type is EventType.DELETE and e.key == etcd_prefix + "a" for e in events)
+
+
+async def test_watch_from_exactly_the_compact_revision_raises_revision_compacted(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """A private catch-up from the compact revision itself would silently miss a delete there."""
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "a", "1")
+        deleted = await client.delete(etcd_prefix + "a")
+        await client.put(etcd_prefix + "b", "1")
+        etcd_server.etcdctl("compact", str(deleted))
+        async with client.watch(etcd_prefix, start_revision=deleted) as sub:
+            with anyio.fail_after(10), pytest.raises(RevisionCompacted) as info:
+                await sub.__anext__()
+    assert info.value.requested_revision == deleted
+    assert info.value.compact_revision == deleted
+
+
+async def test_catch_up_ends_with_its_subscription(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """A subscription from the past that leaves while its private catch-up cannot reach etcd must not
+    leave that catch-up retrying forever in the client's task group."""
+
+    def catch_ups() -> list[str]:
+        return [task.name for task in anyio.get_running_tasks() if "catch_up" in (task.name or "")]
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+        EtcdClient(endpoints=[fault_proxy.endpoint], keepalive_time=1.0, keepalive_timeout=1.0) as watcher,
+    ):
+        first = await writer.put(etcd_prefix + "a", "1")
+        for i in range(5):
+            await writer.put(etcd_prefix + "a", str(i))
+        async with watcher.watch(etcd_prefix):
+            fault_proxy.refuse(True)
+            fault_proxy.reset()
+            try:
+                async with watcher.watch(etcd_prefix, start_revision=first):
+                    assert catch_ups()
+                with anyio.fail_after(5):
+                    while catch_ups():
+                        await anyio.sleep(0.05)
+            finally:
+                fault_proxy.refuse(False)
+
+
+async def test_closing_a_client_under_calls_raises_our_errors_not_cancelled(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """grpc.aio cancels calls on a closed channel with a bare CancelledError nobody asked for."""
+    outcomes: dict[str, BaseException | None] = {}
+
+    async def run(name: str, call: Awaitable[object]) -> None:
+        try:
+            await call
+            outcomes[name] = None
+        except BaseException as exc:  # the point: what escapes
+            outcomes[name] = exc
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                async with EtcdClient(endpoints=[fault_proxy.endpoint], request_timeout=30) as client:
+                    fault_proxy.blackhole(True)
+                    tg.start_soon(run, "get", client.get(etcd_prefix + "a"))
+                    tg.start_soon(run, "put", client.put(etcd_prefix + "a", "1"))
+                    tg.start_soon(run, "get_prefix", client.get_prefix(etcd_prefix))
+                    await anyio.sleep(0.5)
+    finally:
+        fault_proxy.blackhole(False)
+    assert set(outcomes) == {"get", "put", "get_prefix"}
+    for name, exc in outcomes.items():
+        assert isinstance(exc, ClientClosedError | EtcdUnavailable), (name, repr(exc))
+    assert "may or may not have been applied" in str(outcomes["put"])
