@@ -103,6 +103,9 @@ class Endpoint:
     #: Whether the endpoint answers a watch progress request (etcd does, its gRPC proxy does not);
     #: ``None`` until a watch's liveness probe has found out.
     answers_progress: bool | None = None
+    #: Set before the channel is closed: a call cut off by that close ends in grpc.aio's own
+    #: ``CancelledError``, which the connection layer turns into ours (see ``_grpc_errors``).
+    closed: bool = False
 
     def __post_init__(self) -> None:
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
@@ -154,6 +157,7 @@ class EndpointPool:
         self.endpoints = endpoints
         log.info("etcd.endpoints_changed", added=added, removed=[ep.url for ep in removed])
         for ep in removed:
+            ep.closed = True
             await ep.channel.close(grace=None)
 
     @property
@@ -242,5 +246,7 @@ class EndpointPool:
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
+            for ep in self.endpoints:
+                ep.closed = True
             for ep in self.endpoints:
                 await ep.channel.close(grace=None)

@@ -7,6 +7,7 @@ retrying unary call. Nothing above this layer touches a channel, a token or a gR
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -16,9 +17,9 @@ from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._channel import Endpoint, EndpointPool
-from ._grpc_errors import Failure, classify, describe, to_error
+from ._grpc_errors import Failure, classify, describe, is_stray_cancel, to_error
 from ._log import get_logger
-from .errors import ClientClosedError, EtcdError, EtcdUnavailable
+from .errors import AetcdcfgError, ClientClosedError, EtcdError, EtcdUnavailable
 from .settings import EtcdSettings
 
 __all__ = ["NOT_OPEN", "REQUIRE_LEADER", "Connection"]
@@ -52,8 +53,9 @@ class Connection:
             self._pool = EndpointPool(self.settings)
         endpoint = await self._pool.ready(self.settings.connect_timeout)
         if self.settings.username is not None:
-            with anyio.fail_after(self.settings.request_timeout):
-                await self._authenticate(endpoint)
+            # Bounded by the call's own deadline (request_timeout): an anyio timeout around a
+            # grpc.aio call comes back as grpc's bare CancelledError, not as a TimeoutError.
+            await self._authenticate(endpoint)
         if self.settings.discover_endpoints:
             await self.sync_endpoints()
             task_group.start_soon(self._discover_forever)
@@ -134,6 +136,10 @@ class Connection:
         )
         try:
             response = await endpoint.auth.Authenticate(request, timeout=self.settings.request_timeout)
+        except asyncio.CancelledError:
+            if not is_stray_cancel(channel_closed=endpoint.closed):
+                raise
+            raise self._cut_off("Authenticate", endpoint, [endpoint.url], write=False) from None
         except grpc.aio.AioRpcError as exc:
             if "authentication is not enabled" in (exc.details() or ""):
                 log.warning("etcd.auth_not_enabled", endpoint=endpoint.url, user=self.settings.username)
@@ -155,6 +161,17 @@ class Connection:
                 return
             await self._authenticate(endpoint)
             log.info("etcd.reauthenticated", endpoint=endpoint.url, user=self.settings.username)
+
+    def _cut_off(self, method: str, endpoint: Endpoint, tried: list[str], *, write: bool) -> AetcdcfgError:
+        """Our error for a call that grpc.aio cancelled because its channel was closed under it."""
+        outcome = "; the write may or may not have been applied" if write else ""
+        if self._pool is None:
+            return ClientClosedError(f"the EtcdClient was closed during {method}{outcome}")
+        return EtcdUnavailable(
+            f"the connection to {endpoint.url} was closed during {method}{outcome}",
+            endpoints=tried,
+            cause="channel closed",
+        )
 
     # -- the request loop --------------------------------------------------------------------------
 
@@ -193,6 +210,13 @@ class Connection:
                 attempt = max(remaining / 2, min(remaining, 1.0))
             try:
                 return await call(request, timeout=attempt, metadata=self.metadata())
+            except asyncio.CancelledError:
+                if not is_stray_cancel(channel_closed=endpoint.closed):
+                    raise
+                if idempotent and self._pool is not None:
+                    cause = f"the channel to {endpoint.url} was closed during {method}"
+                    continue  # a departed member's channel: the read goes to another one
+                raise self._cut_off(method, endpoint, tried, write=not idempotent) from None
             except grpc.aio.AioRpcError as exc:
                 kind = classify(exc)
                 cause = describe(exc)

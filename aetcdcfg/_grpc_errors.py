@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import sys
 
 import grpc
 
 from .errors import AuthenticationFailed, EtcdError, PermissionDenied, RequestTooLarge
 
-__all__ = ["Failure", "classify", "to_error"]
+__all__ = ["CompactedRead", "Failure", "FutureRead", "classify", "describe", "is_stray_cancel", "to_error"]
 
 
 class Failure(enum.Enum):
@@ -18,6 +20,8 @@ class Failure(enum.Enum):
     AUTH_FAILED = "auth_failed"  # credentials wrong or missing: retrying cannot help
     PERMISSION = "permission"  # the role does not cover the key
     TOO_LARGE = "too_large"
+    COMPACTED = "compacted"  # a read at a revision etcd has compacted away
+    FUTURE_REVISION = "future_revision"  # a read at a revision etcd has not reached
     NOT_APPLIED = "not_applied"  # refused before it could take effect: safe to retry anywhere
     TRANSPORT = "transport"  # connection-level failure: the request may or may not have taken effect
     OTHER = "other"
@@ -31,6 +35,15 @@ _NOT_APPLIED_DETAILS = (
     "connection refused",
     "leader changed",
 )
+
+
+class CompactedRead(EtcdError):
+    """A read at a revision below etcd's compact revision. etcd does not say where that is, so the
+    reads layer finds out and raises :class:`~aetcdcfg.errors.RevisionCompacted` to users."""
+
+
+class FutureRead(EtcdError):
+    """A read at a revision etcd has not reached; users get :class:`~aetcdcfg.errors.FutureRevision`."""
 
 
 def classify(exc: grpc.aio.AioRpcError) -> Failure:
@@ -54,6 +67,11 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
         or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details)
     ):
         return Failure.TOO_LARGE
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        if "has been compacted" in details:
+            return Failure.COMPACTED
+        if "future revision" in details:
+            return Failure.FUTURE_REVISION
     if any(text in details for text in _NOT_APPLIED_DETAILS):
         return Failure.NOT_APPLIED
     if code in (
@@ -93,4 +111,24 @@ def to_error(exc: grpc.aio.AioRpcError, *, endpoint: str, key: str | None = None
             "is 1.5 MiB and --max-txn-ops 128 by default",
             endpoint=endpoint,
         )
+    if kind is Failure.COMPACTED:
+        return CompactedRead(f"etcd compacted the revision asked for ({cause})", endpoint=endpoint)
+    if kind is Failure.FUTURE_REVISION:
+        return FutureRead(f"etcd has not reached the revision asked for ({cause})", endpoint=endpoint)
     return EtcdError(f"etcd request failed: {cause}", endpoint=endpoint)
+
+
+def is_stray_cancel(*, channel_closed: bool) -> bool:
+    """Whether a ``CancelledError`` out of a grpc.aio call is grpc's own, not this task's cancellation.
+
+    grpc.aio cancels every call on a channel being closed and raises a bare ``CancelledError`` in
+    the awaiting task, which nobody cancelled; let through, it would end the caller's work as if
+    cancelled (anyio takes a stray cancellation for the caller's own). Python 3.11+ counts the
+    cancellations requested of a task, which settles it; 3.10 does not, so there only a call whose
+    channel we closed counts as cut off (a real cancellation at the same moment is then reported as
+    the error, not as a cancellation).
+    """
+    if sys.version_info >= (3, 11):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return channel_closed  # pragma: no cover - Python 3.10

@@ -21,9 +21,10 @@ import anyio
 
 from ._connection import Connection
 from ._diff import ConfigDiff, History, HistoryEntry
+from ._grpc_errors import CompactedRead, FutureRead
 from ._keys import decode_key
 from ._reads import RawKV, cluster_revision, range_items
-from .errors import EtcdError, FutureRevision, RevisionCompacted
+from .errors import FutureRevision, RevisionCompacted
 from .events import Snapshot
 
 __all__ = ["compact_revision", "scan_history", "snapshot_at"]
@@ -33,17 +34,11 @@ CHUNK = 128
 CONCURRENCY = 16
 
 
-def _is_compacted(exc: EtcdError) -> bool:
-    return "has been compacted" in str(exc)
-
-
 async def _readable(conn: Connection, prefix: bytes, revision: int) -> bool:
     try:
         await range_items(conn, prefix, at_revision=revision, keys_only=True)
-    except EtcdError as exc:
-        if _is_compacted(exc):
-            return False
-        raise
+    except CompactedRead:
+        return False
     return True
 
 
@@ -72,19 +67,19 @@ async def snapshot_at(conn: Connection, prefix: bytes, revision: int, *, operati
         raise ValueError(f"revision must be >= 1, got {revision}")
     try:
         items, _ = await range_items(conn, prefix, at_revision=revision)
-    except EtcdError as exc:
-        label = decode_key(prefix)
-        if _is_compacted(exc):
-            compacted = await compact_revision(conn, prefix, revision)
-            raise RevisionCompacted(
-                prefix=label, requested_revision=revision, compact_revision=compacted, operation=operation
-            ) from None
-        if "future revision" in str(exc):
-            current = await cluster_revision(conn, prefix)
-            raise FutureRevision(
-                prefix=label, requested_revision=revision, current_revision=current
-            ) from None
-        raise
+    except CompactedRead:
+        compacted = await compact_revision(conn, prefix, revision)
+        raise RevisionCompacted(
+            prefix=decode_key(prefix),
+            requested_revision=revision,
+            compact_revision=compacted,
+            operation=operation,
+        ) from None
+    except FutureRead:
+        current = await cluster_revision(conn, prefix)
+        raise FutureRevision(
+            prefix=decode_key(prefix), requested_revision=revision, current_revision=current
+        ) from None
     return Snapshot(revision=revision, items={decode_key(kv[0]): kv[1] for kv in items})
 
 
@@ -135,9 +130,7 @@ async def scan_history(
             try:
                 items, _ = await range_items(conn, prefix, at_revision=revision, keys_only=True)
                 states[revision] = items
-            except EtcdError as exc:
-                if not _is_compacted(exc):
-                    raise
+            except CompactedRead:
                 states[revision] = None
 
     entries: list[HistoryEntry] = []

@@ -14,10 +14,11 @@ from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._connection import Connection
+from ._grpc_errors import CompactedRead, FutureRead
 from ._keys import decode_key, prefix_range_end
 from ._log import get_logger
 from ._resume import KeyState
-from .errors import EtcdError, EtcdUnavailable
+from .errors import EtcdUnavailable, RequestTooLarge
 
 __all__ = [
     "PAGE_SIZE",
@@ -27,6 +28,7 @@ __all__ = [
     "list_keys",
     "range_items",
     "range_pages",
+    "readable_at",
 ]
 
 log = get_logger()
@@ -59,8 +61,8 @@ async def range_pages(
                 )
                 try:
                     response = await conn.unary("kv", "Range", request, idempotent=True, key=label)
-                except EtcdError as exc:
-                    if "larger than" in str(exc) and limit > 1:
+                except RequestTooLarge:
+                    if limit > 1:  # a page over max_message_bytes: smaller pages
                         limit = max(1, limit // 4)
                         continue
                     raise
@@ -72,8 +74,8 @@ async def range_pages(
                 if not response.more or not kvs:
                     return pages, revision
                 start = kvs[-1].key + b"\0"
-        except EtcdError as exc:
-            if "has been compacted" in str(exc) and not at_revision:
+        except CompactedRead:
+            if not at_revision:
                 continue
             raise
 
@@ -118,18 +120,32 @@ async def history_matches(
 
     A watch asks this before resuming after an outage: a cluster restarted on an empty data dir
     has a different history, even once its revision has caught up. None when etcd can no longer
-    tell (compacted; the watch itself will then report the compaction).
+    tell: it compacted ``revision``, so its compact revision is at least ``revision + 1``, and a
+    watch resumed there may have lost a delete (etcd drops the tombstones at its compact revision
+    yet accepts a watch from it): the caller must re-list.
     """
     try:
         pages, _ = await range_pages(conn, prefix, at_revision=revision, keys_only=True)
-    except EtcdError as exc:
-        if "has been compacted" in str(exc):
-            return None
-        if "future revision" in str(exc):
-            return False
-        raise
+    except CompactedRead:
+        return None
+    except FutureRead:
+        return False
     found = {kv.key: kv.mod_revision for page in pages for kv in page}
     return found == {k: v[1] for k, v in keys.items()}  # KeyState: (value, mod_revision, ...)
+
+
+async def readable_at(conn: Connection, prefix: bytes, revision: int) -> bool:
+    """Whether etcd still holds ``revision`` (not compacted): one count-only read, nothing listed."""
+    if revision < 1:
+        return True  # revision 1 is etcd's empty start: nothing to lose before it
+    request = rpc_pb2.RangeRequest(
+        key=prefix, range_end=prefix_range_end(prefix), count_only=True, revision=revision
+    )
+    try:
+        await conn.unary("kv", "Range", request, idempotent=True, key=decode_key(prefix))
+    except CompactedRead:
+        return False
+    return True
 
 
 async def cluster_revision(conn: Connection, prefix: bytes) -> int:

@@ -37,9 +37,10 @@ from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._grpc_errors import Failure, classify, describe, to_error
+from ._history import compact_revision
 from ._keys import prefix_range_end
 from ._log import Logger, get_logger
-from ._reads import cluster_revision, history_matches, list_keys
+from ._reads import cluster_revision, history_matches, list_keys, readable_at
 from ._resume import Batch, StepKind, WatchState
 from .errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
 from .status import WatchHealth
@@ -171,6 +172,10 @@ class WatchLoop:
         assert state.keys is not None
         same = await history_matches(self._conn, state.prefix, state.delivered, state.keys)
         self._history_checked = True
+        if same is None:
+            # etcd compacted ``delivered``: its compact revision is at least ``resume_revision``, and
+            # a watch from there would miss a delete written at exactly that revision.
+            raise _Relist("compacted", 0)
         if same is False:
             self._log.error("watch.revision_reset", delivered=state.delivered, reason="history_changed")
             raise _Relist("history_changed", 0)
@@ -190,12 +195,15 @@ class WatchLoop:
     async def _relist(self, relist: _Relist) -> None:
         state = self._state
         if not state.tracks_state:
+            compacted = relist.revision or await compact_revision(self._conn, state.prefix, state.delivered)
             raise RevisionCompacted(
-                prefix=self._label, requested_revision=state.resume_revision, compact_revision=relist.revision
+                prefix=self._label, requested_revision=state.resume_revision, compact_revision=compacted
             )
         if relist.reason == "compacted":
             self._log.warning(
-                "watch.compacted", resume_revision=state.resume_revision, compact_revision=relist.revision
+                "watch.compacted",
+                resume_revision=state.resume_revision,
+                compact_revision=relist.revision or None,  # None: at least resume_revision
             )
         listing, revision = await list_keys(self._conn, state.prefix, retry_forever=True)
         if relist.reason in ("history_changed", "revision_reset") and self._on_reset is not None:
@@ -391,6 +399,12 @@ class WatchLoop:
                     if self._reached_stop():
                         return True
                 elif kind is StepKind.CREATED:
+                    if step.revision > state.delivered and not await readable_at(
+                        self._conn, state.prefix, state.delivered
+                    ):
+                        # etcd accepts a watch *at* its compact revision, but the delete tombstones
+                        # written there are gone: only a watch above it replays exactly.
+                        raise _Relist("compacted", 0)
                     self._on_created(endpoint, step.revision)
                 elif kind is StepKind.RELIST:
                     raise _Relist("compacted", step.revision)
