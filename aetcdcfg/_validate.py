@@ -2,6 +2,9 @@
 
 A BaseSettings model is constructed (so env, dotenv and secrets sources apply below etcd); a plain
 pydantic model is validated. Failures become :class:`ConfigRejected` naming keys, never values.
+Problems are written from an error's type, location and the parts of its context that come from the
+model (``ge``, ``pattern``, the expected values), never from its message, which may quote the value
+(a union tag, a UUID parser's "found 'h' at 0", a validator's ``ValueError(f"bad {v}")``).
 
 LiveSettings builds its model once per etcd revision, so it passes what does not change between
 revisions: a :class:`~aetcdcfg.source.KeyDecoder` per layer, and :class:`ReadSources`, the model's
@@ -10,11 +13,13 @@ env, dotenv and secrets sources as read when LiveSettings loaded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticKnownError
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -28,7 +33,15 @@ from pydantic_settings.sources import DefaultSettingsSource
 from .errors import ConfigRejected
 from .source import DecodedConfig, EtcdSettingsSource, Origins, current_config, decode_items, fresh
 
-__all__ = ["ReadSources", "build_layered", "build_model", "lists_etcd_source", "validate_layered"]
+__all__ = [
+    "ReadSources",
+    "build_layered",
+    "build_model",
+    "describe",
+    "explain",
+    "lists_etcd_source",
+    "validate_layered",
+]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -251,13 +264,79 @@ class _Prefixed(Mapping[tuple[str, ...], str]):
         return len(self._origins)
 
 
+#: Context entries that come from the model (its constraints, types and expected values), never from
+#: the input. Any other entry (a union's ``tag``, a parser's ``error`` text, a validator's exception,
+#: an ``actual_length``) may quote or reveal the value, and is withheld.
+_SAFE_CONTEXT = frozenset(
+    {
+        "gt",
+        "ge",
+        "lt",
+        "le",
+        "multiple_of",
+        "min_length",
+        "max_length",
+        "field_type",
+        "expected_plural",
+        "pattern",
+        "expected",
+        "expected_tags",
+        "discriminator",
+        "max_digits",
+        "decimal_places",
+        "whole_digits",
+        "expected_schemes",
+        "expected_version",
+        "tz_expected",
+        "class_name",
+        "class",
+        "method_name",
+        "encoding",
+    }
+)
+#: What a withheld context entry reads as.
+WITHHELD = "<withheld>"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+#: Said of every message not shown.
+_NOT_SHOWN = "its message is not shown: it may quote the value"
+
+
+def describe(error: ErrorDetails) -> str:
+    """One pydantic error as a line built from its type and the model's side of its context.
+
+    pydantic's own ``msg`` may quote the input (``Input tag 's3cr3t' found using 'kind'``, a
+    validator's ``ValueError`` text): it is never used. The line is pydantic's message template for
+    the error type, rendered with the safe context entries and :data:`WITHHELD` for the others.
+    """
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    raised = context.get("error")
+    if isinstance(raised, BaseException):  # value_error, assertion_error: a validator raised it
+        return f"{type(raised).__name__} raised by a validator ({_NOT_SHOWN})"
+    try:
+        template = PydanticKnownError(kind, context).message_template  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):  # a PydanticCustomError's type: its template is the user's
+        return f"{kind} ({_NOT_SHOWN})"
+    return _PLACEHOLDER.sub(lambda match: _shown(context, match[1]), template)
+
+
+def _shown(context: Mapping[str, Any], name: str) -> str:
+    """How a context entry reads in a problem: as pydantic renders it if it is safe, else withheld."""
+    if name == "expected_plural" and name not in context:  # pydantic derives it from the bound
+        bound = context.get("min_length", context.get("max_length"))
+        return "" if bound == 1 else "s"
+    if name in _SAFE_CONTEXT and name in context:
+        return str(context[name])
+    return WITHHELD
+
+
 def explain(
     exc: ValidationError, origins: Mapping[tuple[str, ...], str], changed: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """(keys, problems) for a validation error: each problem names its etcd key, never its value."""
     keys: list[str] = []
     problems: list[str] = []
-    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+    for error in exc.errors(include_input=False, include_url=False, include_context=True):
         loc = tuple(str(part) for part in error["loc"])
         origin = None
         for depth in range(len(loc), 0, -1):
@@ -267,7 +346,7 @@ def explain(
         where = origin if origin is not None else ".".join(loc) + " (not from etcd)"
         if origin is not None and where not in keys:
             keys.append(where)
-        problems.append(f"{where}: {error['msg']}")
+        problems.append(f"{where}: {describe(error)}")
     if not keys:
         keys = list(changed)
     return keys, problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from structlog.testing import capture_logs
 
 from aetcdcfg import ConfigRejected, EtcdClient, EtcdSettingsSource, EtcdUnavailable, LiveSettings
 from aetcdcfg.testing import EtcdServer, FaultProxy
+
+from .test_validate import LEAKY_VALUES, SECRET, Leaky
 
 pytestmark = pytest.mark.anyio
 
@@ -350,3 +353,29 @@ async def test_updates_survive_connection_resets(
                         await anyio.sleep(0.01)
     assert seen[-1] == 100
     assert seen == sorted(seen)
+
+
+async def test_rejected_values_never_appear_in_errors_status_or_logs_whatever_the_error_type(
+    etcd_server: EtcdServer, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydantic quotes the input in some messages (a tagged union's tag, a UUID parser's position,
+    a custom error's template); a rejection is written from the error type and the model instead."""
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with LiveSettings(Leaky, prefix=etcd_prefix, client=client) as live:
+            with capture_logs() as logs:
+                for name, value in LEAKY_VALUES.items():
+                    text = value if isinstance(value, str) else json.dumps(value)
+                    revision = await client.put(etcd_prefix + name, text)
+                    with anyio.fail_after(5):
+                        while live.last_error is None or live.last_error.revision != revision:
+                            await anyio.sleep(0.01)
+                    assert live.last_error.keys == (etcd_prefix + name,)
+                    seen.append(str(live.last_error) + repr(live.last_error.problems) + repr(live.status))
+                    await client.delete(etcd_prefix + name)
+                    await live.wait_for(lambda s: live.last_error is None, timeout=5)
+    text = "\n".join(seen) + repr(logs) + caplog.text
+    assert len([e for e in logs if e["event"] == "config.rejected"]) == len(LEAKY_VALUES)
+    assert SECRET not in text
+    assert "`z`" not in text  # the UUID parser's "found `z` at 0"
