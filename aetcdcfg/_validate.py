@@ -1,10 +1,12 @@
 """Building a settings model from etcd keys, shared by LiveSettings and the ``aetcdcfg`` command.
 
 A BaseSettings model is constructed (so env, dotenv and secrets sources apply below etcd); a plain
-pydantic model is validated. Failures become :class:`ConfigRejected` naming keys, never values.
-Problems are written from an error's type, location and the parts of its context that come from the
-model (``ge``, ``pattern``, the expected values), never from its message, which may quote the value
-(a union tag, a UUID parser's "found 'h' at 0", a validator's ``ValueError(f"bad {v}")``).
+pydantic model is validated. Every failure becomes :class:`ConfigRejected` naming keys, never values:
+a ``ValidationError``, and anything else user code raises while the model is built (a validator's
+``TypeError`` or ``KeyError``, which pydantic does not wrap). Problems are written from an error's
+type, location and the parts of its context that come from the model (``ge``, ``pattern``, the
+expected values), never from its message, which may quote the value (a union tag, a UUID parser's
+"found 'h' at 0", a validator's ``ValueError(f"bad {v}")``).
 
 LiveSettings builds its model once per etcd revision, so it passes what does not change between
 revisions: a :class:`~aetcdcfg.source.KeyDecoder` per layer, and :class:`ReadSources`, the model's
@@ -14,6 +16,8 @@ env, dotenv and secrets sources as read when LiveSettings loaded.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +43,7 @@ __all__ = [
     "build_model",
     "describe",
     "explain",
+    "explain_raised",
     "lists_etcd_source",
     "validate_layered",
 ]
@@ -155,6 +160,9 @@ def validate_layered(
         return model.model_validate(kwargs)
     except ValidationError as exc:
         keys, found = explain(exc, origins, changed)
+        raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None
+    except Exception as exc:  # user code raised what pydantic does not wrap: a rejection all the same
+        keys, found = explain_raised(exc, model, origins, changed)
         raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None
     finally:
         current_config.reset(token)
@@ -350,3 +358,82 @@ def explain(
     if not keys:
         keys = list(changed)
     return keys, problems
+
+
+#: Packages between ``model(...)`` and the user's code in a traceback.
+_OURS = frozenset({"pydantic", "pydantic_core", "pydantic_settings", "aetcdcfg"})
+
+
+def explain_raised(
+    exc: Exception, model: type[BaseModel], origins: Mapping[tuple[str, ...], str], changed: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(keys, problems) for an exception user code raised while the model was built.
+
+    pydantic wraps only ``ValueError`` and ``AssertionError`` from validators; a ``TypeError``,
+    ``KeyError`` or ``ZeroDivisionError`` comes through as it is. The problem names its type, the
+    function that raised it (the first frame outside pydantic and aetcdcfg) and the keys of the
+    field that function validates, when that can be told (a field validator, an ``Annotated``
+    validator, a custom type's); otherwise the keys the change touched. Never ``str(exc)``.
+    """
+    code = None
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.partition(".")[0] not in _OURS:
+            code = tb.tb_frame.f_code
+            break
+        tb = tb.tb_next
+    where = model.__name__
+    keys: list[str] = []
+    if code is not None:
+        where = f"{getattr(code, 'co_qualname', code.co_name)} (line {tb.tb_lineno if tb else '?'})"
+        for path in _fields_validated_by(model, code):
+            keys += [key for found, key in origins.items() if found[: len(path)] == path and key not in keys]
+    problem = f"{type(exc).__name__} raised in {where} ({_NOT_SHOWN})"
+    if not keys:
+        return list(changed), [f"{model.__name__}: {problem}"]
+    return keys, [f"{key}: {problem}" for key in keys]
+
+
+def _fields_validated_by(
+    model: type[BaseModel], code: types.CodeType, path: tuple[str, ...] = (), depth: int = 0
+) -> list[tuple[str, ...]]:
+    """The field paths of ``model`` (and the models nested in it) that the function of ``code``
+    validates: as a field validator, an ``Annotated`` validator, or a method of the field's type."""
+    found: list[tuple[str, ...]] = []
+    for decorator in model.__pydantic_decorators__.field_validators.values():
+        if _code_of(decorator.func) is code:
+            found += [(*path, name) for name in decorator.info.fields if name in model.model_fields]
+    for name, info in model.model_fields.items():
+        here = (*path, name)
+        annotations = [info.annotation, *info.metadata]
+        if any(_holds(candidate, code) for candidate in _flatten(annotations)):
+            found.append(here)
+        if depth < 8:
+            for nested in _flatten([info.annotation]):
+                if isinstance(nested, type) and issubclass(nested, BaseModel):
+                    found += _fields_validated_by(nested, code, here, depth + 1)
+    return found
+
+
+def _flatten(annotations: Sequence[Any]) -> Iterator[Any]:
+    """Every object in ``annotations`` and, through Annotated/Union/generic arguments, inside them."""
+    for annotation in annotations:
+        yield annotation
+        yield from _flatten(typing.get_args(annotation))
+        yield from _flatten(getattr(annotation, "__metadata__", ()))
+
+
+def _code_of(function: Any) -> types.CodeType | None:
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _holds(candidate: Any, code: types.CodeType) -> bool:
+    """Whether ``candidate`` (a validator object or a type) runs the function of ``code``."""
+    if _code_of(getattr(candidate, "func", None)) is code:  # AfterValidator(f) and its kin
+        return True
+    if isinstance(candidate, type) and not issubclass(candidate, BaseModel):  # a custom type's own validator
+        return any(_code_of(member) is code for member in vars(candidate).values())
+    return False

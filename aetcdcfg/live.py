@@ -395,8 +395,8 @@ class LiveSettings(Generic[ModelT]):
         if self._on_change is not None:
             try:
                 self._on_change(settings)
-            except Exception as exc:
-                self._log.error("config.on_change_failed", error=repr(exc))
+            except Exception as exc:  # its message may quote a value: the type only
+                self._log.error("config.on_change_failed", revision=revision, error_type=type(exc).__name__)
 
     def _record_rejection(self, exc: ConfigRejected, changed: Sequence[str]) -> None:
         self.last_error = exc
