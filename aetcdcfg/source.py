@@ -1,11 +1,12 @@
 """EtcdSettingsSource: the keys under an etcd prefix as a pydantic-settings source.
 
 Mapping: the key ``<prefix>rate_limit`` fills field ``rate_limit``; ``<prefix>db/url`` fills
-``db.url`` of a nested model (and ``<prefix>db`` may hold the whole nested model as JSON; deeper keys
-win); ``<prefix>limits/eu`` fills key ``eu`` of a ``dict`` field. Field names match exactly, then by
-alias, then case-insensitively. Values: structured fields (models, dicts, lists, ...) must be JSON;
-``str`` fields take the text as is (a JSON string literal such as ``"x"`` is unquoted); other fields
-take the value as JSON when it parses and as text otherwise, and pydantic validates as usual.
+``db.url`` of a nested model (and ``<prefix>db`` may hold the whole nested model as JSON; deeper
+keys override the values inside it they name, and keep the rest); ``<prefix>limits/eu`` fills key
+``eu`` of a ``dict`` field. Field names match exactly, then by alias, then case-insensitively.
+Values: structured fields (models, dicts, lists, ...) must be JSON; ``str`` fields take the text as
+is (a JSON string literal such as ``"x"`` is unquoted); other fields take the value as JSON when it
+parses and as text otherwise, and pydantic validates as usual.
 Keys that match no field are ignored with a ``config.unknown_key`` debug log (for a plain pydantic
 model with ``extra="forbid"`` they are passed on, and pydantic rejects them).
 """
@@ -198,11 +199,25 @@ def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any, made: s
         node = child
     leaf = path[-1]
     if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        merged = dict(value)
-        merged.update(node[leaf])  # deeper keys, applied earlier, win over a whole-object JSON value
-        node[leaf] = merged
+        # Deeper keys, applied earlier, win over a whole-object JSON value, key by key all the way
+        # down: what layers do (_validate.merge), and what pydantic-settings does with DB='{...}'
+        # and DB__OPTS__A=10 in the environment.
+        node[leaf] = _under(value, node[leaf], made)
     else:
         node[leaf] = value
+
+
+def _under(base: dict[str, Any], top: dict[str, Any], made: set[int]) -> dict[str, Any]:
+    """``base`` with ``top`` merged over it key by key, in new dicts (their ids go into ``made``);
+    neither is changed."""
+    out = dict(base)
+    made.add(id(out))
+    for key, value in top.items():
+        below = out.get(key)
+        out[key] = (
+            _under(below, value, made) if isinstance(value, dict) and isinstance(below, dict) else value
+        )
+    return out
 
 
 class _Field(typing.NamedTuple):
