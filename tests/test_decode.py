@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings
 
 from aetcdcfg._validate import build_layered
-from aetcdcfg.source import DecodedConfig, KeyDecoder, _decode_value, _set_path, resolve_key
+from aetcdcfg._values import ABSENT, ModelSettings, decode_value, decoding_for
+from aetcdcfg.source import DecodedConfig, KeyDecoder, _resolve, _set_path
 
 
 class Db(BaseModel):
@@ -40,16 +41,20 @@ def decode_all(model: type[BaseModel], items: dict[str, bytes]) -> DecodedConfig
     origins: dict[tuple[str, ...], str] = {}
     problems: dict[str, str] = {}
     for key in sorted(items, key=lambda k: (-k.count("/"), k)):
-        resolved = resolve_key(model, key)
+        resolved = _resolve(model, key)
         if resolved is None:
             continue
-        path, annotation = resolved
-        value, problem = _decode_value(items[key], annotation)
+        path, target = resolved
+        decoding = decoding_for(target, ModelSettings.of(model))
+        value, problem = decode_value(items[key], decoding, top_level=len(path) == 1)
         if problem is not None:
             problems[key] = problem
             continue
         _set_path(data, path, value, set())
         origins[path] = key
+    for name in [name for name, value in data.items() if value is ABSENT]:  # a field's JSON null
+        del data[name]
+        origins = {path: key for path, key in origins.items() if path[0] != name}
     return DecodedConfig(data, origins, problems)
 
 
@@ -99,6 +104,7 @@ VALUES = [
     b"",
     b'{"options": {"a": "1", "b": "2"}, "pool": 3}',  # a deeper key (db/options/a) overrides one part
     b'{"a": {"b": "c"}, "d": "e"}',
+    b"null",
 ]
 
 layer = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=10)
