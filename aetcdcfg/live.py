@@ -30,7 +30,14 @@ from ._log import get_logger
 from ._validate import ReadSources, lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
-from .errors import AetcdcfgError, ConfigRejected, EtcdUnavailable, RevisionCompacted, SubscriberLagged
+from .errors import (
+    AetcdcfgError,
+    ConfigRejected,
+    EtcdUnavailable,
+    RevisionCompacted,
+    SettingsClosed,
+    SubscriberLagged,
+)
 from .events import Event, EventType
 from .settings import EtcdSettings
 from .source import KeyDecoder, leaf_paths
@@ -61,6 +68,14 @@ class _Layer:
         # {key[cut:]: value for ...} in C: 3.4 % of a 40,000-key start (callgrind), for one line.
         cut = itemgetter(slice(len(self.prefix), None))
         return dict(zip(map(cut, items), items.values(), strict=True))
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[ModelT]):
+    """One ``wait_for()`` call: the objects applied since it last looked, and where it sleeps."""
+
+    sleeper: Sleeper
+    applied: deque[ModelT] = field(default_factory=deque)
 
 
 class LiveSettings(Generic[ModelT]):
@@ -113,6 +128,8 @@ class LiveSettings(Generic[ModelT]):
         # (see _wakeup: an anyio.Event left a future per waiter for the GC, a Handle per wake-up).
         self._waker: Waker | None = None
         self._sleepers: list[Sleeper] = []
+        self._waiters: list[_Waiter[ModelT]] = []  # wait_for() calls: each gets every applied object
+        self._closed = False
         self._stack: contextlib.AsyncExitStack | None = None
         #: How logs and the repr name it: the prefix, or the list of layers.
         self._where: str | list[str] = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
@@ -192,19 +209,24 @@ class LiveSettings(Generic[ModelT]):
         return self._layers[0].sub is not None and self.status.is_fresh(max_staleness)
 
     async def updates(self) -> AsyncIterator[ModelT]:
-        """Yield each new valid settings object as it is applied, from now on.
+        """Yield the newest valid settings object each time this iterator wakes after a change.
 
-        A consumer slower than the changes skips intermediate objects and gets the newest one (config
-        is a state, not a log); it never misses the latest. Any number of tasks may iterate at once.
+        Conflating: it yields the object current when it gets to run, not every one applied. Several
+        revisions applied before it runs again (a burst of writes, or the catch-up after an outage,
+        which applies every missed revision at once) are yielded as one, the newest; an object
+        applied and replaced in between is never yielded (config is a state, not a log). It never
+        misses the latest. For every applied object use ``on_change``; to wait for a state that
+        may be brief use :meth:`wait_for`, which sees each one. Ends when the LiveSettings closes.
+        Any number of tasks may iterate at once.
         """
         seen = self._version
-        if self._waker is None:
-            self._waker = Waker(asyncio.get_running_loop())
-        sleeper = Sleeper(self._waker.loop)
+        sleeper = Sleeper(self._wake_loop())
         self._sleepers.append(sleeper)
         try:
             while True:
                 while self._version == seen:
+                    if self._closed:
+                        return
                     await sleeper
                 seen = self._version
                 yield self.current
@@ -212,21 +234,50 @@ class LiveSettings(Generic[ModelT]):
             self._sleepers.remove(sleeper)
 
     async def wait_for(self, predicate: Callable[[ModelT], bool], timeout: float | None = None) -> ModelT:
-        """Return the first settings (current or future) for which ``predicate`` is true.
+        """Return the first settings, current or applied from now on, for which ``predicate`` is true.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds.
+        Every object applied while it waits is checked, in order, even one replaced before this task
+        ran again (unlike :meth:`updates`, which conflates). Raises ``TimeoutError`` after
+        ``timeout`` seconds, and :class:`SettingsClosed` if the LiveSettings closes (or has closed)
+        before a matching object is applied.
         """
         with anyio.fail_after(math.inf if timeout is None else timeout):
-            if predicate(self.current):
-                return self.current
-            async for settings in self.updates():
-                if predicate(settings):
-                    return settings
-        raise AssertionError("unreachable")  # pragma: no cover
+            current = self.current
+            if predicate(current):
+                return current
+            waiter: _Waiter[ModelT] = _Waiter(Sleeper(self._wake_loop()))
+            self._waiters.append(waiter)
+            try:
+                while True:
+                    while waiter.applied:
+                        settings = waiter.applied.popleft()
+                        if predicate(settings):
+                            return settings
+                    if self._closed:
+                        raise SettingsClosed(prefix=self.prefix)
+                    await waiter.sleeper
+            finally:
+                self._waiters.remove(waiter)
+
+    def _wake_loop(self) -> asyncio.AbstractEventLoop:
+        if self._waker is None:
+            self._waker = Waker(asyncio.get_running_loop())
+        return self._waker.loop
+
+    def _wake_all(self) -> None:
+        """Wake every ``updates()`` iterator and ``wait_for()`` (one loop callback for them all)."""
+        waker = self._waker
+        if waker is None:
+            return
+        for sleeper in self._sleepers:
+            waker.wake(sleeper)
+        for waiter in self._waiters:
+            waker.wake(waiter.sleeper)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> LiveSettings[ModelT]:
+        self._closed = False
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -265,10 +316,14 @@ class LiveSettings(Generic[ModelT]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
         stack, self._stack = self._stack, None
-        if stack is not None:
-            # Not handing the body's exception to our task group keeps it from being wrapped in an
-            # ExceptionGroup: users see their own exception, unchanged.
-            await stack.aclose()
+        try:
+            if stack is not None:
+                # Not handing the body's exception to our task group keeps it from being wrapped in
+                # an ExceptionGroup: users see their own exception, unchanged.
+                await stack.aclose()
+        finally:
+            self._closed = True  # no change will come: updates() end, wait_for() raises
+            self._wake_all()
         return None
 
     @contextlib.asynccontextmanager
@@ -388,9 +443,9 @@ class LiveSettings(Generic[ModelT]):
         self._applied += 1
         self._history.append(AppliedChange(revision, True, tuple(changed)))
         self._version += 1
-        if self._waker is not None:
-            for sleeper in self._sleepers:
-                self._waker.wake(sleeper)
+        for waiter in self._waiters:
+            waiter.applied.append(settings)
+        self._wake_all()
         self._log.info("config.applied", revision=revision, keys=changed)
         if self._on_change is not None:
             try:
