@@ -6,6 +6,13 @@ this object as two batches at one revision, on two streams, in no particular ord
 it half, every validation uses all layers *as of the same revision*: a batch at revision R for one
 layer is applied to that layer, every other layer is read as of R (a paginated range at revision R),
 and the streams' later copies of revisions up to R are skipped. With one layer no read happens.
+
+Two cases read every layer afresh instead, all at one revision (the current one), and skip the
+streams' batches up to it: a re-listing (a ``resync`` batch, after compaction or from a wiped etcd),
+whose changes are relative to what that stream had delivered rather than to these layers' keys; and
+a read "as of R" that etcd compacted within moments of the write. No state older than one applied is
+ever applied, except that a wiped etcd (a resync below the revision the layers reflected) is
+followed from its own, lower, revisions.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .errors import (
     AetcdcfgError,
     ConfigRejected,
     EtcdUnavailable,
+    FutureRevision,
     RevisionCompacted,
     SettingsClosed,
     SubscriberLagged,
@@ -293,9 +301,14 @@ class LiveSettings(Generic[ModelT]):
                 revisions.append(sub.snapshot.revision)
             stack.callback(self._detach)
             revision = max(revisions)
-            for layer, listed in zip(self._layers, revisions, strict=True):
-                if listed < revision:  # one state, at one revision, for every layer
-                    layer.items = await self._read_layer(client, layer, revision)
+            try:
+                for layer, listed in zip(self._layers, revisions, strict=True):
+                    if listed < revision:  # one state, at one revision, for every layer
+                        layer.items = await self._read_layer(client, layer, revision)
+            except (RevisionCompacted, FutureRevision):  # compacted at once: all at a newer one
+                revision, states = await self._read_all(client)
+                for layer in self._layers:
+                    layer.items = states[layer.prefix]
             self._known = revision
             self._load(revision)
             task_group = await stack.enter_async_context(anyio.create_task_group())
@@ -361,16 +374,49 @@ class LiveSettings(Generic[ModelT]):
         async for batch in sub.batches():
             async with self._apply_lock:
                 revision = batch[-1].revision
-                if revision <= self._known:
+                resync = batch[0].resync
+                if revision == self._known or (revision < self._known and not resync):
                     continue  # already read as part of another layer's revision
-                others = {}
-                for other in self._layers:
-                    if other is not layer:
-                        others[other.prefix] = await self._read_layer(client, other, revision)
+                if resync:
+                    # The stream re-listed its prefix (after compaction, or from a wiped etcd whose
+                    # revisions restart below ours): its changes are relative to what the stream
+                    # had delivered, not to these layers' keys, so every layer is read afresh.
+                    self._log.warning(
+                        "config.layers_reread", layer=layer.prefix, reason="resync", revision=revision
+                    )
+                    self._apply_state(*await self._read_all(client))
+                    continue
+                try:
+                    others = {
+                        other.prefix: await self._read_layer(client, other, revision)
+                        for other in self._layers
+                        if other is not layer
+                    }
+                except (RevisionCompacted, FutureRevision) as exc:
+                    # Compacted within moments of the write (or etcd was replaced): reading the other
+                    # layers "as they are now" would combine two revisions, and the streams' older
+                    # batches would then go backwards; all layers are read at one newer revision.
+                    event = (
+                        "config.layer_read_compacted"
+                        if isinstance(exc, RevisionCompacted)
+                        else "config.layers_reread"
+                    )
+                    self._log.warning(event, layer=layer.prefix, reason=type(exc).__name__, revision=revision)
+                    self._apply_state(*await self._read_all(client))
+                    continue
                 self._apply(layer, batch, others)
 
     async def _read_layer(self, client: EtcdClient, layer: _Layer, revision: int) -> dict[str, bytes]:
-        """``layer``'s keys as of ``revision``, retried while etcd is unreachable."""
+        """``layer``'s keys as of ``revision``, retried while etcd is unreachable.
+
+        Raises RevisionCompacted or FutureRevision when etcd no longer (or not yet) has ``revision``.
+        """
+        return (await self._read(client, layer, revision))[1]
+
+    async def _read(
+        self, client: EtcdClient, layer: _Layer, revision: int | None
+    ) -> tuple[int, dict[str, bytes]]:
+        """(revision, ``layer``'s keys) as of ``revision`` or now, retried while etcd is unreachable."""
         backoff = Backoff(initial=0.1, maximum=2.0)
         while True:
             try:
@@ -379,12 +425,20 @@ class LiveSettings(Generic[ModelT]):
                 self._log.warning("config.layer_read_retry", layer=layer.prefix, cause=str(exc))
                 await anyio.sleep(backoff.next_delay())
                 continue
-            except RevisionCompacted:
-                # Compacted within moments of the write: that layer is read as it is now, so the
-                # object may combine revisions once; the next change of any layer realigns them.
-                self._log.warning("config.layer_read_compacted", layer=layer.prefix, revision=revision)
-                snapshot = await client.get_prefix(layer.prefix)
-            return layer.relative(snapshot.items)
+            return snapshot.revision, layer.relative(snapshot.items)
+
+    async def _read_all(self, client: EtcdClient) -> tuple[int, dict[str, dict[str, bytes]]]:
+        """Every layer's keys at one revision, the current one: (revision, {prefix: keys})."""
+        while True:
+            first = self._layers[0]
+            revision, items = await self._read(client, first, None)
+            states = {first.prefix: items}
+            try:
+                for other in self._layers[1:]:
+                    states[other.prefix] = await self._read_layer(client, other, revision)
+            except (RevisionCompacted, FutureRevision):
+                continue  # compacted past it (or etcd replaced) between two reads: a newer one
+            return revision, states
 
     def _load(self, revision: int) -> None:
         """The first object: built by pydantic-settings itself, which reads env, dotenv and secrets
@@ -420,14 +474,39 @@ class LiveSettings(Generic[ModelT]):
                 items[event.key[cut:]] = event.value
             else:
                 items.pop(event.key[cut:], None)
-        for other in self._layers:
-            fresh = others.get(other.prefix)
+        changed += self._replace_items(others)
+        self._swap(batch[-1].revision, changed)
+
+    def _apply_state(self, revision: int, states: Mapping[str, dict[str, bytes]]) -> None:
+        """Every layer's keys as read at ``revision`` (one consistent state), applied as one change.
+
+        ``revision`` is at least the one the layers reflected, except after etcd was replaced (a
+        wiped cluster restarts its revisions): then the layers simply follow the new history.
+        """
+        if revision < self._known:
+            self._log.warning("config.history_reset", revision=revision, known=self._known)
+        changed = self._replace_items(states)
+        if changed:
+            self._swap(revision, changed)
+            return
+        self._known = revision  # nothing changed: no new object, and later batches go on from here
+        if revision < self._revision:
+            self._revision = revision
+
+    def _replace_items(self, states: Mapping[str, dict[str, bytes]]) -> list[str]:
+        """Put the layers' keys in ``states`` in place; the full keys that changed."""
+        changed: list[str] = []
+        for layer in self._layers:
+            fresh = states.get(layer.prefix)
             if fresh is None:
                 continue
-            old = other.items
-            changed += [other.prefix + k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)]
-            other.items = fresh
-        revision = batch[-1].revision
+            old = layer.items
+            changed += [layer.prefix + k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)]
+            layer.items = fresh
+        return changed
+
+    def _swap(self, revision: int, changed: list[str]) -> None:
+        """Validate the model from the layers' keys as of ``revision``; swap it in or reject it."""
         self._known = revision
         try:
             settings = self._build(revision, changed=changed, sources=self._sources)
