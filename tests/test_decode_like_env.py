@@ -178,7 +178,7 @@ def outcome(build: Any) -> str:
         return "rejected"
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_etcd_values_decode_as_pydantic_settings_decodes_the_environment(
     case: tuple[tuple[tuple[str, str], ...], tuple[Any, ...], list[dict[str, str]]],
