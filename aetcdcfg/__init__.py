@@ -23,6 +23,7 @@ from .errors import FutureRevision as FutureRevision
 from .errors import PermissionDenied as PermissionDenied
 from .errors import RequestTooLarge as RequestTooLarge
 from .errors import RevisionCompacted as RevisionCompacted
+from .errors import SettingsClosed as SettingsClosed
 from .errors import SubscriberLagged as SubscriberLagged
 from .errors import TxnConflict as TxnConflict
 from .events import Event as Event
@@ -60,6 +61,7 @@ __all__ = [
     "PermissionDenied",
     "RequestTooLarge",
     "RevisionCompacted",
+    "SettingsClosed",
     "SettingsReport",
     "SettingsStatus",
     "Snapshot",

@@ -1,7 +1,12 @@
 """Building a settings model from etcd keys, shared by LiveSettings and the ``aetcdcfg`` command.
 
 A BaseSettings model is constructed (so env, dotenv and secrets sources apply below etcd); a plain
-pydantic model is validated. Failures become :class:`ConfigRejected` naming keys, never values.
+pydantic model is validated. Every failure becomes :class:`ConfigRejected` naming keys, never values:
+a ``ValidationError``, and anything else user code raises while the model is built (a validator's
+``TypeError`` or ``KeyError``, which pydantic does not wrap). Problems are written from an error's
+type, location and the parts of its context that come from the model (``ge``, ``pattern``, the
+expected values), never from its message, which may quote the value (a union tag, a UUID parser's
+"found 'h' at 0", a validator's ``ValueError(f"bad {v}")``).
 
 LiveSettings builds its model once per etcd revision, so it passes what does not change between
 revisions: a :class:`~aetcdcfg.source.KeyDecoder` per layer, and :class:`ReadSources`, the model's
@@ -10,11 +15,15 @@ env, dotenv and secrets sources as read when LiveSettings loaded.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticKnownError
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -28,7 +37,16 @@ from pydantic_settings.sources import DefaultSettingsSource
 from .errors import ConfigRejected
 from .source import DecodedConfig, EtcdSettingsSource, Origins, current_config, decode_items, fresh
 
-__all__ = ["ReadSources", "build_layered", "build_model", "lists_etcd_source", "validate_layered"]
+__all__ = [
+    "ReadSources",
+    "build_layered",
+    "build_model",
+    "describe",
+    "explain",
+    "explain_raised",
+    "lists_etcd_source",
+    "validate_layered",
+]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -143,6 +161,9 @@ def validate_layered(
     except ValidationError as exc:
         keys, found = explain(exc, origins, changed)
         raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None
+    except Exception as exc:  # user code raised what pydantic does not wrap: a rejection all the same
+        keys, found = explain_raised(exc, model, origins, changed)
+        raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None
     finally:
         current_config.reset(token)
 
@@ -251,13 +272,79 @@ class _Prefixed(Mapping[tuple[str, ...], str]):
         return len(self._origins)
 
 
+#: Context entries that come from the model (its constraints, types and expected values), never from
+#: the input. Any other entry (a union's ``tag``, a parser's ``error`` text, a validator's exception,
+#: an ``actual_length``) may quote or reveal the value, and is withheld.
+_SAFE_CONTEXT = frozenset(
+    {
+        "gt",
+        "ge",
+        "lt",
+        "le",
+        "multiple_of",
+        "min_length",
+        "max_length",
+        "field_type",
+        "expected_plural",
+        "pattern",
+        "expected",
+        "expected_tags",
+        "discriminator",
+        "max_digits",
+        "decimal_places",
+        "whole_digits",
+        "expected_schemes",
+        "expected_version",
+        "tz_expected",
+        "class_name",
+        "class",
+        "method_name",
+        "encoding",
+    }
+)
+#: What a withheld context entry reads as.
+WITHHELD = "<withheld>"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+#: Said of every message not shown.
+_NOT_SHOWN = "its message is not shown: it may quote the value"
+
+
+def describe(error: ErrorDetails) -> str:
+    """One pydantic error as a line built from its type and the model's side of its context.
+
+    pydantic's own ``msg`` may quote the input (``Input tag 's3cr3t' found using 'kind'``, a
+    validator's ``ValueError`` text): it is never used. The line is pydantic's message template for
+    the error type, rendered with the safe context entries and :data:`WITHHELD` for the others.
+    """
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    raised = context.get("error")
+    if isinstance(raised, BaseException):  # value_error, assertion_error: a validator raised it
+        return f"{type(raised).__name__} raised by a validator ({_NOT_SHOWN})"
+    try:
+        template = PydanticKnownError(kind, context).message_template  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):  # a PydanticCustomError's type: its template is the user's
+        return f"{kind} ({_NOT_SHOWN})"
+    return _PLACEHOLDER.sub(lambda match: _shown(context, match[1]), template)
+
+
+def _shown(context: Mapping[str, Any], name: str) -> str:
+    """How a context entry reads in a problem: as pydantic renders it if it is safe, else withheld."""
+    if name == "expected_plural" and name not in context:  # pydantic derives it from the bound
+        bound = context.get("min_length", context.get("max_length"))
+        return "" if bound == 1 else "s"
+    if name in _SAFE_CONTEXT and name in context:
+        return str(context[name])
+    return WITHHELD
+
+
 def explain(
     exc: ValidationError, origins: Mapping[tuple[str, ...], str], changed: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """(keys, problems) for a validation error: each problem names its etcd key, never its value."""
     keys: list[str] = []
     problems: list[str] = []
-    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+    for error in exc.errors(include_input=False, include_url=False, include_context=True):
         loc = tuple(str(part) for part in error["loc"])
         origin = None
         for depth in range(len(loc), 0, -1):
@@ -267,7 +354,86 @@ def explain(
         where = origin if origin is not None else ".".join(loc) + " (not from etcd)"
         if origin is not None and where not in keys:
             keys.append(where)
-        problems.append(f"{where}: {error['msg']}")
+        problems.append(f"{where}: {describe(error)}")
     if not keys:
         keys = list(changed)
     return keys, problems
+
+
+#: Packages between ``model(...)`` and the user's code in a traceback.
+_OURS = frozenset({"pydantic", "pydantic_core", "pydantic_settings", "aetcdcfg"})
+
+
+def explain_raised(
+    exc: Exception, model: type[BaseModel], origins: Mapping[tuple[str, ...], str], changed: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(keys, problems) for an exception user code raised while the model was built.
+
+    pydantic wraps only ``ValueError`` and ``AssertionError`` from validators; a ``TypeError``,
+    ``KeyError`` or ``ZeroDivisionError`` comes through as it is. The problem names its type, the
+    function that raised it (the first frame outside pydantic and aetcdcfg) and the keys of the
+    field that function validates, when that can be told (a field validator, an ``Annotated``
+    validator, a custom type's); otherwise the keys the change touched. Never ``str(exc)``.
+    """
+    code = None
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.partition(".")[0] not in _OURS:
+            code = tb.tb_frame.f_code
+            break
+        tb = tb.tb_next
+    where = model.__name__
+    keys: list[str] = []
+    if code is not None:
+        where = f"{getattr(code, 'co_qualname', code.co_name)} (line {tb.tb_lineno if tb else '?'})"
+        for path in _fields_validated_by(model, code):
+            keys += [key for found, key in origins.items() if found[: len(path)] == path and key not in keys]
+    problem = f"{type(exc).__name__} raised in {where} ({_NOT_SHOWN})"
+    if not keys:
+        return list(changed), [f"{model.__name__}: {problem}"]
+    return keys, [f"{key}: {problem}" for key in keys]
+
+
+def _fields_validated_by(
+    model: type[BaseModel], code: types.CodeType, path: tuple[str, ...] = (), depth: int = 0
+) -> list[tuple[str, ...]]:
+    """The field paths of ``model`` (and the models nested in it) that the function of ``code``
+    validates: as a field validator, an ``Annotated`` validator, or a method of the field's type."""
+    found: list[tuple[str, ...]] = []
+    for decorator in model.__pydantic_decorators__.field_validators.values():
+        if _code_of(decorator.func) is code:
+            found += [(*path, name) for name in decorator.info.fields if name in model.model_fields]
+    for name, info in model.model_fields.items():
+        here = (*path, name)
+        annotations = [info.annotation, *info.metadata]
+        if any(_holds(candidate, code) for candidate in _flatten(annotations)):
+            found.append(here)
+        if depth < 8:
+            for nested in _flatten([info.annotation]):
+                if isinstance(nested, type) and issubclass(nested, BaseModel):
+                    found += _fields_validated_by(nested, code, here, depth + 1)
+    return found
+
+
+def _flatten(annotations: Sequence[Any]) -> Iterator[Any]:
+    """Every object in ``annotations`` and, through Annotated/Union/generic arguments, inside them."""
+    for annotation in annotations:
+        yield annotation
+        yield from _flatten(typing.get_args(annotation))
+        yield from _flatten(getattr(annotation, "__metadata__", ()))
+
+
+def _code_of(function: Any) -> types.CodeType | None:
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _holds(candidate: Any, code: types.CodeType) -> bool:
+    """Whether ``candidate`` (a validator object or a type) runs the function of ``code``."""
+    if _code_of(getattr(candidate, "func", None)) is code:  # AfterValidator(f) and its kin
+        return True
+    if isinstance(candidate, type) and not issubclass(candidate, BaseModel):  # a custom type's own validator
+        return any(_code_of(member) is code for member in vars(candidate).values())
+    return False

@@ -14,7 +14,8 @@ Every error the public API raises derives from :class:`AetcdcfgError`; no raw ``
     │   ├── FutureRevision      a read asked for a revision etcd has not reached yet
     │   └── TxnConflict         a guarded write found that etcd changed since it was read
     ├── SubscriberLagged        a watch subscriber fell behind its buffer; resume from ``resume_revision``
-    └── ConfigRejected          a settings change failed validation; the last good settings stay
+    ├── ConfigRejected          a settings change failed validation; the last good settings stay
+    └── SettingsClosed          a LiveSettings closed while ``wait_for()`` waited: no change will come
 
 Messages never contain passwords, tokens or secret values.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "PermissionDenied",
     "RequestTooLarge",
     "RevisionCompacted",
+    "SettingsClosed",
     "SubscriberLagged",
     "TxnConflict",
 ]
@@ -175,3 +177,18 @@ class ConfigRejected(AetcdcfgError, ValueError):
         self.problems = tuple(problems)
         lines = "; ".join(self.problems)
         super().__init__(f"config under {prefix!r} at revision {revision} rejected: {lines}")
+
+
+class SettingsClosed(AetcdcfgError, RuntimeError):
+    """The LiveSettings was closed (its ``async with`` ended): it will apply no further change.
+
+    ``wait_for()`` raises it instead of waiting forever; ``updates()`` simply ends. ``prefix`` names
+    the LiveSettings (its last layer).
+    """
+
+    def __init__(self, *, prefix: str) -> None:
+        self.prefix = prefix
+        super().__init__(
+            f"LiveSettings for {prefix!r} is closed: no further settings will be applied "
+            "(wait inside its `async with`)"
+        )

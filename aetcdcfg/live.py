@@ -6,6 +6,13 @@ this object as two batches at one revision, on two streams, in no particular ord
 it half, every validation uses all layers *as of the same revision*: a batch at revision R for one
 layer is applied to that layer, every other layer is read as of R (a paginated range at revision R),
 and the streams' later copies of revisions up to R are skipped. With one layer no read happens.
+
+Two cases read every layer afresh instead, all at one revision (the current one), and skip the
+streams' batches up to it: a re-listing (a ``resync`` batch, after compaction or from a wiped etcd),
+whose changes are relative to what that stream had delivered rather than to these layers' keys; and
+a read "as of R" that etcd compacted within moments of the write. No state older than one applied is
+ever applied, except that a wiped etcd (a resync below the revision the layers reflected) is
+followed from its own, lower, revisions.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ from ._log import get_logger
 from ._validate import ReadSources, lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
-from .errors import AetcdcfgError, ConfigRejected, EtcdUnavailable, RevisionCompacted, SubscriberLagged
+from .errors import (
+    AetcdcfgError,
+    ConfigRejected,
+    EtcdUnavailable,
+    FutureRevision,
+    RevisionCompacted,
+    SettingsClosed,
+    SubscriberLagged,
+)
 from .events import Event, EventType
 from .settings import EtcdSettings
 from .source import KeyDecoder, leaf_paths
@@ -61,6 +76,14 @@ class _Layer:
         # {key[cut:]: value for ...} in C: 3.4 % of a 40,000-key start (callgrind), for one line.
         cut = itemgetter(slice(len(self.prefix), None))
         return dict(zip(map(cut, items), items.values(), strict=True))
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[ModelT]):
+    """One ``wait_for()`` call: the objects applied since it last looked, and where it sleeps."""
+
+    sleeper: Sleeper
+    applied: deque[ModelT] = field(default_factory=deque)
 
 
 class LiveSettings(Generic[ModelT]):
@@ -113,6 +136,8 @@ class LiveSettings(Generic[ModelT]):
         # (see _wakeup: an anyio.Event left a future per waiter for the GC, a Handle per wake-up).
         self._waker: Waker | None = None
         self._sleepers: list[Sleeper] = []
+        self._waiters: list[_Waiter[ModelT]] = []  # wait_for() calls: each gets every applied object
+        self._closed = False
         self._stack: contextlib.AsyncExitStack | None = None
         #: How logs and the repr name it: the prefix, or the list of layers.
         self._where: str | list[str] = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
@@ -192,19 +217,24 @@ class LiveSettings(Generic[ModelT]):
         return self._layers[0].sub is not None and self.status.is_fresh(max_staleness)
 
     async def updates(self) -> AsyncIterator[ModelT]:
-        """Yield each new valid settings object as it is applied, from now on.
+        """Yield the newest valid settings object each time this iterator wakes after a change.
 
-        A consumer slower than the changes skips intermediate objects and gets the newest one (config
-        is a state, not a log); it never misses the latest. Any number of tasks may iterate at once.
+        Conflating: it yields the object current when it gets to run, not every one applied. Several
+        revisions applied before it runs again (a burst of writes, or the catch-up after an outage,
+        which applies every missed revision at once) are yielded as one, the newest; an object
+        applied and replaced in between is never yielded (config is a state, not a log). It never
+        misses the latest. For every applied object use ``on_change``; to wait for a state that
+        may be brief use :meth:`wait_for`, which sees each one. Ends when the LiveSettings closes.
+        Any number of tasks may iterate at once.
         """
         seen = self._version
-        if self._waker is None:
-            self._waker = Waker(asyncio.get_running_loop())
-        sleeper = Sleeper(self._waker.loop)
+        sleeper = Sleeper(self._wake_loop())
         self._sleepers.append(sleeper)
         try:
             while True:
                 while self._version == seen:
+                    if self._closed:
+                        return
                     await sleeper
                 seen = self._version
                 yield self.current
@@ -212,21 +242,50 @@ class LiveSettings(Generic[ModelT]):
             self._sleepers.remove(sleeper)
 
     async def wait_for(self, predicate: Callable[[ModelT], bool], timeout: float | None = None) -> ModelT:
-        """Return the first settings (current or future) for which ``predicate`` is true.
+        """Return the first settings, current or applied from now on, for which ``predicate`` is true.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds.
+        Every object applied while it waits is checked, in order, even one replaced before this task
+        ran again (unlike :meth:`updates`, which conflates). Raises ``TimeoutError`` after
+        ``timeout`` seconds, and :class:`SettingsClosed` if the LiveSettings closes (or has closed)
+        before a matching object is applied.
         """
         with anyio.fail_after(math.inf if timeout is None else timeout):
-            if predicate(self.current):
-                return self.current
-            async for settings in self.updates():
-                if predicate(settings):
-                    return settings
-        raise AssertionError("unreachable")  # pragma: no cover
+            current = self.current
+            if predicate(current):
+                return current
+            waiter: _Waiter[ModelT] = _Waiter(Sleeper(self._wake_loop()))
+            self._waiters.append(waiter)
+            try:
+                while True:
+                    while waiter.applied:
+                        settings = waiter.applied.popleft()
+                        if predicate(settings):
+                            return settings
+                    if self._closed:
+                        raise SettingsClosed(prefix=self.prefix)
+                    await waiter.sleeper
+            finally:
+                self._waiters.remove(waiter)
+
+    def _wake_loop(self) -> asyncio.AbstractEventLoop:
+        if self._waker is None:
+            self._waker = Waker(asyncio.get_running_loop())
+        return self._waker.loop
+
+    def _wake_all(self) -> None:
+        """Wake every ``updates()`` iterator and ``wait_for()`` (one loop callback for them all)."""
+        waker = self._waker
+        if waker is None:
+            return
+        for sleeper in self._sleepers:
+            waker.wake(sleeper)
+        for waiter in self._waiters:
+            waker.wake(waiter.sleeper)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> LiveSettings[ModelT]:
+        self._closed = False
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -242,9 +301,14 @@ class LiveSettings(Generic[ModelT]):
                 revisions.append(sub.snapshot.revision)
             stack.callback(self._detach)
             revision = max(revisions)
-            for layer, listed in zip(self._layers, revisions, strict=True):
-                if listed < revision:  # one state, at one revision, for every layer
-                    layer.items = await self._read_layer(client, layer, revision)
+            try:
+                for layer, listed in zip(self._layers, revisions, strict=True):
+                    if listed < revision:  # one state, at one revision, for every layer
+                        layer.items = await self._read_layer(client, layer, revision)
+            except (RevisionCompacted, FutureRevision):  # compacted at once: all at a newer one
+                revision, states = await self._read_all(client)
+                for layer in self._layers:
+                    layer.items = states[layer.prefix]
             self._known = revision
             self._load(revision)
             task_group = await stack.enter_async_context(anyio.create_task_group())
@@ -265,10 +329,14 @@ class LiveSettings(Generic[ModelT]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
         stack, self._stack = self._stack, None
-        if stack is not None:
-            # Not handing the body's exception to our task group keeps it from being wrapped in an
-            # ExceptionGroup: users see their own exception, unchanged.
-            await stack.aclose()
+        try:
+            if stack is not None:
+                # Not handing the body's exception to our task group keeps it from being wrapped in
+                # an ExceptionGroup: users see their own exception, unchanged.
+                await stack.aclose()
+        finally:
+            self._closed = True  # no change will come: updates() end, wait_for() raises
+            self._wake_all()
         return None
 
     @contextlib.asynccontextmanager
@@ -306,16 +374,49 @@ class LiveSettings(Generic[ModelT]):
         async for batch in sub.batches():
             async with self._apply_lock:
                 revision = batch[-1].revision
-                if revision <= self._known:
+                resync = batch[0].resync
+                if revision == self._known or (revision < self._known and not resync):
                     continue  # already read as part of another layer's revision
-                others = {}
-                for other in self._layers:
-                    if other is not layer:
-                        others[other.prefix] = await self._read_layer(client, other, revision)
+                if resync:
+                    # The stream re-listed its prefix (after compaction, or from a wiped etcd whose
+                    # revisions restart below ours): its changes are relative to what the stream
+                    # had delivered, not to these layers' keys, so every layer is read afresh.
+                    self._log.warning(
+                        "config.layers_reread", layer=layer.prefix, reason="resync", revision=revision
+                    )
+                    self._apply_state(*await self._read_all(client))
+                    continue
+                try:
+                    others = {
+                        other.prefix: await self._read_layer(client, other, revision)
+                        for other in self._layers
+                        if other is not layer
+                    }
+                except (RevisionCompacted, FutureRevision) as exc:
+                    # Compacted within moments of the write (or etcd was replaced): reading the other
+                    # layers "as they are now" would combine two revisions, and the streams' older
+                    # batches would then go backwards; all layers are read at one newer revision.
+                    event = (
+                        "config.layer_read_compacted"
+                        if isinstance(exc, RevisionCompacted)
+                        else "config.layers_reread"
+                    )
+                    self._log.warning(event, layer=layer.prefix, reason=type(exc).__name__, revision=revision)
+                    self._apply_state(*await self._read_all(client))
+                    continue
                 self._apply(layer, batch, others)
 
     async def _read_layer(self, client: EtcdClient, layer: _Layer, revision: int) -> dict[str, bytes]:
-        """``layer``'s keys as of ``revision``, retried while etcd is unreachable."""
+        """``layer``'s keys as of ``revision``, retried while etcd is unreachable.
+
+        Raises RevisionCompacted or FutureRevision when etcd no longer (or not yet) has ``revision``.
+        """
+        return (await self._read(client, layer, revision))[1]
+
+    async def _read(
+        self, client: EtcdClient, layer: _Layer, revision: int | None
+    ) -> tuple[int, dict[str, bytes]]:
+        """(revision, ``layer``'s keys) as of ``revision`` or now, retried while etcd is unreachable."""
         backoff = Backoff(initial=0.1, maximum=2.0)
         while True:
             try:
@@ -324,12 +425,20 @@ class LiveSettings(Generic[ModelT]):
                 self._log.warning("config.layer_read_retry", layer=layer.prefix, cause=str(exc))
                 await anyio.sleep(backoff.next_delay())
                 continue
-            except RevisionCompacted:
-                # Compacted within moments of the write: that layer is read as it is now, so the
-                # object may combine revisions once; the next change of any layer realigns them.
-                self._log.warning("config.layer_read_compacted", layer=layer.prefix, revision=revision)
-                snapshot = await client.get_prefix(layer.prefix)
-            return layer.relative(snapshot.items)
+            return snapshot.revision, layer.relative(snapshot.items)
+
+    async def _read_all(self, client: EtcdClient) -> tuple[int, dict[str, dict[str, bytes]]]:
+        """Every layer's keys at one revision, the current one: (revision, {prefix: keys})."""
+        while True:
+            first = self._layers[0]
+            revision, items = await self._read(client, first, None)
+            states = {first.prefix: items}
+            try:
+                for other in self._layers[1:]:
+                    states[other.prefix] = await self._read_layer(client, other, revision)
+            except (RevisionCompacted, FutureRevision):
+                continue  # compacted past it (or etcd replaced) between two reads: a newer one
+            return revision, states
 
     def _load(self, revision: int) -> None:
         """The first object: built by pydantic-settings itself, which reads env, dotenv and secrets
@@ -365,14 +474,39 @@ class LiveSettings(Generic[ModelT]):
                 items[event.key[cut:]] = event.value
             else:
                 items.pop(event.key[cut:], None)
-        for other in self._layers:
-            fresh = others.get(other.prefix)
+        changed += self._replace_items(others)
+        self._swap(batch[-1].revision, changed)
+
+    def _apply_state(self, revision: int, states: Mapping[str, dict[str, bytes]]) -> None:
+        """Every layer's keys as read at ``revision`` (one consistent state), applied as one change.
+
+        ``revision`` is at least the one the layers reflected, except after etcd was replaced (a
+        wiped cluster restarts its revisions): then the layers simply follow the new history.
+        """
+        if revision < self._known:
+            self._log.warning("config.history_reset", revision=revision, known=self._known)
+        changed = self._replace_items(states)
+        if changed:
+            self._swap(revision, changed)
+            return
+        self._known = revision  # nothing changed: no new object, and later batches go on from here
+        if revision < self._revision:
+            self._revision = revision
+
+    def _replace_items(self, states: Mapping[str, dict[str, bytes]]) -> list[str]:
+        """Put the layers' keys in ``states`` in place; the full keys that changed."""
+        changed: list[str] = []
+        for layer in self._layers:
+            fresh = states.get(layer.prefix)
             if fresh is None:
                 continue
-            old = other.items
-            changed += [other.prefix + k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)]
-            other.items = fresh
-        revision = batch[-1].revision
+            old = layer.items
+            changed += [layer.prefix + k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)]
+            layer.items = fresh
+        return changed
+
+    def _swap(self, revision: int, changed: list[str]) -> None:
+        """Validate the model from the layers' keys as of ``revision``; swap it in or reject it."""
         self._known = revision
         try:
             settings = self._build(revision, changed=changed, sources=self._sources)
@@ -388,15 +522,15 @@ class LiveSettings(Generic[ModelT]):
         self._applied += 1
         self._history.append(AppliedChange(revision, True, tuple(changed)))
         self._version += 1
-        if self._waker is not None:
-            for sleeper in self._sleepers:
-                self._waker.wake(sleeper)
+        for waiter in self._waiters:
+            waiter.applied.append(settings)
+        self._wake_all()
         self._log.info("config.applied", revision=revision, keys=changed)
         if self._on_change is not None:
             try:
                 self._on_change(settings)
-            except Exception as exc:
-                self._log.error("config.on_change_failed", error=repr(exc))
+            except Exception as exc:  # its message may quote a value: the type only
+                self._log.error("config.on_change_failed", revision=revision, error_type=type(exc).__name__)
 
     def _record_rejection(self, exc: ConfigRejected, changed: Sequence[str]) -> None:
         self.last_error = exc

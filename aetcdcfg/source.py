@@ -1,11 +1,12 @@
 """EtcdSettingsSource: the keys under an etcd prefix as a pydantic-settings source.
 
 Mapping: the key ``<prefix>rate_limit`` fills field ``rate_limit``; ``<prefix>db/url`` fills
-``db.url`` of a nested model (and ``<prefix>db`` may hold the whole nested model as JSON; deeper keys
-win); ``<prefix>limits/eu`` fills key ``eu`` of a ``dict`` field. Field names match exactly, then by
-alias, then case-insensitively. Values: structured fields (models, dicts, lists, ...) must be JSON;
-``str`` fields take the text as is (a JSON string literal such as ``"x"`` is unquoted); other fields
-take the value as JSON when it parses and as text otherwise, and pydantic validates as usual.
+``db.url`` of a nested model (and ``<prefix>db`` may hold the whole nested model as JSON; deeper
+keys override the values inside it they name, and keep the rest); ``<prefix>limits/eu`` fills key
+``eu`` of a ``dict`` field. Field names match exactly, then by alias, then case-insensitively.
+Values are decoded by the type of the field they fill, as pydantic-settings' environment source
+decodes the same text (see ``_values``): JSON for structured fields, the text as it is for the rest,
+and pydantic validates as usual.
 Keys that match no field are ignored with a ``config.unknown_key`` debug log (for a plain pydantic
 model with ``extra="forbid"`` they are passed on, and pydantic rejects them).
 """
@@ -15,12 +16,10 @@ from __future__ import annotations
 import bisect
 import contextvars
 import dataclasses
-import json
 import types
 import typing
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from operator import itemgetter
 from typing import Any, Union
 
 from pydantic import BaseModel, SecretBytes, SecretStr
@@ -28,6 +27,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from ._log import get_logger
+from ._values import ABSENT, TEXT, UNTYPED, ModelSettings, decode_value, decoding_for
 
 __all__ = [
     "MASK",
@@ -78,24 +78,6 @@ def _unwrap(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and (issubclass(tp, BaseModel) or dataclasses.is_dataclass(tp))
-
-
-_STRUCTURED = (dict, list, set, frozenset, tuple, Mapping, typing.Sequence)
-
-
-def _is_structured(tp: Any) -> bool:
-    origin = typing.get_origin(tp) or tp
-    if _is_model(tp):
-        return True
-    return isinstance(origin, type) and origin is not str and issubclass(origin, _STRUCTURED)
-
-
-def _is_text(tp: Any) -> bool:
-    return tp in (str, SecretStr, bytes, SecretBytes)
-
-
 def _is_mapping(tp: Any) -> bool:
     origin = typing.get_origin(tp) or tp
     return isinstance(origin, type) and issubclass(origin, (dict, Mapping))
@@ -128,60 +110,6 @@ def _forbids_extra(model: type[BaseModel]) -> bool:
     return model.model_config.get("extra") == "forbid"
 
 
-def _value_kind(annotation: Any) -> str:
-    """How values for a field of type ``annotation`` are read: "json", "text" or "either"."""
-    options = _unwrap(annotation) if annotation is not None else [Any]
-    if all(_is_structured(tp) for tp in options):
-        return "json"
-    if all(_is_text(tp) for tp in options):
-        return "text"
-    return "either"
-
-
-#: annotation -> _value_kind(annotation), for the hashable ones (a handful per model).
-_kinds: dict[Any, str] = {}
-
-
-def _kind(annotation: Any) -> str:
-    """``_value_kind(annotation)``, remembered."""
-    try:
-        kind = _kinds.get(annotation)
-    except TypeError:  # an unhashable annotation (e.g. Annotated with a list in it)
-        return _value_kind(annotation)
-    if kind is None:
-        if len(_kinds) > 1_000:  # models made on the fly (tests): keep the memo small
-            _kinds.clear()
-        kind = _kinds[annotation] = _value_kind(annotation)
-    return kind
-
-
-def _decode_value(raw: bytes, annotation: Any) -> tuple[Any, str | None]:
-    """(value, problem) for one etcd value aimed at a field of type ``annotation``."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, f"value is not UTF-8 text (invalid byte at position {exc.start})"
-    kind = _kind(annotation)
-    if kind == "json":
-        try:
-            return json.loads(text), None
-        except json.JSONDecodeError as exc:
-            what = "empty value" if not text.strip() else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-            return None, f"structured field needs JSON: {what}"
-    if kind == "text":
-        if text.startswith('"') and text.endswith('"') and len(text) >= 2:
-            try:
-                decoded = json.loads(text)
-            except json.JSONDecodeError:
-                return text, None
-            return (decoded if isinstance(decoded, str) else text), None
-        return text, None
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError:
-        return text, None
-
-
 def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any, made: set[int]) -> None:
     """Put ``value`` at ``path`` in ``target``, creating dicts on the way (their ids go into ``made``).
 
@@ -198,21 +126,35 @@ def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any, made: s
         node = child
     leaf = path[-1]
     if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        merged = dict(value)
-        merged.update(node[leaf])  # deeper keys, applied earlier, win over a whole-object JSON value
-        node[leaf] = merged
+        # Deeper keys, applied earlier, win over a whole-object JSON value, key by key all the way
+        # down: what layers do (_validate.merge), and what pydantic-settings does with DB='{...}'
+        # and DB__OPTS__A=10 in the environment.
+        node[leaf] = _under(value, node[leaf], made)
     else:
         node[leaf] = value
+
+
+def _under(base: dict[str, Any], top: dict[str, Any], made: set[int]) -> dict[str, Any]:
+    """``base`` with ``top`` merged over it key by key, in new dicts (their ids go into ``made``);
+    neither is changed."""
+    out = dict(base)
+    made.add(id(out))
+    for key, value in top.items():
+        below = out.get(key)
+        out[key] = (
+            _under(below, value, made) if isinstance(value, dict) and isinstance(below, dict) else value
+        )
+    return out
 
 
 class _Field(typing.NamedTuple):
     """What one part of a key resolves to on one model: a field, and where the next part goes."""
 
     name: str
-    annotation: Any
+    info: FieldInfo
     nested: type[BaseModel] | None  # the next part names a field of this model
     mapping: bool  # the rest of the key is a key of this dict field
-    mapping_value: Any  # ... whose values have this type
+    mapping_value: Any  # ... whose values have this type (UNTYPED: the dict does not say)
 
 
 #: model -> key part -> _Field, for parts that name a field (so bounded by the models' fields).
@@ -230,18 +172,30 @@ def _resolve_part(model: type[BaseModel], part: str) -> _Field | None:
     name = _match_field(model, part)
     if name is None:
         return None
-    annotation = model.model_fields[name].annotation
-    options = _unwrap(annotation)
+    info = model.model_fields[name]
+    options = _unwrap(info.annotation)
     nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
     mapping = next((tp for tp in options if _is_mapping(tp)), None)
     args = typing.get_args(mapping) if mapping is not None else ()
-    value = args[1] if len(args) == 2 else Any
-    found = known[part] = _Field(name, annotation, nested, mapping is not None, value)
+    value = args[1] if len(args) == 2 else UNTYPED
+    found = known[part] = _Field(name, info, nested, mapping is not None, value)
     return found
 
 
 def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any] | None:
     """The field path and annotation a relative key fills, or None if it matches no field."""
+    resolved = _resolve(model, key)
+    if resolved is None:
+        return None
+    path, target = resolved
+    if isinstance(target, FieldInfo):
+        return path, target.annotation
+    return path, Any if target is UNTYPED else target
+
+
+def _resolve(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], FieldInfo | Any] | None:
+    """The field path a relative key fills and what decides how its value decodes: the field's
+    FieldInfo, or a dict's value type (None: a key pydantic itself will reject as extra)."""
     parts = [p for p in key.split("/") if p]
     if not parts:
         return None
@@ -258,7 +212,7 @@ def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any]
         path.append(field.name)
         index += 1
         if index == len(parts):
-            return tuple(path), field.annotation
+            return tuple(path), field.info
         if field.nested is not None:
             target = field.nested
             continue
@@ -314,6 +268,7 @@ class KeyDecoder:
 
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
+        self._settings = ModelSettings.of(model)
         self._groups: dict[str | None, _Group] = {}
         self._names: dict[str, str | None] = {}  # a key's first part -> the field it fills
         self._synced = False  # whether a call decoded every key (after which `changed` is enough)
@@ -408,17 +363,23 @@ class KeyDecoder:
         made: set[int] = set()
         # Deeper keys first, so that _set_path lets them win over a shallower whole-object value.
         for key in sorted(items, key=_depth_first):
-            resolved = resolve_key(self.model, key)
+            resolved = _resolve(self.model, key)
             if resolved is None:
                 log.debug("config.unknown_key", key=key)
                 continue
-            path, annotation = resolved
-            value, problem = _decode_value(items[key], annotation)
+            path, target = resolved
+            decoding = decoding_for(target, self._settings)
+            value, problem = decode_value(items[key], decoding, top_level=len(path) == 1)
             if problem is not None:
                 problems[key] = problem
                 continue
             _set_path(data, path, value, made)
             origins[path] = key
+        for name in [name for name, value in data.items() if value is ABSENT]:
+            # A field's JSON null: no value, and its deeper keys are overridden by it (as a
+            # whole-field value that is not an object overrides them), so nothing at all.
+            del data[name]
+            origins = {path: key for path, key in origins.items() if path[0] != name}
         return _Group(items, data, origins, problems)
 
     def _decode_table(self, items: dict[str, bytes]) -> _Group | None:
@@ -432,7 +393,10 @@ class KeyDecoder:
         """
         first, slash, _ = next(iter(items)).partition("/")
         field = _resolve_part(self.model, first) if slash else None
-        if field is None or not field.mapping or _kind(field.mapping_value) != "text":
+        if field is None or not field.mapping:
+            return None
+        decoding = decoding_for(field.mapping_value, self._settings)
+        if decoding.how != TEXT or decoding.none_str is not None:
             return None
         head = first + "/"
         if (
@@ -446,8 +410,6 @@ class KeyDecoder:
             table = {key[cut:]: raw.decode() for key, raw in items.items()}  # UTF-8
         except UnicodeDecodeError:
             return None
-        if b'"' in map(_first_byte, items.values()):  # a JSON string literal is unquoted
-            table = {key: _decode_value(items[head + key], field.mapping_value)[0] for key in table}
         return _Group(items, {field.name: table}, _TableOrigins(field.name, head, items), {}, flat=True)
 
 
@@ -469,9 +431,6 @@ class Origins(Mapping[tuple[str, ...], str]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
-
-
-_first_byte = itemgetter(slice(0, 1))
 
 
 class _TableOrigins(Mapping[tuple[str, ...], str]):

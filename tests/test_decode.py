@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings
 
-from aetcdcfg.source import DecodedConfig, KeyDecoder, _decode_value, _set_path, resolve_key
+from aetcdcfg._validate import build_layered
+from aetcdcfg._values import ABSENT, ModelSettings, decode_value, decoding_for
+from aetcdcfg.source import DecodedConfig, KeyDecoder, _resolve, _set_path
 
 
 class Db(BaseModel):
@@ -39,16 +41,20 @@ def decode_all(model: type[BaseModel], items: dict[str, bytes]) -> DecodedConfig
     origins: dict[tuple[str, ...], str] = {}
     problems: dict[str, str] = {}
     for key in sorted(items, key=lambda k: (-k.count("/"), k)):
-        resolved = resolve_key(model, key)
+        resolved = _resolve(model, key)
         if resolved is None:
             continue
-        path, annotation = resolved
-        value, problem = _decode_value(items[key], annotation)
+        path, target = resolved
+        decoding = decoding_for(target, ModelSettings.of(model))
+        value, problem = decode_value(items[key], decoding, top_level=len(path) == 1)
         if problem is not None:
             problems[key] = problem
             continue
         _set_path(data, path, value, set())
         origins[path] = key
+    for name in [name for name, value in data.items() if value is ABSENT]:  # a field's JSON null
+        del data[name]
+        origins = {path: key for path, key in origins.items() if path[0] != name}
     return DecodedConfig(data, origins, problems)
 
 
@@ -86,7 +92,20 @@ KEYS = [
     "/",
     "",
 ]
-VALUES = [b"1", b"7", b"x", b'"quoted"', b'{"url": "u", "pool": 2}', b'{"eu": 3}', b'["a"]', b"\xff", b""]
+VALUES = [
+    b"1",
+    b"7",
+    b"x",
+    b'"quoted"',
+    b'{"url": "u", "pool": 2}',
+    b'{"eu": 3}',
+    b'["a"]',
+    b"\xff",
+    b"",
+    b'{"options": {"a": "1", "b": "2"}, "pool": 3}',  # a deeper key (db/options/a) overrides one part
+    b'{"a": {"b": "c"}, "d": "e"}',
+    b"null",
+]
 
 layer = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=10)
 
@@ -156,3 +175,31 @@ def test_a_large_table_decodes_as_key_by_key() -> None:
     for extra in variants:
         items = {**table, **extra}
         same(KeyDecoder(Model).decode(items), decode_all(Model, items))
+
+
+class Opts(BaseModel):
+    a: int = 0
+    b: int = 0
+
+
+class Deep(BaseModel):
+    opts: Opts = Opts()
+    extra: dict[str, dict[str, int]] = {}
+
+
+class DeepSettings(BaseSettings):
+    db: Deep = Deep()
+
+
+def test_a_deeper_key_overrides_one_value_inside_a_whole_json_value_and_keeps_the_rest() -> None:
+    """ "Deeper keys win" merges key by key, all the way down, as layers do."""
+    whole = {"db": b'{"opts": {"a": 1, "b": 2}, "extra": {"x": {"p": 1, "q": 2}}}'}
+    deeper = {"db/opts/a": b"10", "db/extra/x": b'{"q": 20}'}
+    one_prefix = build_layered(DeepSettings, [("/one/", {**whole, **deeper})], 1)
+    layered = build_layered(DeepSettings, [("/shared/", whole), ("/one/", deeper)], 1)
+    assert one_prefix.db.opts == Opts(a=10, b=2)
+    assert one_prefix.db.extra == {"x": {"p": 1, "q": 20}}
+    assert one_prefix == layered
+    decoder = KeyDecoder(DeepSettings)
+    decoder.decode(whole)
+    same(decoder.decode({**whole, **deeper}, list(deeper)), decode_all(DeepSettings, {**whole, **deeper}))

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from aetcdcfg import ConfigRejected, EtcdClient, LiveSettings
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
-from .harness import WATCHER_OPTIONS
+from .harness import MEMBER_OPTIONS, RECOVERY_BOUND, WATCHER_OPTIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +160,73 @@ async def test_layers_stay_consistent_through_connection_resets(
 
 async def _revision(client: EtcdClient) -> int:
     return (await client.get_prefix("/nonexistent-for-revision/")).revision
+
+
+async def test_layers_follow_an_etcd_wiped_and_restarted_empty(etcd_prefix: str) -> None:
+    """The new cluster's revisions are below the ones the layers reflected; its (resync) changes
+    and every change after them are applied all the same, never torn."""
+    shared, own = etcd_prefix + "shared/", etcd_prefix + "svc/"
+    applied: list[Service] = []
+    with EtcdServer(**MEMBER_OPTIONS) as server, anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[server.endpoint], **WATCHER_OPTIONS) as watcher,
+            LiveSettings(Service, prefix=[shared, own], client=watcher, on_change=applied.append) as live,
+        ):
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                for n in range(1, 31):
+                    await writer.put_many({shared + "a": str(n), own + "b": str(n), own + "rate_limit": "5"})
+                await live.wait_for(lambda s: s.a == 30, timeout=5)
+            old = live.revision
+            await anyio.to_thread.run_sync(server.wipe_and_restart)
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                # the new etcd is empty: both layers lose their keys
+                emptied = await live.wait_for(lambda s: (s.a, s.b) == (0, 0), timeout=RECOVERY_BOUND)
+                first = await writer.put_many({shared + "a": "7", own + "b": "7", own + "region": "new"})
+                settings = await live.wait_for(lambda s: s.region == "new", timeout=RECOVERY_BOUND)
+                later = await writer.put(own + "rate_limit", "9")
+                await live.wait_for(lambda s: s.rate_limit == 9, timeout=5)
+            assert live.revision == later
+    assert first < old  # the revisions really went backwards
+    assert emptied.rate_limit == 100
+    assert (settings.a, settings.b, settings.rate_limit) == (7, 7, 100)
+    assert [(s.a, s.b) for s in applied if s.a != s.b] == []
+
+
+async def test_compaction_right_after_a_write_never_gives_a_torn_or_older_object(etcd_prefix: str) -> None:
+    """The watcher's traffic is delayed, so every read of another layer "as of" a revision reaches
+    etcd after that revision was compacted. Each object applied is whole (a == b, written in one
+    transaction across the layers), and neither revisions nor values ever go backwards."""
+    shared, own = etcd_prefix + "shared/", etcd_prefix + "svc/"
+    applied: list[tuple[int, int, int]] = []
+    with (
+        capture_logs() as logs,
+        EtcdServer(**MEMBER_OPTIONS) as server,
+        FaultProxy.to(server.endpoint) as proxy,
+        anyio.fail_after(90),
+    ):
+        async with (
+            EtcdClient(endpoints=[server.endpoint]) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS) as watcher,
+        ):
+            live: LiveSettings[Service] = LiveSettings(
+                Service,
+                prefix=[shared, own],
+                client=watcher,
+                on_change=lambda s: applied.append((live.revision, s.a, s.b)),
+            )
+            async with live:
+                n = 0
+                for round in range(6):
+                    proxy.set_delay(0.4)
+                    await writer.put(own + "region", f"r{round}")  # one layer only
+                    for _ in range(2):
+                        n += 1
+                        last = await writer.put_many({shared + "a": str(n), own + "b": str(n)})
+                    await anyio.to_thread.run_sync(server.etcdctl, "compact", str(last))
+                    proxy.set_delay(0)
+                    await live.wait_for(lambda s, n=n: s.a == n, timeout=10)  # type: ignore[misc]
+                    assert (live.current.a, live.current.b) == (n, n)
+    assert [(a, b) for _, a, b in applied if a != b] == []  # never torn
+    assert [r for r, _, _ in applied] == sorted(r for r, _, _ in applied)  # never an older state
+    assert [a for _, a, _ in applied] == sorted(a for _, a, _ in applied)
+    assert [e for e in logs if e["event"] == "config.layer_read_compacted"]  # the case really arose

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from structlog.testing import capture_logs
 
-from aetcdcfg import ConfigRejected, EtcdClient, EtcdSettingsSource, EtcdUnavailable, LiveSettings
+from aetcdcfg import (
+    ConfigRejected,
+    EtcdClient,
+    EtcdSettingsSource,
+    EtcdUnavailable,
+    LiveSettings,
+    SettingsClosed,
+)
 from aetcdcfg.testing import EtcdServer, FaultProxy
+
+from .harness import WATCHER_OPTIONS
+from .test_validate import LEAKY_VALUES, SECRET, Leaky
 
 pytestmark = pytest.mark.anyio
 
@@ -350,3 +362,104 @@ async def test_updates_survive_connection_resets(
                         await anyio.sleep(0.01)
     assert seen[-1] == 100
     assert seen == sorted(seen)
+
+
+async def test_rejected_values_never_appear_in_errors_status_or_logs_whatever_the_error_type(
+    etcd_server: EtcdServer, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydantic quotes the input in some messages (a tagged union's tag, a UUID parser's position,
+    a custom error's template); a rejection is written from the error type and the model instead."""
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with LiveSettings(Leaky, prefix=etcd_prefix, client=client) as live:
+            with capture_logs() as logs:
+                for name, value in LEAKY_VALUES.items():
+                    text = value if isinstance(value, str) else json.dumps(value)
+                    revision = await client.put(etcd_prefix + name, text)
+                    with anyio.fail_after(5):
+                        while live.last_error is None or live.last_error.revision != revision:
+                            await anyio.sleep(0.01)
+                    assert live.last_error.keys == (etcd_prefix + name,)
+                    seen.append(str(live.last_error) + repr(live.last_error.problems) + repr(live.status))
+                    await client.delete(etcd_prefix + name)
+                    await live.wait_for(lambda s: live.last_error is None, timeout=5)
+    text = "\n".join(seen) + repr(logs) + caplog.text
+    assert len([e for e in logs if e["event"] == "config.rejected"]) == len(LEAKY_VALUES)
+    assert SECRET not in text
+    assert "`z`" not in text  # the UUID parser's "found `z` at 0"
+
+
+async def test_updates_end_and_wait_for_raises_settings_closed_when_live_settings_closes(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Nothing waits forever on a LiveSettings that has closed: ``updates()`` ends, ``wait_for()``
+    without a timeout raises SettingsClosed, during the close and after it."""
+    ended: list[str] = []
+    with anyio.fail_after(10):
+        async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+            live = LiveSettings(Pair, prefix=etcd_prefix, client=client)
+            async with anyio.create_task_group() as tg:
+
+                async def consume(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                    updates = live.updates()
+                    task_status.started()
+                    async for _ in updates:
+                        pass
+                    ended.append("updates")
+
+                async def wait(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                    task_status.started()
+                    with pytest.raises(SettingsClosed, match=etcd_prefix):
+                        await live.wait_for(lambda s: s.a == 99)
+                    ended.append("wait_for")
+
+                async with live:
+                    await tg.start(consume)
+                    await tg.start(wait)
+                    await client.put(etcd_prefix + "a", "1")
+                    await live.wait_for(lambda s: s.a == 1)
+                    await anyio.wait_all_tasks_blocked()
+            assert sorted(ended) == ["updates", "wait_for"]
+            async for _ in live.updates():
+                raise AssertionError("a closed LiveSettings yields nothing new")
+            with pytest.raises(SettingsClosed):
+                await live.wait_for(lambda s: s.a == 99)
+            assert (await live.wait_for(lambda s: s.a == 1)).a == 1  # the current one still counts
+
+
+async def test_wait_for_finds_a_state_applied_between_wake_ups(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """While the watcher's connection is refused, maintenance goes on, then off again; the watch
+    catches up with both revisions at once. Both were applied, so wait_for must see the first."""
+    applied: list[bool] = []
+    with anyio.fail_after(30):
+        async with (
+            EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+            EtcdClient(endpoints=[fault_proxy.endpoint], **WATCHER_OPTIONS) as watcher,
+            LiveSettings(
+                AppSettings,
+                prefix=etcd_prefix,
+                client=watcher,
+                on_change=lambda s: applied.append(s.maintenance),
+            ) as live,
+            anyio.create_task_group() as tg,
+        ):
+            found: list[AppSettings] = []
+
+            async def wait() -> None:
+                found.append(await live.wait_for(lambda s: s.maintenance, timeout=20))
+
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            fault_proxy.refuse()
+            fault_proxy.reset()
+            await writer.put(etcd_prefix + "maintenance", "true")
+            last = await writer.put(etcd_prefix + "maintenance", "false")
+            fault_proxy.refuse(False)
+            with anyio.fail_after(15):
+                while live.revision < last:
+                    await anyio.sleep(0.01)
+    assert applied == [True, False]
+    assert [s.maintenance for s in found] == [True]

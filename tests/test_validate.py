@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    Field,
+    HttpUrl,
+    Json,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aetcdcfg import EtcdSettingsSource
-from aetcdcfg._validate import ReadSources
+from aetcdcfg._validate import ReadSources, explain
 from aetcdcfg.source import current_config, decode_items
 
 
@@ -108,3 +122,84 @@ def test_sources_read_once_build_what_pydantic_settings_builds(
         assert outcome(lambda: sources.construct(model, dict(kwargs))) == want
     finally:
         current_config.reset(token)
+
+
+# -- rejections never quote the value ---------------------------------------------------------------
+
+
+class Kind1(BaseModel):
+    kind: Literal["a"]
+
+
+class Kind2(BaseModel):
+    kind: Literal["b"]
+
+
+class Color(str, Enum):
+    red = "red"
+
+
+class Leaky(BaseModel):
+    """Fields whose pydantic error messages quote (part of) the input."""
+
+    store: Annotated[Kind1 | Kind2, Field(discriminator="kind")] = Kind1(kind="a")
+    id: UUID | None = None
+    mode: Literal["x", "y"] = "x"
+    color: Color = Color.red
+    port: int = 1
+    url: HttpUrl | None = None
+    blob: Json[dict[str, int]] | None = None
+    code: Annotated[str, Field(pattern=r"^[a-z]+$")] = "a"
+    short: Annotated[str, Field(max_length=3)] = ""
+    items: Annotated[list[int], Field(min_length=2)] = [1, 2]
+    stamp: datetime | None = None
+    custom: Annotated[str, AfterValidator(lambda v: _custom_error(v))] = ""
+
+
+def _custom_error(value: str) -> str:
+    if value:
+        raise PydanticCustomError("not_allowed", "{value} is not allowed", {"value": value})
+    return value
+
+
+SECRET = "s3cr3t"
+#: Each field's bad value; a UUID parser says where it stopped ("found `z` at 0"), so the first
+#: character is distinctive too.
+LEAKY_VALUES: dict[str, Any] = {
+    "store": {"kind": SECRET + "-tag"},
+    "id": "z" + SECRET,
+    "mode": SECRET,
+    "color": SECRET,
+    "port": SECRET,
+    "url": SECRET + " url",
+    "blob": SECRET + "{",
+    "code": SECRET + "!",
+    "short": SECRET,
+    "items": [1],
+    "stamp": SECRET,
+    "custom": SECRET,
+}
+
+
+def test_problems_are_built_from_the_error_type_and_model_context_never_the_input() -> None:
+    origins = {(name,): f"/app/{name}" for name in LEAKY_VALUES}
+    with pytest.raises(ValidationError) as info:
+        Leaky.model_validate(LEAKY_VALUES)
+    assert {e["loc"][0] for e in info.value.errors()} == set(LEAKY_VALUES)  # every field fails
+    keys, problems = explain(info.value, origins, [])
+    text = "\n".join(problems)
+    assert SECRET not in text
+    assert "`z`" not in text and "1" not in text.replace("/app/", "")  # the UUID's char, the list's length
+    assert keys == [f"/app/{name}" for name in LEAKY_VALUES]
+    # what comes from the model is still said
+    for said in (
+        "'a', 'b'",
+        "'kind'",
+        "'x' or 'y'",
+        "'red'",
+        "^[a-z]+$",
+        "at most 3 characters",
+        "at least 2",
+    ):
+        assert said in text, said
+    assert "valid UUID" in text and "valid integer" in text and "not_allowed" in text
