@@ -13,10 +13,11 @@ asked, and a page's event stream waits on ``live.updates()`` only while it is op
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -57,10 +58,15 @@ _PAGE_POLICY = (
 )
 
 
-def settings_dependency(live: LiveSettings[ModelT]) -> Callable[[], ModelT]:
-    """A dependency for ``Depends(...)`` returning the settings current when the request started."""
+def settings_dependency(live: LiveSettings[ModelT]) -> Callable[[], Awaitable[ModelT]]:
+    """A dependency for ``Depends(...)`` returning the settings current when the request started.
 
-    def current_settings() -> ModelT:
+    ``async`` because it only reads an attribute: FastAPI runs a plain ``def`` dependency in
+    Starlette's threadpool, so while the app's own sync handlers held every thread, each request
+    using this waited for one.
+    """
+
+    async def current_settings() -> ModelT:
         return live.current
 
     return current_settings
@@ -121,7 +127,7 @@ def readiness(
 
 def readiness_dependency(
     live: LiveSettings[Any], *more: LiveSettings[Any], max_staleness: float = DEFAULT_MAX_STALENESS
-) -> Callable[[], dict[str, Any]]:
+) -> Callable[[], Awaitable[dict[str, Any]]]:
     """A dependency for ``Depends(...)``: raises ``HTTPException(503)`` (detail: the not-ready body)
     unless every LiveSettings is loaded and confirmed current within ``max_staleness`` seconds.
 
@@ -130,7 +136,7 @@ def readiness_dependency(
     """
     lives = (live, *more)
 
-    def ready() -> dict[str, Any]:
+    async def ready() -> dict[str, Any]:  # async: no blocking work, so no threadpool thread needed
         ok, body = readiness(lives, max_staleness)
         if not ok:
             raise HTTPException(status_code=503, detail=body, headers=_NO_STORE)
@@ -149,17 +155,20 @@ def probes_router(
     """Kubernetes' probes: ``GET /readyz`` (503 with reasons while settings are not loaded or are
     staler than ``max_staleness``, 200 otherwise) and ``GET /livez`` (200 while the process serves;
     never depends on etcd, so an etcd outage never gets pods restarted).
+
+    Both are ``async def``: they do no blocking work, and a plain ``def`` route waits for a thread of
+    Starlette's threadpool (40), which the app's own sync handlers may all hold for seconds.
     """
     lives = (live, *more)
     router = APIRouter()
 
     @router.get(readiness_path, include_in_schema=False)
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         ok, body = readiness(lives, max_staleness)
         return JSONResponse(body, status_code=200 if ok else 503, headers=_NO_STORE)
 
     @router.get(liveness_path, include_in_schema=False)
-    def livez() -> JSONResponse:
+    async def livez() -> JSONResponse:
         return JSONResponse({"status": "alive"}, headers=_NO_STORE)
 
     return router
@@ -227,8 +236,14 @@ def _dumps(body: Any) -> str:
     return json.dumps(body, allow_nan=False, separators=(",", ":"))
 
 
+@functools.cache
+def _template() -> str:
+    """The page, read from the package once (the route runs on the event loop: no file I/O per request)."""
+    return resources.files(__package__ or "aetcdcfg").joinpath("status_page.html").read_text("utf-8")
+
+
 def _page(body: dict[str, Any]) -> str:
-    template = resources.files(__package__ or "aetcdcfg").joinpath("status_page.html").read_text("utf-8")
+    template = _template()
     # The status as a JSON script block, so the page shows something before its event stream opens;
     # "<" escaped so that no key name can close the script element.
     initial = _dumps(body).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -322,8 +337,10 @@ def status_router(
     lives = (live, *more)
     router = APIRouter()
 
+    # async, like the probes: building the status is CPU work of a few ms at most, never I/O
+    # (the page's template is read once), so it need not wait for a threadpool thread.
     @router.get(path, include_in_schema=False)
-    def status(request: Request) -> Response:
+    async def status(request: Request) -> Response:
         body = _status_body(lives, max_staleness)
         headers = {**_NO_STORE, "Vary": "Accept"}
         if _prefers_html(request.headers.get("accept", "")):
@@ -331,7 +348,7 @@ def status_router(
         return JSONResponse(body, headers=headers)
 
     @router.get(path.rstrip("/") + "/events", include_in_schema=False)
-    def events() -> Response:
+    async def events() -> Response:
         return _EventStream(lives, max_staleness, heartbeat, stream_lifetime)
 
     return router

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -343,3 +344,60 @@ async def test_event_stream_ends_when_the_client_leaves_or_its_lifetime_is_over(
 
 def closed(logs: list[dict[str, Any]]) -> list[str]:
     return [e["reason"] for e in logs if e["event"] == "status.stream_closed"]
+
+
+async def test_probes_and_settings_dependency_answer_while_every_worker_thread_is_blocked(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The app's own sync handlers fill Starlette's threadpool; the probes, the readiness dependency
+    and an async route using ``settings_dependency`` do no blocking work, so they must not wait for
+    a thread (Kubernetes gives a probe 1 s)."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    release = threading.Event()
+    entered: list[int] = []
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client) as live,
+    ):
+        app = make_app(live, lifespan=False)
+        current = Depends(settings_dependency(live))
+        ready = Depends(readiness_dependency(live))
+
+        @app.get("/block")
+        def block() -> str:
+            entered.append(threading.get_ident())
+            release.wait(60)
+            return "released"
+
+        @app.get("/async-limit")
+        async def async_limit(settings: Service = current) -> int:
+            return settings.rate_limit
+
+        @app.get("/async-ready")
+        async def async_ready(config: dict[str, Any] = ready) -> dict[str, Any]:
+            return config
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with (
+            serving(app) as url,
+            httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http,
+            anyio.create_task_group() as tg,
+        ):
+            try:
+                for _ in range(int(limiter.total_tokens)):
+                    tg.start_soon(http.get, "/block")
+                with anyio.fail_after(20):  # every worker thread is now provably waiting on `release`
+                    while len(set(entered)) < limiter.total_tokens or limiter.available_tokens > 0:
+                        await anyio.sleep(0.01)
+                with anyio.fail_after(2):
+                    livez = await http.get("/livez")
+                    readyz = await http.get("/readyz")
+                    limit = await http.get("/async-limit")
+                    ready_body = await http.get("/async-ready")
+                assert limiter.available_tokens == 0 and len(entered) == limiter.total_tokens
+            finally:
+                release.set()
+    assert (livez.status_code, livez.json()) == (200, {"status": "alive"})
+    assert readyz.status_code == 200 and readyz.json()["status"] == "ready"
+    assert (limit.status_code, limit.json()) == (200, 100)
+    assert ready_body.json() == {"status": "ready", "prefixes": [etcd_prefix]}
