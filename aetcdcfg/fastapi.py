@@ -22,10 +22,10 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import anyio
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
+from ._log import get_logger
 from ._report import status_report
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
 
@@ -45,7 +45,7 @@ __all__ = [
     "status_router",
 ]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
