@@ -258,6 +258,12 @@ class _EventStream(Response):
     ``live.updates()``, one listening for the client's disconnect. It ends when the client leaves,
     after ``lifetime`` seconds (the browser reconnects within a second; this bounds how long a
     server's graceful shutdown waits for open streams), or when every LiveSettings has stopped.
+
+    Every send, the first and the closing one included, happens within ``lifetime``: once the
+    server's write buffer is full, a send waits until the client reads, and a client that never
+    reads would otherwise hold the response (and the server's shutdown) forever. Events stop
+    ``_close_margin()`` before the lifetime ends, which leaves the closing send time to complete;
+    if the client has not read enough by then, the response is abandoned (``ended = "stalled"``).
     """
 
     media_type = "text/event-stream"
@@ -274,21 +280,26 @@ class _EventStream(Response):
         self.lifetime = lifetime
         self.ended = "lifetime"
 
+    def _close_margin(self) -> float:
+        """How long before the lifetime ends the events stop, so the closing send fits in it."""
+        return min(1.0, self.lifetime / 10)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         began = time.monotonic()
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         wake_send, wake_receive = anyio.create_memory_object_stream[None](1)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._until_disconnect, receive, tg.cancel_scope)
-            for live in self.lives:
-                tg.start_soon(self._forward, live, wake_send)
-            with anyio.move_on_after(self.lifetime):
-                await self._stream(send, wake_receive)
-            tg.cancel_scope.cancel()
-        wake_send.close()
-        wake_receive.close()
-        if self.ended != "disconnected":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        with anyio.move_on_after(self.lifetime) as lifetime, wake_send, wake_receive:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._until_disconnect, receive, tg.cancel_scope)
+                for live in self.lives:
+                    tg.start_soon(self._forward, live, wake_send)
+                with anyio.move_on_after(self.lifetime - self._close_margin()):
+                    await self._stream(send, wake_receive)
+                tg.cancel_scope.cancel()
+            if self.ended != "disconnected":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if lifetime.cancelled_caught:
+            self.ended = "stalled"  # the client did not read what was sent; the response is abandoned
         log.debug("status.stream_closed", reason=self.ended, seconds=round(time.monotonic() - began, 3))
 
     async def _stream(self, send: Send, wake: MemoryObjectReceiveStream[None]) -> None:
@@ -333,6 +344,10 @@ def status_router(
     or, when the client prefers HTML (a browser), a page that follows it live through
     ``GET {path}/events`` (server-sent events). Values of secrets and of rejected changes never
     appear. Mount it where only operators reach it: it names keys, endpoints and sources.
+
+    Each event stream ends within ``stream_lifetime`` seconds, also for a client that stopped
+    reading; what the server already buffered for such a client it drops only after its own
+    graceful-shutdown timeout (uvicorn: ``timeout_graceful_shutdown``, unlimited by default).
     """
     lives = (live, *more)
     router = APIRouter()
