@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import BaseModel
 
 from ._log import get_logger
-from ._report import status_report
+from ._report import json_number, status_report
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
 
 try:
@@ -202,7 +202,7 @@ def _status_body(lives: Sequence[LiveSettings[Any]], max_staleness: float) -> di
     reports = [status_report(live, max_staleness=max_staleness) for live in lives]
     return {
         "status": "fresh" if all(r["fresh"] for r in reports) else "stale",
-        "max_staleness": max_staleness,
+        "max_staleness": json_number(max_staleness),
         "taken_at": time.time(),
         "settings": reports,
     }

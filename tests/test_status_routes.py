@@ -486,3 +486,67 @@ async def test_a_client_that_never_reads_holds_the_stream_no_longer_than_its_lif
     assert ended[0]["seconds"] <= lifetime + 0.3
     assert stopped.is_set(), f"uvicorn's graceful shutdown still waited after {took:.1f}s"
     assert took < lifetime + 1.0, took
+
+
+def strict_json(text: str) -> Any:
+    """JSON as the standard has it: ``NaN``/``Infinity`` (Python's json extension) are errors."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_infinite_and_nan_settings_show_as_strings_in_status_page_and_stream(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``inf``/``-inf``/``nan`` are valid floats for pydantic; JSON has no such numbers, so the status
+    shows them as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (what etcd holds, and what pydantic
+    reads back) instead of failing with a 500."""
+
+    class Floats(BaseSettings):
+        ratio: float = 1.0
+        limits: dict[str, float] = {}
+        weights: list[float] = []
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many(
+            {
+                etcd_prefix + "ratio": "inf",
+                etcd_prefix + "limits/low": "-inf",
+                etcd_prefix + "limits/odd": "nan",
+                etcd_prefix + "weights": "[1.5, Infinity]",
+            }
+        )
+        live = LiveSettings(Floats, prefix=etcd_prefix, client=client)
+        app = FastAPI(lifespan=live.lifespan)
+        app.include_router(probes_router(live))
+        app.include_router(status_router(live, max_staleness=float("inf"), heartbeat=0.1))
+        async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            assert live.current.ratio == float("inf")
+            ready = await http.get("/readyz")
+            status = await http.get("/status")
+            page = await http.get("/status", headers={"accept": BROWSER})
+            with anyio.fail_after(10):
+                async with http.stream("GET", "/status/events") as stream:
+                    raw: list[str] = []
+                    async for line in stream.aiter_lines():
+                        if line.startswith("data:"):
+                            raw.append(line[5:])
+                        if len(raw) == 2:  # the status event and a tick
+                            break
+    assert ready.status_code == 200
+    assert status.status_code == 200, status.text
+    assert page.status_code == 200, page.text
+    body = strict_json(status.text)
+    assert body["max_staleness"] == "inf"
+    values = body["settings"][0]["settings"]["values"]
+    assert values == {
+        "ratio": "inf",
+        "limits": {"low": "-inf", "odd": "nan"},
+        "weights": [1.5, "inf"],
+    }
+    fields = {f["field"]: f["value"] for f in body["settings"][0]["settings"]["fields"]}
+    assert (fields["ratio"], fields["limits.low"], fields["limits.odd"]) == ("inf", "-inf", "nan")
+    assert [strict_json(data)["settings"][0]["prefix"] for data in raw] == [etcd_prefix, etcd_prefix]
+    assert strict_json(raw[0])["settings"][0]["settings"]["values"]["ratio"] == "inf"
