@@ -72,17 +72,34 @@ def settings_dependency(live: LiveSettings[ModelT]) -> Callable[[], Awaitable[Mo
     return current_settings
 
 
+#: The lifespan state keys: ``live.lifespan`` yields the first; a combined lifespan adds the second.
+_STATE_KEY = "live_settings"
+_ALL_STATE_KEY = "all_live_settings"
+
+
+def _lives_in(state: dict[str, Any]) -> tuple[LiveSettings[Any], ...]:
+    if _ALL_STATE_KEY in state:
+        return tuple(state[_ALL_STATE_KEY])
+    return (state[_STATE_KEY],) if isinstance(state.get(_STATE_KEY), LiveSettings) else ()
+
+
 def combine_lifespans(live: LiveSettings[Any], app_lifespan: Lifespan | None = None) -> Lifespan:
-    """A lifespan that loads ``live`` first, then runs the application's own lifespan inside it."""
+    """A lifespan that loads ``live`` first, then runs the application's own lifespan inside it.
+
+    The state (``request.state``) holds the application's entries, ``live_settings``: ``live``, and
+    ``all_live_settings``: every LiveSettings combined, in order, so that
+    ``combine_lifespans(live1, live2.lifespan)`` (or nested combinations) loses none of them.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         async with live.lifespan(app) as state:
-            if app_lifespan is None:
-                yield state
-                return
-            async with app_lifespan(app) as more:
-                yield {**state, **(more or {})}
+            more: dict[str, Any] = {}
+            async with contextlib.AsyncExitStack() as stack:
+                if app_lifespan is not None:
+                    more = dict(await stack.enter_async_context(app_lifespan(app)) or {})
+                lives = dict.fromkeys((*_lives_in(state), *_lives_in(more)))
+                yield {**more, **state, _ALL_STATE_KEY: tuple(lives)}
 
     return lifespan
 

@@ -19,13 +19,19 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, LiveSettings
-from aetcdcfg.fastapi import probes_router, readiness_dependency, settings_dependency, status_router
+from aetcdcfg.fastapi import (
+    combine_lifespans,
+    probes_router,
+    readiness_dependency,
+    settings_dependency,
+    status_router,
+)
 from aetcdcfg.testing import EtcdServer
 
 from .harness import MEMBER_OPTIONS, RECOVERY_BOUND, WATCHER_OPTIONS, wait_logged
@@ -550,3 +556,41 @@ async def test_infinite_and_nan_settings_show_as_strings_in_status_page_and_stre
     assert (fields["ratio"], fields["limits.low"], fields["limits.odd"]) == ("inf", "-inf", "nan")
     assert [strict_json(data)["settings"][0]["prefix"] for data in raw] == [etcd_prefix, etcd_prefix]
     assert strict_json(raw[0])["settings"][0]["settings"]["values"]["ratio"] == "inf"
+
+
+async def test_combined_lifespans_of_two_live_settings_keep_both_in_the_state(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``live.lifespan`` yields ``{"live_settings": live}``; combining two must not let the second
+    overwrite the first: ``live_settings`` is the first given, ``all_live_settings`` every one."""
+    monkeypatch.setenv("ETCD_ENDPOINTS", etcd_server.endpoint)
+    first = LiveSettings(Service, prefix=etcd_prefix + "one/")
+    second = LiveSettings(Service, prefix=etcd_prefix + "two/")
+    third = LiveSettings(Service, prefix=etcd_prefix + "three/")
+    seen: dict[str, Any] = {}
+
+    async def own(app: Any) -> AsyncIterator[dict[str, Any]]:
+        yield {"database": "db"}
+
+    nested = combine_lifespans(second, combine_lifespans(third, contextlib.asynccontextmanager(own)))
+    app = FastAPI(lifespan=combine_lifespans(first, nested))
+
+    @app.get("/state")
+    async def state(request: Request) -> dict[str, Any]:
+        seen.update(vars(request.state)["_state"])
+        every = getattr(request.state, "all_live_settings", ())
+        return {"first": request.state.live_settings.prefix, "all": [live.prefix for live in every]}
+
+    with anyio.fail_after(30):
+        async with (
+            EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+            serving(app) as url,
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            await client.put(etcd_prefix + "two/rate_limit", "2")
+            await second.wait_for(lambda s: s.rate_limit == 2, timeout=5)
+            body = (await http.get("/state")).json()
+    assert body["first"] == etcd_prefix + "one/"
+    assert body["all"] == [etcd_prefix + "one/", etcd_prefix + "two/", etcd_prefix + "three/"]
+    assert seen["live_settings"] is first
+    assert seen["database"] == "db"
