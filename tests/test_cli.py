@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -15,6 +16,7 @@ from anyio.streams.text import TextReceiveStream
 
 from aetcdcfg import EtcdClient, EtcdUnavailable
 from aetcdcfg.cli import cli, flatten, unflatten
+from aetcdcfg.cli._secrets import MaskedSecretMissing, Secrets
 from aetcdcfg.testing import EtcdServer
 
 pytestmark = pytest.mark.anyio
@@ -305,3 +307,118 @@ def test_bad_model_spec_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 def test_flatten_and_unflatten_are_inverse_for_dumped_text() -> None:
     items = {"a": b"1", "b/c": b"x", "b/d": b'{"k": 1}', "e": b"\xff\x00"}
     assert flatten(unflatten(items)) == items
+
+
+NESTED_MODEL = """
+from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class Cred(BaseModel):
+    user: str = ""
+    token: SecretStr = SecretStr("")
+
+
+class Database(BaseModel):
+    url: str = "sqlite://"
+    password: SecretStr = SecretStr("")
+    replicas: list[Cred] = []
+
+
+class Settings(BaseSettings):
+    rate_limit: int = 100
+    db: Database = Database()
+    creds: dict[str, Cred] = {}
+    keys: list[SecretBytes] = []
+    maybe: Cred | None = None
+"""
+
+#: Each of these is a secret inside a whole-object JSON value.
+NESTED_SECRETS = ("hunter2", "replica-tok", "eu-tok", "key-secret", "maybe-tok")
+
+
+async def test_secrets_inside_whole_object_values_are_masked_by_every_command(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``/svc/db`` = ``{"url": ..., "password": ...}``: the key points at a model, not at the secret
+    field in it; every command with ``--model`` masks the secret fields inside (nested models,
+    lists, dicts, optionals), shows the rest, and a masked dump pushed back keeps etcd's values."""
+    (workdir / "nested_settings.py").write_text(NESTED_MODEL)
+    m = ("--model", "nested_settings:Settings")
+    p = etcd_prefix
+    db = json.dumps(
+        {"url": "postgres://db", "password": "hunter2", "replicas": [{"user": "r", "token": "replica-tok"}]}
+    )
+    values = {
+        p + "db": db,
+        p + "creds/eu": '{"user": "eu", "token": "eu-tok"}',
+        p + "keys": '["key-secret"]',
+        p + "maybe": '{"user": "m", "token": "maybe-tok"}',
+    }
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        first = await client.put(p + "rate_limit", "1")
+        written = await client.put_many(values)
+        outputs = {
+            "get": (await run("get", p, *m))[1],
+            "get --json": (await run("get", p, "--json", *m))[1],
+            "dump": (await run("dump", p, *m))[1],
+            "dump --json": (await run("dump", p, "--json", *m))[1],
+            "history": (await run("history", p, *m))[1],
+            "history --json": (await run("history", p, "--json", *m))[1],
+            "diff": (await run("diff", p, "--from", str(first), *m))[1],
+            "diff --json": (await run("diff", p, "--from", str(first), "--json", *m))[1],
+            "set --dry-run": (
+                await run("set", p, 'db={"url": "postgres://new", "password": "hunter2"}', "--dry-run", *m)
+            )[1],
+            "rollback --dry-run": (await run("rollback", p, "--to-revision", str(first), "--dry-run", *m))[1],
+        }
+        for command, text in outputs.items():
+            leaked = [s for s in NESTED_SECRETS if s in text]
+            assert not leaked, f"{command} printed {leaked}:\n{text}"
+        # what is not secret still shows
+        assert "postgres://db" in outputs["get"] and '"user": "eu"' in outputs["get"]
+        assert f"{p}keys = " in outputs["get"] and "**********" in outputs["get"]
+        assert "postgres://new" in outputs["set --dry-run"]
+        items = json.loads(outputs["get --json"])["items"]
+        assert json.loads(items[p + "db"]) == {
+            "url": "postgres://db",
+            "password": "**********",
+            "replicas": [{"user": "r", "token": "**********"}],
+        }
+        assert json.loads(items[p + "keys"]) == ["**********"]
+
+        # a masked dump pushed back (YAML and JSON) writes nothing: etcd keeps every secret
+        for fmt in ("yaml", "json"):
+            (workdir / f"nested.{fmt}").write_text(outputs["dump" if fmt == "yaml" else "dump --json"])
+            _, out, _ = await run("push", f"nested.{fmt}", "--prefix", p, *m)
+            assert "no changes" in out, out
+        snapshot = await client.get_prefix(p)
+        assert snapshot.revision == written
+        assert {k: v.decode() for k, v in snapshot.items.items()} == {p + "rate_limit": "1", **values}
+
+
+def test_masked_fields_are_restored_from_etcds_value_or_refused_when_it_has_none() -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(NESTED_MODEL, "nested_settings", "exec", dont_inherit=True), namespace)  # as --model
+    secrets = Secrets(namespace["Settings"])
+    current = b'{"url": "u", "password": "pw", "replicas": [{"user": "a", "token": "t0"}]}'
+    masked = secrets.mask("db", current)
+    assert json.loads(masked) == {
+        "url": "u",
+        "password": "**********",
+        "replicas": [{"user": "a", "token": "**********"}],
+    }
+    assert secrets.restore("db", masked, current) == current  # etcd's exact bytes: no change
+    edited = masked.replace(b'"u"', b'"v"')
+    assert json.loads(secrets.restore("db", edited, current) or b"") == {
+        "url": "v",
+        "password": "pw",
+        "replicas": [{"user": "a", "token": "t0"}],
+    }
+    with pytest.raises(MaskedSecretMissing) as missing:  # a second replica etcd never had
+        secrets.restore("db", masked.replace(b"}]", b'}, {"token": "**********"}]'), current)
+    assert missing.value.path == ("replicas", "1", "token")
+    assert secrets.mask("rate_limit", b"5") == b"5" and not secrets.holds("rate_limit")
+    assert secrets.mask("db", b"{not json") == b"**********"  # cannot tell where the secret is
+    assert secrets.mask("creds/eu", b'{"user": "x", "token": ""}') == b'{"user": "x", "token": ""}'
+    assert Secrets(None).mask("db", current) == current

@@ -9,7 +9,7 @@ import sys
 
 from ..events import Event, EventType
 from ._common import (
-    MASK,
+    Secrets,
     Subparsers,
     UsageError,
     json_value,
@@ -17,7 +17,6 @@ from ._common import (
     make_client,
     normalize_prefix,
     out,
-    secret_keys,
     show,
     stop_on_signals,
 )
@@ -31,36 +30,34 @@ async def cmd_get(args: argparse.Namespace) -> int:
     model = load_model(args.model) if args.model else None
     async with make_client(args) as client:
         snapshot = await client.get_prefix(prefix)
-    rel = [k[len(prefix) :] if k.startswith(prefix) else k for k in snapshot.items]
-    secrets = secret_keys(model, rel)
+    secrets = Secrets(model)
+    shown = {key: secrets.mask(key[len(prefix) :], value) for key, value in snapshot.items.items()}
     if args.json:
-        items = {
-            key: json_value(value, key[len(prefix) :] in secrets) for key, value in snapshot.items.items()
-        }
+        items = {key: json_value(value) for key, value in shown.items()}
         out(json.dumps({"revision": snapshot.revision, "prefix": prefix, "items": items}, indent=2))
         return 0
     out(f"# {prefix} at revision {snapshot.revision}: {len(snapshot.items)} keys")
-    for key, value in snapshot.items.items():
-        out(f"{key} = {show(value, key[len(prefix) :] in secrets)}")
+    for key, value in shown.items():
+        out(f"{key} = {show(value)}")
     return 0
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     prefix = args.prefix
-    model = load_model(args.model) if args.model else None
+    secrets = Secrets(load_model(args.model) if args.model else None)
 
     def line(event: Event) -> str:
-        secret = bool(secret_keys(model, [event.key[len(prefix) :]]))
+        shown = secrets.mask(event.key[len(prefix) :], event.value)
         if args.json:
             record = {
                 "revision": event.revision,
                 "type": event.type.value,
                 "key": event.key,
-                "value": json_value(event.value, secret) if event.type is EventType.PUT else None,
+                "value": json_value(shown) if event.type is EventType.PUT else None,
                 "resync": event.resync,
             }
             return json.dumps(record)
-        value = f" = {show(event.value, secret)}" if event.type is EventType.PUT else ""
+        value = f" = {show(shown)}" if event.type is EventType.PUT else ""
         flag = " (resync)" if event.resync else ""
         return f"{event.revision} {event.type.value} {event.key}{value}{flag}"
 
@@ -81,9 +78,9 @@ async def cmd_dump(args: argparse.Namespace) -> int:
         snapshot = await client.get_prefix(prefix)
     items = {k[len(prefix) :]: v for k, v in snapshot.items.items()}
     if args.model and not args.reveal_secrets:
-        model = load_model(args.model)
-        for key in secret_keys(model, list(items)):
-            items[key] = MASK.encode()  # push keeps etcd's value for a masked secret
+        secrets = Secrets(load_model(args.model))
+        # push keeps etcd's value for a masked secret, whole or inside a JSON value
+        items = {key: secrets.mask(key, value) for key, value in items.items()}
     tree = unflatten(items)
     if args.json:
         text = json.dumps(tree, indent=2, default=lambda b: {"base64": base64.b64encode(b).decode()})

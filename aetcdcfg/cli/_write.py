@@ -15,16 +15,17 @@ from ..errors import ConfigRejected
 from ..events import Snapshot
 from ..source import resolve_key
 from ._common import (
-    MASK,
+    Secrets,
     Subparsers,
+    UsageError,
     diff_lines,
     load_model,
     make_client,
     normalize_prefix,
     out,
-    secret_keys,
 )
 from ._files import flatten, load_file
+from ._secrets import MaskedSecretMissing
 
 __all__ = ["add_guard_options", "register", "cmd_check", "cmd_push", "refuse_unknown", "write_result"]
 
@@ -114,16 +115,24 @@ async def cmd_push(args: argparse.Namespace) -> int:
     wanted = flatten(load_file(Path(args.file)))
     if refuse_unknown(model, prefix, wanted, args.file):
         return 1
-    secrets = secret_keys(model, list(wanted))
+    secrets = Secrets(model)
     async with make_client(args) as client:
         snapshot = await client.get_prefix(prefix)
         current = {k[len(prefix) :]: v for k, v in snapshot.items.items()}
-        # A masked secret (from a dump) means "keep the value etcd has".
-        for key in [k for k in wanted if k in secrets and wanted[k] == MASK.encode()]:
-            if key in current:
-                wanted[key] = current[key]
-            else:
+        # A masked secret (from a dump), whole or inside a JSON value, means "keep etcd's value".
+        for key in list(wanted):
+            try:
+                restored = secrets.restore(key, wanted[key], current.get(key))
+            except MaskedSecretMissing as exc:
+                raise UsageError(
+                    f"{args.file}: {prefix}{key} has a masked secret at {'/'.join(exc.path)!r} that "
+                    "etcd does not hold there to keep; write the real value (or dump with "
+                    "--reveal-secrets)"
+                ) from None
+            if restored is None:
                 del wanted[key]
+            else:
+                wanted[key] = restored
         extra = sorted(k for k in current if k not in wanted)
         result = {k: v for k, v in current.items() if not (args.prune and k in extra)}
         result.update(wanted)
