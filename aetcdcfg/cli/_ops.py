@@ -20,7 +20,7 @@ from ._common import (
     normalize_prefix,
     out,
 )
-from ._write import add_guard_options, refuse_unknown, write_result
+from ._write import add_guard_options, base, refuse_unknown, write_result
 
 __all__ = ["register", "cmd_diff", "cmd_history", "cmd_rollback", "cmd_set"]
 
@@ -101,7 +101,9 @@ async def cmd_rollback(args: argparse.Namespace) -> int:
     prefix = normalize_prefix(args.prefix)
     model = load_model(args.model)
     async with make_client(args) as client:
-        current, target = await client.plan_rollback(prefix, args.to_revision)
+        current, target = await client.plan_rollback(
+            prefix, args.to_revision, at_revision=args.expect_revision
+        )
         return await write_result(
             args,
             client,
@@ -135,7 +137,7 @@ async def cmd_set(args: argparse.Namespace) -> int:
     if refuse_unknown(model, prefix, wanted, "the command line"):
         return 1
     async with make_client(args) as client:
-        current = await client.get_prefix(prefix)
+        current = await base(args, client, prefix)
         result = {**current.items, **{prefix + k: v for k, v in wanted.items()}}
         return await write_result(
             args,

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .._diff import ConfigDiff
+from .._kv import MAX_TXN_OPS, unchanged_keys
 from .._validate import build_model
 from ..client import EtcdClient
 from ..errors import ConfigRejected
@@ -27,7 +28,15 @@ from ._common import (
 from ._files import flatten, load_file
 from ._secrets import MaskedSecretMissing
 
-__all__ = ["add_guard_options", "register", "cmd_check", "cmd_push", "refuse_unknown", "write_result"]
+__all__ = [
+    "add_guard_options",
+    "base",
+    "register",
+    "cmd_check",
+    "cmd_push",
+    "refuse_unknown",
+    "write_result",
+]
 
 
 async def _current(args: argparse.Namespace) -> tuple[type[BaseModel], str, dict[str, bytes], int]:
@@ -80,9 +89,11 @@ async def write_result(
 ) -> int:
     """Turn the prefix from ``current`` into ``result`` (full keys), as push, set and rollback do.
 
+    ``current`` is the prefix as of ``--expect-revision`` when given (see :func:`base`), else now.
     The result is validated with ``model`` first (refused, writing nothing, if it does not
-    validate); the diff is shown with secrets masked; ``--dry-run`` stops there; otherwise the diff
-    is written in one transaction guarded by ``--expect-revision`` or ``current.revision``.
+    validate); the diff is shown with secrets masked; ``--dry-run`` stops there; otherwise exactly
+    that diff is written, in one transaction refused if the prefix changed after
+    ``current.revision`` (a key created, changed or deleted: see :meth:`KV.apply_diff`).
     """
     try:
         build_model(model, prefix, {k[len(prefix) :]: v for k, v in result.items()}, current.revision)
@@ -100,13 +111,26 @@ async def write_result(
     if not diff:
         out("no changes")
         return 0
+    unchanged = unchanged_keys(current, diff)
+    if len(unchanged) < len(current.items) - len(diff.changed) - len(diff.removed):
+        out(
+            f"# the prefix has {len(current.items)} keys, more than etcd's --max-txn-ops ({MAX_TXN_OPS}) "
+            "compares can guard: a deletion of a key this change leaves alone would not be detected"
+        )
     if args.dry_run:
         out(f"dry run: nothing written; apply with --expect-revision {current.revision}")
         return 0
-    guard = args.expect_revision if args.expect_revision is not None else current.revision
-    revision = await client.apply_diff(prefix, diff, since_revision=guard)
+    revision = await client.apply_diff(prefix, diff, unchanged=unchanged)
     out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
     return 0
+
+
+async def base(args: argparse.Namespace, client: EtcdClient, prefix: str) -> Snapshot:
+    """The state a write is computed from: the prefix as of ``--expect-revision`` (a reviewed dry
+    run's), so that the diff written is the one reviewed, or now."""
+    if args.expect_revision is not None:
+        return await client.get_prefix(prefix, revision=args.expect_revision)
+    return await client.get_prefix(prefix)
 
 
 async def cmd_push(args: argparse.Namespace) -> int:
@@ -117,7 +141,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
         return 1
     secrets = Secrets(model)
     async with make_client(args) as client:
-        snapshot = await client.get_prefix(prefix)
+        snapshot = await base(args, client, prefix)
         current = {k[len(prefix) :]: v for k, v in snapshot.items.items()}
         # A masked secret (from a dump), whole or inside a JSON value, means "keep etcd's value".
         for key in list(wanted):
@@ -161,7 +185,8 @@ def add_guard_options(parser: argparse.ArgumentParser) -> None:
         "--expect-revision",
         type=int,
         metavar="R",
-        help="refuse if the prefix changed after revision R (a reviewed dry run)",
+        help="write the diff from the prefix as of revision R (a reviewed dry run's), and refuse if "
+        "the prefix changed after R",
     )
 
 
