@@ -422,3 +422,67 @@ def test_masked_fields_are_restored_from_etcds_value_or_refused_when_it_has_none
     assert secrets.mask("db", b"{not json") == b"**********"  # cannot tell where the secret is
     assert secrets.mask("creds/eu", b'{"user": "x", "token": ""}') == b'{"user": "x", "token": ""}'
     assert Secrets(None).mask("db", current) == current
+
+
+DATED_MODEL = """
+import datetime
+
+from pydantic_settings import BaseSettings
+
+
+class Settings(BaseSettings):
+    day: datetime.date | None = None
+    at: datetime.datetime | None = None
+    tags: list[str] = []
+"""
+
+
+async def test_bad_input_is_one_line_and_a_non_zero_exit_never_a_traceback(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    p = etcd_prefix
+    m = ("--model", "svc_settings:Settings")
+    (workdir / "cfg.yaml").write_text("rate_limit: 5\n")
+    (workdir / "odd.yaml").write_text("tags: !!set {a, b}\n")  # a YAML set: no JSON for it
+    parser_errors = [
+        ("history", p, "--limit", "0"),
+        ("history", p, "--max-revisions", "-1"),
+        ("diff", p, "--from", "0"),
+        ("diff", p, "--from", "1", "--to", "0"),
+        ("rollback", p, "--to-revision", "0", *m),
+        ("rollback", p, "--to-revision", "x", *m),
+        ("watch", p, "--from-revision", "0"),
+        ("push", "cfg.yaml", "--prefix", p, "--expect-revision", "0", *m),
+        ("set", p, "rate_limit=caf\udce9", *m),  # a byte that is not UTF-8, as the shell passed it
+        ("get", "/caf\udce9/"),
+    ]
+    for args in parser_errors:
+        with anyio.fail_after(30):
+            code, out, err = await run(*args, check=False)
+        assert (code, out) == (2, ""), (args, code, out, err)
+        assert "Traceback" not in err, (args, err)
+        assert err.splitlines()[-1].startswith("aetcdcfg"), (args, err)
+        assert "error:" in err.splitlines()[-1], (args, err)
+    code, out, err = await run("push", "odd.yaml", "--prefix", p, *m, check=False)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("aetcdcfg: usage: 'odd.yaml': tags: a set"), err
+
+
+async def test_dates_in_yaml_and_toml_files_are_written_as_iso_8601_text(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "dated.py").write_text(DATED_MODEL)
+    (workdir / "dated.yaml").write_text("day: 2024-01-31\nat: 2024-01-31 10:20:30\n")
+    (workdir / "dated.toml").write_text("day = 2024-02-29\nat = 2024-02-29T10:20:30+02:00\n")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        for name, expected in (
+            ("dated.yaml", {"day": b"2024-01-31", "at": b"2024-01-31T10:20:30"}),
+            ("dated.toml", {"day": b"2024-02-29", "at": b"2024-02-29T10:20:30+02:00"}),
+        ):
+            target = f"{etcd_prefix}{name}/"
+            code, out, err = await run(
+                "push", name, "--prefix", target, "--model", "dated:Settings", check=False
+            )
+            assert code == 0, out + err
+            items = (await client.get_prefix(target)).items
+            assert {k[len(target) :]: v for k, v in items.items()} == expected

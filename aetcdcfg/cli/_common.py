@@ -32,6 +32,9 @@ __all__ = [
     "make_client",
     "normalize_prefix",
     "out",
+    "positive_float",
+    "positive_int",
+    "revision",
     "show",
     "stop_on_signals",
 ]
@@ -42,6 +45,42 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 class UsageError(Exception):
     """A problem with the command line or its inputs (a file, a model name)."""
+
+
+# -- argument types (argparse turns their ArgumentTypeError into a usage error, exit 2) --------------
+
+
+def positive_int(text: str) -> int:
+    """A count of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def revision(text: str) -> int:
+    """An etcd revision: etcd's revisions start at 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a revision number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"etcd's revisions start at 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
 
 
 # -- helpers ---------------------------------------------------------------------------------------

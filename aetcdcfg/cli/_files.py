@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from collections.abc import Mapping
@@ -48,9 +49,18 @@ def load_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _iso(value: Any) -> str:
+    """YAML and TOML dates and times as ISO 8601 text (what pydantic reads back); nothing else
+    without a JSON form is guessed at."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(f"a {type(value).__name__} has no JSON form")
+
+
 def flatten(data: Mapping[str, Any], parent: str = "") -> dict[str, bytes]:
     """Nested mappings become ``a/b`` keys; other values become their etcd bytes (str as is,
-    bytes as is, anything else as JSON)."""
+    bytes as is, dates and times as ISO 8601 text, anything else as JSON). A value with no JSON
+    form (a YAML set, say) is a :class:`UsageError` naming its key."""
     out: dict[str, bytes] = {}
     for key, value in data.items():
         path = f"{parent}{key}"
@@ -60,8 +70,14 @@ def flatten(data: Mapping[str, Any], parent: str = "") -> dict[str, bytes]:
             out[path] = value
         elif isinstance(value, str):
             out[path] = value.encode()
+        elif isinstance(value, (datetime.date, datetime.time)):
+            out[path] = _iso(value).encode()
         else:
-            out[path] = json.dumps(value, separators=(",", ":")).encode()
+            try:
+                text = json.dumps(value, separators=(",", ":"), default=_iso, allow_nan=True)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{path}: {exc}; write it as a string, a list or a mapping") from None
+            out[path] = text.encode()
     return out
 
 

@@ -19,6 +19,8 @@ from ._common import (
     make_client,
     normalize_prefix,
     out,
+    positive_int,
+    revision,
 )
 from ._write import add_guard_options, base, refuse_unknown, write_result
 
@@ -156,10 +158,12 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "history", parents=[common], help="recent revisions that changed a prefix, newest first"
     )
     history.add_argument("prefix")
-    history.add_argument("--limit", type=int, default=10, metavar="N", help="at most N revisions (10)")
+    history.add_argument(
+        "--limit", type=positive_int, default=10, metavar="N", help="at most N revisions (10)"
+    )
     history.add_argument(
         "--max-revisions",
-        type=int,
+        type=positive_int,
         default=10_000,
         metavar="N",
         help="look back at most N revisions of etcd (10000): one read each",
@@ -170,8 +174,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     diff = sub.add_parser("diff", parents=[common], help="how a prefix changed between two revisions")
     diff.add_argument("prefix")
-    diff.add_argument("--from", dest="from_revision", type=int, required=True, metavar="R1")
-    diff.add_argument("--to", dest="to_revision", type=int, metavar="R2", help="default: now")
+    diff.add_argument("--from", dest="from_revision", type=revision, required=True, metavar="R1")
+    diff.add_argument("--to", dest="to_revision", type=revision, metavar="R2", help="default: now")
     diff.add_argument("--model", help="module:Class, to mask its secret fields")
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(run=cmd_diff)
@@ -180,7 +184,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "rollback", parents=[common], help="restore a prefix as it was at a revision, in one txn"
     )
     rollback.add_argument("prefix")
-    rollback.add_argument("--to-revision", type=int, required=True, metavar="R")
+    rollback.add_argument("--to-revision", type=revision, required=True, metavar="R")
     add_guard_options(rollback)
     rollback.set_defaults(run=cmd_rollback)
 

@@ -17,6 +17,7 @@ from ._common import (
     make_client,
     normalize_prefix,
     out,
+    revision,
     show,
     stop_on_signals,
 )
@@ -106,7 +107,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     get.set_defaults(run=cmd_get)
     watch = sub.add_parser("watch", parents=[common], help="live events, one per line, until Ctrl-C")
     watch.add_argument("prefix")
-    watch.add_argument("--from-revision", type=int, metavar="R")
+    watch.add_argument("--from-revision", type=revision, metavar="R")
     watch.add_argument("--json", action="store_true")
     watch.add_argument("--model", help="module:Class, to mask its secret fields")
     watch.set_defaults(run=cmd_watch)

@@ -24,6 +24,7 @@ from ._common import (
     make_client,
     normalize_prefix,
     out,
+    revision,
 )
 from ._files import flatten, load_file
 from ._secrets import MaskedSecretMissing
@@ -136,7 +137,11 @@ async def base(args: argparse.Namespace, client: EtcdClient, prefix: str) -> Sna
 async def cmd_push(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     prefix = normalize_prefix(args.prefix)
-    wanted = flatten(load_file(Path(args.file)))
+    data = load_file(Path(args.file))
+    try:
+        wanted = flatten(data)
+    except UsageError as exc:
+        raise UsageError(f"{args.file!r}: {exc}") from None
     if refuse_unknown(model, prefix, wanted, args.file):
         return 1
     secrets = Secrets(model)
@@ -183,7 +188,7 @@ def add_guard_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     parser.add_argument(
         "--expect-revision",
-        type=int,
+        type=revision,
         metavar="R",
         help="write the diff from the prefix as of revision R (a reviewed dry run's), and refuse if "
         "the prefix changed after R",
