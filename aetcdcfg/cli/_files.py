@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 
 from ._common import UsageError
 
-__all__ = ["flatten", "load_file", "unflatten"]
+__all__ = ["dumps", "flatten", "load_file", "loads", "unflatten"]
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -20,7 +21,11 @@ def load_file(path: Path) -> dict[str, Any]:
         text = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    suffix = path.suffix.lower()
+    return loads(text, path.suffix.lower(), str(path))
+
+
+def loads(text: bytes, suffix: str, name: str) -> dict[str, Any]:
+    """The settings in ``text``, parsed as the format its file ``suffix`` says (``.yaml``, ...)."""
     try:
         if suffix == ".json":
             data = json.loads(text)
@@ -37,16 +42,29 @@ def load_file(path: Path) -> dict[str, Any]:
                 import tomli as tomllib
             data = tomllib.loads(text.decode())
         else:
-            raise UsageError(f"{str(path)!r}: use a .yaml, .yml, .json or .toml file")
+            raise UsageError(f"{name!r}: use a .yaml, .yml, .json or .toml file")
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"{str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
+        raise UsageError(f"{name!r} is not valid {suffix[1:].upper()}: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"{str(path)!r}: the top level must be a mapping of settings")
+        raise UsageError(f"{name!r}: the top level must be a mapping of settings")
     return data
+
+
+def dumps(items: Mapping[str, bytes], *, as_json: bool, header: str = "") -> str:
+    """What ``dump`` prints for ``items`` (relative keys): JSON, or YAML after ``header`` (comment
+    lines); :func:`loads` and :func:`flatten` turn it back into the same items."""
+    tree = unflatten(items)
+    if as_json:
+        return json.dumps(tree, indent=2, default=lambda b: {"base64": base64.b64encode(b).decode()})
+    try:
+        import yaml
+    except ImportError as exc:
+        raise UsageError("YAML output needs PyYAML: pip install 'aetcdcfg[cli]' (or use --json)") from exc
+    return header + yaml.safe_dump(tree, sort_keys=True, allow_unicode=True).rstrip()
 
 
 def _iso(value: Any) -> str:

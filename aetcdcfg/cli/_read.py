@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 
@@ -11,7 +10,6 @@ from ..events import Event, EventType
 from ._common import (
     Secrets,
     Subparsers,
-    UsageError,
     json_value,
     load_model,
     make_client,
@@ -21,7 +19,7 @@ from ._common import (
     show,
     stop_on_signals,
 )
-from ._files import unflatten
+from ._files import dumps
 
 __all__ = ["register", "cmd_dump", "cmd_get", "cmd_watch"]
 
@@ -82,19 +80,10 @@ async def cmd_dump(args: argparse.Namespace) -> int:
         secrets = Secrets(load_model(args.model))
         # push keeps etcd's value for a masked secret, whole or inside a JSON value
         items = {key: secrets.mask(key, value) for key, value in items.items()}
-    tree = unflatten(items)
-    if args.json:
-        text = json.dumps(tree, indent=2, default=lambda b: {"base64": base64.b64encode(b).decode()})
-        out(text)
-        return 0
-    try:
-        import yaml
-    except ImportError as exc:
-        raise UsageError("YAML output needs PyYAML: pip install 'aetcdcfg[cli]' (or use --json)") from exc
     header = (
         f"# {prefix} at revision {snapshot.revision}; aetcdcfg push FILE --prefix {prefix} reads it back\n"
     )
-    out(header + yaml.safe_dump(tree, sort_keys=True, allow_unicode=True).rstrip())
+    out(dumps(items, as_json=args.json, header=header))
     return 0
 
 
