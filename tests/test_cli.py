@@ -13,9 +13,12 @@ from typing import Any
 import anyio
 import pytest
 from anyio.streams.text import TextReceiveStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aetcdcfg import EtcdClient, EtcdUnavailable
 from aetcdcfg.cli import cli, flatten, unflatten
+from aetcdcfg.cli._files import dumps, loads
 from aetcdcfg.cli._secrets import MaskedSecretMissing, Secrets
 from aetcdcfg.testing import EtcdServer
 
@@ -231,7 +234,7 @@ async def test_dump_then_push_round_trips_and_masked_secrets_keep_their_value(
         "db/url": "postgres://deeper",
         "db/password": "s3cret",
         "tags": '["a", "b"]',
-        "notes": "  spaces and\nnewlines  ",
+        "notes": "  spaces and\nnewlines, NEL \x85 LS \u2028 PS \u2029 BOM \ufeff CR \r  ",
     }
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         await client.put_many({etcd_prefix + "src/" + k: v for k, v in source.items()})
@@ -486,3 +489,46 @@ async def test_dates_in_yaml_and_toml_files_are_written_as_iso_8601_text(
             assert code == 0, out + err
             items = (await client.get_prefix(target)).items
             assert {k[len(target) :]: v for k, v in items.items()} == expected
+
+
+#: Path segments of keys: text of any kind, no "/" (which separates them) and not empty.
+SEGMENTS = st.text(min_size=1, max_size=6).filter(lambda s: "/" not in s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(SEGMENTS, min_size=1, max_size=3).map("/".join),
+        st.one_of(st.text(max_size=200).map(str.encode), st.binary(max_size=12)),
+        max_size=6,
+    )
+)
+def test_yaml_dump_then_push_round_trips_any_value_byte_for_byte(items: dict[str, bytes]) -> None:
+    """What ``dump`` prints (plus print's newline), read back as ``push`` reads a file, is the same
+    keys and bytes: any text (U+0085 NEL, U+2028, U+FEFF, CR, control characters, long lines) and
+    bytes that are not UTF-8 (``!!binary``)."""
+    text = dumps(items, as_json=False, header="# a header\n") + "\n"
+    assert flatten(loads(text.encode(), ".yaml", "dump.yaml")) == items
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(SEGMENTS, min_size=1, max_size=3).map("/".join),
+        st.text(max_size=200).map(str.encode),
+        max_size=6,
+    )
+)
+def test_json_dump_then_push_round_trips_any_text_byte_for_byte(items: dict[str, bytes]) -> None:
+    """The same for ``dump --json`` and any text (bytes that are not UTF-8 it writes as
+    ``{"base64": ...}``, which push reads as a mapping: the README says to use YAML for those)."""
+    text = dumps(items, as_json=True) + "\n"
+    assert flatten(loads(text.encode(), ".json", "dump.json")) == items
+
+
+@pytest.mark.parametrize("value", ["a\x85b", "x\u2028y\u2029z", "\ufeffbom", "cr\r\nlf", "tab\there  "])
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_dump_then_push_keeps_line_breaks_yaml_would_fold(value: str, suffix: str) -> None:
+    items = {"notes": value.encode(), "k\x85ey/nested": value.encode()}
+    text = dumps(items, as_json=suffix == ".json") + "\n"
+    assert flatten(loads(text.encode(), suffix, "dump" + suffix)) == items

@@ -64,7 +64,20 @@ def dumps(items: Mapping[str, bytes], *, as_json: bool, header: str = "") -> str
         import yaml
     except ImportError as exc:
         raise UsageError("YAML output needs PyYAML: pip install 'aetcdcfg[cli]' (or use --json)") from exc
-    return header + yaml.safe_dump(tree, sort_keys=True, allow_unicode=True).rstrip()
+
+    class Dumper(yaml.SafeDumper):
+        """Text with a character that is not printable in double quotes, where YAML escapes it:
+        PyYAML writes U+0085, U+2028 and U+2029 raw in plain or single-quoted text, and reads them
+        back as line breaks (NEL as "\n", folded to a space), so those values changed."""
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = None if value.isprintable() else '"'
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    # no folding of long lines: a value reads back as written, whatever its length
+    dumped = yaml.dump(tree, Dumper=Dumper, sort_keys=True, allow_unicode=True, width=2**31 - 1)
+    return header + dumped.rstrip()
 
 
 def _iso(value: Any) -> str:
