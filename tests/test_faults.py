@@ -39,6 +39,7 @@ from .harness import (
     logged,
     report,
     stall_detected,
+    start_until_accepting,
     wait_logged,
 )
 
@@ -229,7 +230,7 @@ async def test_resumes_after_all_endpoints_down_for_10s_with_last_good_settings(
             while anyio.current_time() < outage_end:  # hold the outage, watching what is exposed
                 kept.append(run.live.current is good)
                 await anyio.sleep(0.1)
-            await anyio.to_thread.run_sync(server.start)
+            await start_until_accepting(server)
             removed = time.monotonic()
             kept.append(run.live.current is good)
             recovery = await run.recovery(removed)
