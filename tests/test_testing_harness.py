@@ -366,6 +366,36 @@ def test_lonely_member_is_ready_but_not_healthy(cluster: EtcdCluster) -> None:
     assert all(m.health() for m in cluster.members)
 
 
+def listed_members(cluster: EtcdCluster) -> list[dict[str, Any]]:
+    """The cluster's member list, as etcdctl reads it from the running members."""
+    text = cluster.members[0].etcdctl("member", "list", "-w", "json", endpoints=cluster.endpoints)
+    return list(json.loads(text)["members"])
+
+
+@pytest.mark.parametrize("index", [1, 0])  # a follower or (maybe) the leader; the one etcdctl asks first
+def test_cluster_fixture_restores_a_member_that_was_removed(
+    cluster: EtcdCluster, etcd_prefix: str, index: int
+) -> None:
+    """``cluster`` promises every member running again after the test: a removed member cannot
+    come back on its old data (etcd exits 0, "the member has been permanently removed"), so it
+    rejoins as a new member with a fresh data dir, on the same URLs."""
+    removed = cluster.members[index]
+    cluster.remove_member(index)
+    wait_for(lambda: not removed.running, timeout=15)  # a removed member shuts itself down
+    assert len(listed_members(cluster)) == 2
+
+    cluster.ensure_all_running()  # what the fixture does after each test, and before the next
+
+    assert all(m.health() for m in cluster.members)
+    assert sorted(m["name"] for m in listed_members(cluster)) == ["m0", "m1", "m2"]
+    cluster.members[0].etcdctl("put", f"{etcd_prefix}k", "after", endpoints=cluster.endpoints)
+    local = removed.etcdctl("get", f"{etcd_prefix}k", "--print-value-only", "--consistency=s")
+    assert local.strip() == "after"
+    cluster.kill(index)  # and it restarts on its new data dir like any other member
+    cluster.ensure_all_running()
+    assert removed.health()
+
+
 def test_move_leader(cluster: EtcdCluster) -> None:
     target = (cluster.leader_index() + 1) % 3
     cluster.move_leader(target)

@@ -99,6 +99,8 @@ class EtcdMember(ManagedProcess):
         self.metrics_port = self._draw_port()
         #: ``--initial-cluster``; EtcdCluster sets it to list every member.
         self.initial_cluster = f"{name}={self.peer_url}"
+        #: ``--initial-cluster-state``: "existing" for a member added to a running cluster.
+        self.initial_cluster_state = "new"
         self.process: subprocess.Popen[bytes] | None = None
         self._paused = False
         #: Set by :meth:`EtcdServer.enable_auth`: etcdctl then runs as root unless told otherwise.
@@ -154,8 +156,8 @@ class EtcdMember(ManagedProcess):
             f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self.initial_cluster}",
             # etcd ignores every --initial-* flag once the data dir holds a member, so restarts
-            # need no "existing" here.
-            "--initial-cluster-state=new",
+            # need no "existing" here (only a member added to a running cluster does).
+            f"--initial-cluster-state={self.initial_cluster_state}",
             f"--initial-cluster-token={self.cluster_token}",
             f"--listen-metrics-urls={self.metrics_url}",
             "--heartbeat-interval=50",
@@ -396,15 +398,64 @@ class EtcdCluster:
         self.members[index].restart(timeout=timeout)
 
     def ensure_all_running(self, timeout: float = 30.0) -> None:
-        """Resume paused members, start killed ones, and wait until every member is healthy."""
-        for member in self.members:
-            if member.running:
-                member.resume()
-            else:
-                member.spawn()
+        """Resume paused members, start killed ones, add removed ones back, and wait until every
+        member is healthy.
+
+        A member removed from the cluster (:meth:`remove_member`) cannot come back on its data dir
+        (etcd exits, "the member has been permanently removed"): it is added again as a new member
+        with an empty data dir, on the same URLs and name.
+        """
         deadline = time.monotonic() + timeout
         for member in self.members:
+            member.resume()
+        listed = self._listed_peer_urls()
+        for member in self.members:
+            if not member.running and (listed is None or member.peer_url in listed):
+                member.spawn()
+        listed = self._listed_peer_urls()
+        for member in self.members:
+            if listed is not None and member.peer_url not in listed:
+                self._add_back(member, deadline)
+        for member in self.members:
             member.wait_healthy(max(deadline - time.monotonic(), 1.0))
+
+    def _listed_peer_urls(self) -> set[str] | None:
+        """The peer URLs of the members the cluster lists, or None if no running member answers."""
+        alive = [m.endpoint for m in self.members if m.running and not m.paused]
+        if not alive:
+            return None
+        out = self.members[0].etcdctl(
+            "member", "list", "-w", "json", "--command-timeout=5s", endpoints=alive, check=False
+        )
+        try:
+            members = json.loads(out or "{}")["members"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return {url for entry in members for url in entry.get("peerURLs", [])}
+
+    def _add_back(self, member: EtcdMember, deadline: float) -> None:
+        """``etcdctl member add`` a removed member again, then start it on an empty data dir."""
+        member.kill()  # a removed member shuts itself down; do not wait for it
+        shutil.rmtree(member.data_dir, ignore_errors=True)
+        others = [m for m in self.members if m is not member]
+        for other in others:  # the others must be up to agree on the change
+            other.wait_healthy(max(deadline - time.monotonic(), 1.0))
+        endpoints = [m.endpoint for m in others]
+        while True:  # refused ("unhealthy cluster") while a member joined only moments ago
+            try:
+                out = others[0].etcdctl(
+                    "member", "add", member.name, f"--peer-urls={member.peer_url}", endpoints=endpoints
+                )
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        for line in out.splitlines():
+            if line.startswith("ETCD_INITIAL_CLUSTER="):
+                member.initial_cluster = line.split("=", 1)[1].strip('"')
+        member.initial_cluster_state = "existing"
+        member.spawn()
 
     def _status(self) -> list[dict[str, Any]]:
         """``etcdctl endpoint status`` of the members that run and are not paused."""

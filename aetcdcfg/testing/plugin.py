@@ -14,6 +14,7 @@ Fixtures (scope):
     etcd_prefix (function)     ``/t/<test-name>-<uuid8>/``
     etcd_cluster (session)     3 members, same options
     cluster (function)         ``etcd_cluster``, with every member running again after the test
+                               (paused ones resumed, killed ones restarted, removed ones added back)
     etcd_tls_files (session)   trustme CA + server/client certificates in a temp dir
     etcd_tls_server (session)  https, client certificate required
     etcd_auth_server (session) 2 s simple tokens; root/rootpw, app/apppw (readwrite /app/),
