@@ -382,7 +382,7 @@ async def test_leader_change_keeps_history_exact(cluster: EtcdCluster, etcd_pref
 @pytest.mark.cluster
 async def test_member_removed_from_cluster_is_left_for_the_others(etcd_prefix: str) -> None:
     """The member the watch is on is removed (it shuts down); the watch fails over with nothing
-    missed. A private cluster, since the shared one cannot get a removed member back."""
+    missed. A private cluster, so the member ids and leadership this test arranges are its own."""
     with EtcdCluster(3, **MEMBER_OPTIONS) as private, anyio.fail_after(60), capture_logs() as logs:
         async with following(etcd_prefix, watch=private.endpoints, write=private.endpoints) as run:
             await run.warm_up()
