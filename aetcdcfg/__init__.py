@@ -7,6 +7,7 @@ from ._diff import ConfigDiff as ConfigDiff
 from ._diff import History as History
 from ._diff import HistoryEntry as HistoryEntry
 from ._fanout import Subscription as Subscription
+from ._kv import unchanged_keys as unchanged_keys
 from ._report import FieldReport as FieldReport
 from ._report import SettingsReport as SettingsReport
 from ._report import settings_report as settings_report
@@ -72,4 +73,5 @@ __all__ = [
     "__version__",
     "settings_report",
     "status_report",
+    "unchanged_keys",
 ]

@@ -220,7 +220,10 @@ class Connection:
             except grpc.aio.AioRpcError as exc:
                 kind = classify(exc)
                 cause = describe(exc)
-                if kind is Failure.AUTH_EXPIRED and self.settings.username and not reauthenticated:
+                # A token expired or forgotten, or none sent at all because etcd had auth off when
+                # we connected (an operator turned it on since): authenticate once, send again.
+                needs_token = kind is Failure.AUTH_EXPIRED or (kind is Failure.AUTH_FAILED and token is None)
+                if needs_token and self.settings.username and not reauthenticated:
                     reauthenticated = True
                     await self.reauthenticate(endpoint, token)
                     continue

@@ -20,13 +20,22 @@ from ._validate import build_model
 from .errors import RequestTooLarge, TxnConflict
 from .events import Snapshot
 
-__all__ = ["KV", "Items", "MAX_TXN_OPS"]
+__all__ = ["KV", "Items", "MAX_TXN_OPS", "unchanged_keys"]
 
 #: etcd's default ``--max-txn-ops``: at most this many operations (and compares) in one transaction.
 MAX_TXN_OPS = 128
 
 #: Mapping is invariant in its key type, so spell out the shapes callers actually have.
 Items = Mapping[str, str] | Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[KeyLike, KeyLike]
+
+
+def unchanged_keys(base: Snapshot, diff: ConfigDiff, max_txn_ops: int = MAX_TXN_OPS) -> list[str]:
+    """The keys of ``base`` (the state ``diff`` was computed from) that the diff leaves alone, for
+    :meth:`KV.apply_diff` to refuse the write if one was deleted meanwhile; empty when guarding them
+    all would pass etcd's compare limit (then such a deletion goes undetected)."""
+    kept = [key for key in base.items if key not in diff.changed and key not in diff.removed]
+    compares = 1 + len(diff.changed) + len(diff.removed) + len(kept)
+    return kept if compares <= max_txn_ops else []
 
 
 def _put(key: KeyLike, value: KeyLike) -> rpc_pb2.RequestOp:
@@ -93,15 +102,21 @@ class KV:
             new = await snapshot_at(self._conn, as_bytes(prefix), to_revision, operation="diff")
         return ConfigDiff.between(old, new)
 
-    async def plan_rollback(self, prefix: KeyLike, to_revision: int) -> tuple[Snapshot, Snapshot]:
-        """``(current, target)``: the prefix now, and as it was at ``to_revision``.
+    async def plan_rollback(
+        self, prefix: KeyLike, to_revision: int, *, at_revision: int | None = None
+    ) -> tuple[Snapshot, Snapshot]:
+        """``(current, target)``: the prefix now (or at ``at_revision``, a reviewed plan's), and as it
+        was at ``to_revision``.
 
         ``ConfigDiff.between(current, target)`` is what a rollback writes (its ``puts`` and
         ``deletes``); apply it with :meth:`apply_diff`, which refuses if the prefix changed after
         ``current.revision``. A compacted ``to_revision`` raises :class:`RevisionCompacted`.
         """
         target = await snapshot_at(self._conn, as_bytes(prefix), to_revision, operation="rollback")
-        current = await self.get_prefix(prefix)
+        if at_revision is not None:
+            current = await snapshot_at(self._conn, as_bytes(prefix), at_revision, operation="rollback")
+        else:
+            current = await self.get_prefix(prefix)
         return current, target
 
     async def apply_diff(
@@ -110,19 +125,34 @@ class KV:
         diff: ConfigDiff,
         *,
         since_revision: int | None = None,
+        unchanged: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
     ) -> int:
-        """Write ``diff`` (its puts and deletes) in one transaction guarded like :meth:`apply_if_unchanged`.
+        """Write ``diff`` (its puts and deletes) in one transaction, only if ``prefix`` is still as it
+        was at ``diff.old_revision``, so that what is written is exactly the diff that was shown.
 
-        The guard is ``since_revision``, by default ``diff.old_revision``: if a key under ``prefix``
-        was created or changed after it, :class:`TxnConflict` and nothing is written. Returns the
-        new revision (the current one, with nothing written, for an empty diff).
+        Refused with :class:`TxnConflict`, writing nothing, if since then a key under ``prefix`` was
+        created or changed, a key the diff changes or deletes was deleted, or a key of
+        ``unchanged`` was deleted (the old state's keys the diff leaves alone: pass them, e.g.
+        :func:`unchanged_keys`, to have their deletion refuse it too). ``since_revision``, if given,
+        must be ``diff.old_revision``: a diff computed from one state and guarded at another
+        revision could write what was never shown (``ValueError``). Returns the new revision (the
+        current one, with nothing written, for an empty diff).
         """
-        guard = diff.old_revision if since_revision is None else since_revision
+        if since_revision is not None and since_revision != diff.old_revision:
+            raise ValueError(
+                f"the diff was computed at revision {diff.old_revision}, not {since_revision}: compute "
+                f"it from the prefix as of revision {since_revision} (get_prefix(prefix, revision=...))"
+            )
         if not diff:
             return (await self.get_prefix(prefix)).revision
         return await self.apply_if_unchanged(
-            prefix, diff.puts, diff.deletes, since_revision=guard, max_txn_ops=max_txn_ops
+            prefix,
+            diff.puts,
+            diff.deletes,
+            since_revision=diff.old_revision,
+            existing=[*diff.changed, *unchanged],
+            max_txn_ops=max_txn_ops,
         )
 
     async def rollback(
@@ -137,18 +167,19 @@ class KV:
         """Restore ``prefix`` to its state at ``to_revision`` as one new revision; returns (diff, revision).
 
         With ``model`` the restored state is validated first (:class:`ConfigRejected` names the
-        keys, nothing is written). The write is one transaction guarded by ``expect_revision`` (or
-        the revision the plan was read at): any key under the prefix created or changed since
-        refuses it with :class:`TxnConflict`. Watchers see the rollback as an ordinary change.
+        keys, nothing is written). The diff is computed from the prefix as of ``expect_revision``
+        (a reviewed plan's revision) or now, and written in one transaction guarded by that
+        revision (see :meth:`apply_diff`): a change made since, deletions included, refuses it
+        with :class:`TxnConflict`. Watchers see the rollback as an ordinary change.
         """
-        current, target = await self.plan_rollback(prefix, to_revision)
+        current, target = await self.plan_rollback(prefix, to_revision, at_revision=expect_revision)
         diff = ConfigDiff.between(current, target)
         if model is not None:
             label = decode_key(as_bytes(prefix))
             items = {k[len(label) :]: v for k, v in target.items.items()}
             build_model(model, label, items, to_revision)
         revision = await self.apply_diff(
-            prefix, diff, since_revision=expect_revision, max_txn_ops=max_txn_ops
+            prefix, diff, unchanged=unchanged_keys(current, diff, max_txn_ops), max_txn_ops=max_txn_ops
         )
         return diff, revision
 
@@ -171,26 +202,29 @@ class KV:
         deletes: Iterable[KeyLike] = (),
         *,
         since_revision: int,
+        existing: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
     ) -> int:
         """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
 
         Refused with :class:`TxnConflict`, writing nothing, if any key under ``prefix`` was created
-        or changed after ``since_revision``, or a key this call changes was deleted since. (A
-        deletion of another key under the prefix is not detected: etcd cannot compare a count.)
-        One transaction holds at most etcd's ``--max-txn-ops`` operations and compares (128 by
-        default; pass the server's value as ``max_txn_ops``): a larger change raises
-        :class:`RequestTooLarge` before anything is sent.
+        or changed after ``since_revision``, or a key of ``deletes`` or ``existing`` (keys that
+        existed then) was deleted since. (A deletion of any other key under the prefix is not
+        detected: etcd cannot compare a count; list such keys in ``existing``.) One transaction
+        holds at most etcd's ``--max-txn-ops`` operations and compares (128 by default; pass the
+        server's value as ``max_txn_ops``): a larger change raises :class:`RequestTooLarge` before
+        anything is sent.
         """
         raw = as_bytes(prefix)
         delete_keys = [as_bytes(k) for k in deletes]
+        must_exist = list(dict.fromkeys([*delete_keys, *(as_bytes(k) for k in existing)]))
         operations = len(puts) + len(delete_keys)
-        if max(operations, 1 + len(delete_keys)) > max_txn_ops:
+        if max(operations, 1 + len(must_exist)) > max_txn_ops:
             raise RequestTooLarge(
-                f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r} do not fit "
-                f"one transaction: etcd's --max-txn-ops allows {max_txn_ops} operations (and "
-                f"{max_txn_ops - 1} guarded deletes); nothing was written. Split the change, or raise "
-                "the server's limit and pass max_txn_ops"
+                f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r}, with "
+                f"{len(must_exist)} key(s) guarded against deletion, do not fit one transaction: etcd's "
+                f"--max-txn-ops allows {max_txn_ops} operations (and {max_txn_ops} compares); nothing "
+                "was written. Split the change, or raise the server's limit and pass max_txn_ops"
             )
         compare = [
             rpc_pb2.Compare(
@@ -205,7 +239,7 @@ class KV:
         ops += [
             rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)) for k in delete_keys
         ]
-        for key in delete_keys:  # still there, as it was when the caller read it
+        for key in must_exist:  # still there, as it was when the caller read it
             compare.append(
                 rpc_pb2.Compare(
                     target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.GREATER, key=key, version=0

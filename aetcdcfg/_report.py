@@ -9,6 +9,10 @@ and the applied/rejected history. Both are computed only when called: nothing he
 Secrets: a ``SecretStr``/``SecretBytes`` value (anywhere: nested models, lists, dicts) or a field
 :func:`~aetcdcfg.source.is_secret` names is shown as ``**********`` (``""`` when empty, ``None`` when
 None); its source and key are shown, never its value.
+
+Floats: JSON has no infinity or NaN, and pydantic accepts them in a ``float`` field, so a value
+(or ``max_staleness``) that is not finite is shown as the string ``"inf"``, ``"-inf"`` or ``"nan"``:
+how Python writes it, what an operator puts in etcd, and what pydantic reads back.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .live import DEFAULT_MAX_STALENESS, LiveSettings
 from .source import MASK, EtcdSettingsSource, is_secret, leaf_paths
 from .status import AppliedChange, WatchStatus
 
-__all__ = ["FieldReport", "MASK", "SettingsReport", "settings_report", "status_report"]
+__all__ = ["FieldReport", "MASK", "SettingsReport", "json_number", "settings_report", "status_report"]
 
 
 Path_ = tuple[str, ...]
@@ -102,6 +106,11 @@ def _masked_secret(value: Any) -> Any:
     return MASK if value not in ("", b"") else ""
 
 
+def json_number(value: float) -> float | str:
+    """``value``, or ``"inf"``/``"-inf"``/``"nan"`` when it is not finite (JSON has no such numbers)."""
+    return value if math.isfinite(value) else str(float(value))
+
+
 def mask(value: Any, secret: bool = False) -> Any:
     """``value`` as JSON-able data with every secret replaced by :data:`MASK`."""
     if secret or isinstance(value, (SecretStr, SecretBytes)):
@@ -117,6 +126,8 @@ def mask(value: Any, secret: bool = False) -> Any:
         return {str(k): mask(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [mask(v) for v in value]
+    if isinstance(value, float):
+        return json_number(value)
     # Anything pydantic cannot turn into JSON is named by type: its repr might hold a secret.
     return to_jsonable_python(value, fallback=lambda v: f"<{type(v).__name__}>")
 
@@ -368,7 +379,7 @@ def status_report(
     base: dict[str, Any] = {
         "prefix": live.prefix,
         "model": live.model.__name__,
-        "max_staleness": max_staleness,
+        "max_staleness": json_number(max_staleness),
     }
     try:
         status = live.status

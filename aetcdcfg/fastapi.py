@@ -13,19 +13,20 @@ asked, and a page's event stream waits on ``live.updates()`` only while it is op
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
 import anyio
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
-from ._report import status_report
+from ._log import get_logger
+from ._report import json_number, status_report
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
 
 try:
@@ -44,7 +45,7 @@ __all__ = [
     "status_router",
 ]
 
-log = structlog.get_logger("aetcdcfg")
+log = get_logger()
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
@@ -57,26 +58,48 @@ _PAGE_POLICY = (
 )
 
 
-def settings_dependency(live: LiveSettings[ModelT]) -> Callable[[], ModelT]:
-    """A dependency for ``Depends(...)`` returning the settings current when the request started."""
+def settings_dependency(live: LiveSettings[ModelT]) -> Callable[[], Awaitable[ModelT]]:
+    """A dependency for ``Depends(...)`` returning the settings current when the request started.
 
-    def current_settings() -> ModelT:
+    ``async`` because it only reads an attribute: FastAPI runs a plain ``def`` dependency in
+    Starlette's threadpool, so while the app's own sync handlers held every thread, each request
+    using this waited for one.
+    """
+
+    async def current_settings() -> ModelT:
         return live.current
 
     return current_settings
 
 
+#: The lifespan state keys: ``live.lifespan`` yields the first; a combined lifespan adds the second.
+_STATE_KEY = "live_settings"
+_ALL_STATE_KEY = "all_live_settings"
+
+
+def _lives_in(state: dict[str, Any]) -> tuple[LiveSettings[Any], ...]:
+    if _ALL_STATE_KEY in state:
+        return tuple(state[_ALL_STATE_KEY])
+    return (state[_STATE_KEY],) if isinstance(state.get(_STATE_KEY), LiveSettings) else ()
+
+
 def combine_lifespans(live: LiveSettings[Any], app_lifespan: Lifespan | None = None) -> Lifespan:
-    """A lifespan that loads ``live`` first, then runs the application's own lifespan inside it."""
+    """A lifespan that loads ``live`` first, then runs the application's own lifespan inside it.
+
+    The state (``request.state``) holds the application's entries, ``live_settings``: ``live``, and
+    ``all_live_settings``: every LiveSettings combined, in order, so that
+    ``combine_lifespans(live1, live2.lifespan)`` (or nested combinations) loses none of them.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         async with live.lifespan(app) as state:
-            if app_lifespan is None:
-                yield state
-                return
-            async with app_lifespan(app) as more:
-                yield {**state, **(more or {})}
+            more: dict[str, Any] = {}
+            async with contextlib.AsyncExitStack() as stack:
+                if app_lifespan is not None:
+                    more = dict(await stack.enter_async_context(app_lifespan(app)) or {})
+                lives = dict.fromkeys((*_lives_in(state), *_lives_in(more)))
+                yield {**more, **state, _ALL_STATE_KEY: tuple(lives)}
 
     return lifespan
 
@@ -121,7 +144,7 @@ def readiness(
 
 def readiness_dependency(
     live: LiveSettings[Any], *more: LiveSettings[Any], max_staleness: float = DEFAULT_MAX_STALENESS
-) -> Callable[[], dict[str, Any]]:
+) -> Callable[[], Awaitable[dict[str, Any]]]:
     """A dependency for ``Depends(...)``: raises ``HTTPException(503)`` (detail: the not-ready body)
     unless every LiveSettings is loaded and confirmed current within ``max_staleness`` seconds.
 
@@ -130,7 +153,7 @@ def readiness_dependency(
     """
     lives = (live, *more)
 
-    def ready() -> dict[str, Any]:
+    async def ready() -> dict[str, Any]:  # async: no blocking work, so no threadpool thread needed
         ok, body = readiness(lives, max_staleness)
         if not ok:
             raise HTTPException(status_code=503, detail=body, headers=_NO_STORE)
@@ -149,17 +172,20 @@ def probes_router(
     """Kubernetes' probes: ``GET /readyz`` (503 with reasons while settings are not loaded or are
     staler than ``max_staleness``, 200 otherwise) and ``GET /livez`` (200 while the process serves;
     never depends on etcd, so an etcd outage never gets pods restarted).
+
+    Both are ``async def``: they do no blocking work, and a plain ``def`` route waits for a thread of
+    Starlette's threadpool (40), which the app's own sync handlers may all hold for seconds.
     """
     lives = (live, *more)
     router = APIRouter()
 
     @router.get(readiness_path, include_in_schema=False)
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         ok, body = readiness(lives, max_staleness)
         return JSONResponse(body, status_code=200 if ok else 503, headers=_NO_STORE)
 
     @router.get(liveness_path, include_in_schema=False)
-    def livez() -> JSONResponse:
+    async def livez() -> JSONResponse:
         return JSONResponse({"status": "alive"}, headers=_NO_STORE)
 
     return router
@@ -193,7 +219,7 @@ def _status_body(lives: Sequence[LiveSettings[Any]], max_staleness: float) -> di
     reports = [status_report(live, max_staleness=max_staleness) for live in lives]
     return {
         "status": "fresh" if all(r["fresh"] for r in reports) else "stale",
-        "max_staleness": max_staleness,
+        "max_staleness": json_number(max_staleness),
         "taken_at": time.time(),
         "settings": reports,
     }
@@ -227,8 +253,14 @@ def _dumps(body: Any) -> str:
     return json.dumps(body, allow_nan=False, separators=(",", ":"))
 
 
+@functools.cache
+def _template() -> str:
+    """The page, read from the package once (the route runs on the event loop: no file I/O per request)."""
+    return resources.files(__package__ or "aetcdcfg").joinpath("status_page.html").read_text("utf-8")
+
+
 def _page(body: dict[str, Any]) -> str:
-    template = resources.files(__package__ or "aetcdcfg").joinpath("status_page.html").read_text("utf-8")
+    template = _template()
     # The status as a JSON script block, so the page shows something before its event stream opens;
     # "<" escaped so that no key name can close the script element.
     initial = _dumps(body).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -243,6 +275,12 @@ class _EventStream(Response):
     ``live.updates()``, one listening for the client's disconnect. It ends when the client leaves,
     after ``lifetime`` seconds (the browser reconnects within a second; this bounds how long a
     server's graceful shutdown waits for open streams), or when every LiveSettings has stopped.
+
+    Every send, the first and the closing one included, happens within ``lifetime``: once the
+    server's write buffer is full, a send waits until the client reads, and a client that never
+    reads would otherwise hold the response (and the server's shutdown) forever. Events stop
+    ``_close_margin()`` before the lifetime ends, which leaves the closing send time to complete;
+    if the client has not read enough by then, the response is abandoned (``ended = "stalled"``).
     """
 
     media_type = "text/event-stream"
@@ -259,21 +297,26 @@ class _EventStream(Response):
         self.lifetime = lifetime
         self.ended = "lifetime"
 
+    def _close_margin(self) -> float:
+        """How long before the lifetime ends the events stop, so the closing send fits in it."""
+        return min(1.0, self.lifetime / 10)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         began = time.monotonic()
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         wake_send, wake_receive = anyio.create_memory_object_stream[None](1)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._until_disconnect, receive, tg.cancel_scope)
-            for live in self.lives:
-                tg.start_soon(self._forward, live, wake_send)
-            with anyio.move_on_after(self.lifetime):
-                await self._stream(send, wake_receive)
-            tg.cancel_scope.cancel()
-        wake_send.close()
-        wake_receive.close()
-        if self.ended != "disconnected":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        with anyio.move_on_after(self.lifetime) as lifetime, wake_send, wake_receive:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._until_disconnect, receive, tg.cancel_scope)
+                for live in self.lives:
+                    tg.start_soon(self._forward, live, wake_send)
+                with anyio.move_on_after(self.lifetime - self._close_margin()):
+                    await self._stream(send, wake_receive)
+                tg.cancel_scope.cancel()
+            if self.ended != "disconnected":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if lifetime.cancelled_caught:
+            self.ended = "stalled"  # the client did not read what was sent; the response is abandoned
         log.debug("status.stream_closed", reason=self.ended, seconds=round(time.monotonic() - began, 3))
 
     async def _stream(self, send: Send, wake: MemoryObjectReceiveStream[None]) -> None:
@@ -318,12 +361,18 @@ def status_router(
     or, when the client prefers HTML (a browser), a page that follows it live through
     ``GET {path}/events`` (server-sent events). Values of secrets and of rejected changes never
     appear. Mount it where only operators reach it: it names keys, endpoints and sources.
+
+    Each event stream ends within ``stream_lifetime`` seconds, also for a client that stopped
+    reading; what the server already buffered for such a client it drops only after its own
+    graceful-shutdown timeout (uvicorn: ``timeout_graceful_shutdown``, unlimited by default).
     """
     lives = (live, *more)
     router = APIRouter()
 
+    # async, like the probes: building the status is CPU work of a few ms at most, never I/O
+    # (the page's template is read once), so it need not wait for a threadpool thread.
     @router.get(path, include_in_schema=False)
-    def status(request: Request) -> Response:
+    async def status(request: Request) -> Response:
         body = _status_body(lives, max_staleness)
         headers = {**_NO_STORE, "Vary": "Accept"}
         if _prefers_html(request.headers.get("accept", "")):
@@ -331,7 +380,7 @@ def status_router(
         return JSONResponse(body, headers=headers)
 
     @router.get(path.rstrip("/") + "/events", include_in_schema=False)
-    def events() -> Response:
+    async def events() -> Response:
         return _EventStream(lives, max_staleness, heartbeat, stream_lifetime)
 
     return router

@@ -114,7 +114,8 @@ SETTINGS_METRICS: list[tuple[Family, str, str, Callable[[SettingsStatus], float]
 class AetcdcfgCollector(Collector):
     """Watch and settings metrics of the given LiveSettings and clients, computed when collected.
 
-    A prefix watched by two of the given clients is reported once (the first one given).
+    A prefix watched by two of the given clients is reported once (the first one given). A layered
+    LiveSettings reports the watch of each of its layers.
     """
 
     def __init__(self, *settings: LiveSettings[Any], clients: Iterable[EtcdClient] = ()) -> None:
@@ -136,7 +137,8 @@ class AetcdcfgCollector(Collector):
                 row = live.status
             except RuntimeError:  # not started yet: nothing to report
                 continue
-            watches.setdefault(row.watch.prefix, row.watch)
+            for watch in row.layers:  # every layer's watch (row.watch is only the stalest)
+                watches.setdefault(watch.prefix, watch)
             rows.append(row)
         return self._collect(watches, rows)
 

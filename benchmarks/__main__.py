@@ -24,6 +24,10 @@ SECTIONS = [
         ["stream"],
     ),
     ("## First load: 40,000 keys into a dict, LiveSettings start, idle subscribers", ["firstload"]),
+    (
+        "## Probes: /livez, /readyz and settings_dependency while sync handlers fill the threadpool",
+        ["probes"],
+    ),
     ("## Fleet: 200 clients of one prefix, direct vs through etcd's gRPC proxy; a 20 s storm", ["fleet"]),
 ]
 

@@ -3,12 +3,15 @@ prefix, a writer that writes through faults, and checks against etcd's own histo
 
 Every LiveSettings object ever applied holds two ints written together in one transaction, so a
 torn object would show ``a != b``. Recovery is measured from a fault's removal until the
-subscriber has the first write made after it, and printed as ``RECOVERY <fault> <seconds>``.
+subscriber has the first write made after it, and printed as ``RECOVERY <fault> <seconds>``; for
+an endpoint that was down, the removal is the moment its port accepts connections again
+(:func:`start_until_accepting`), not the later moment etcd reports itself healthy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, EtcdError, Event, EventType, LiveSettings, Subscription
-from aetcdcfg.testing import TLSFiles, as_records, etcd_history
+from aetcdcfg.testing import EtcdMember, TLSFiles, as_records, etcd_history
 
 #: What a private etcd (one a test freezes, kills or wipes) runs with, like the shared ones.
 MEMBER_OPTIONS: dict[str, Any] = {"keepalive_min_time": 1, "progress_notify_interval": 1}
@@ -176,6 +179,25 @@ def tls_options(tls: TLSFiles | None) -> dict[str, Any]:
     if tls is None:
         return {}
     return {"ca_file": tls.ca_file, "cert_file": tls.client_cert, "key_file": tls.client_key}
+
+
+async def start_until_accepting(server: EtcdMember, timeout: float = 30.0) -> None:
+    """Start ``server`` and return as soon as its client port accepts a TCP connection: the moment
+    an endpoint is back, from which a recovery is measured (etcd is healthy only some time later)."""
+
+    def wait() -> None:
+        server.start(wait=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", server.client_port), timeout=0.05).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or not server.running:
+                    raise
+            time.sleep(0.002)
+
+    await anyio.to_thread.run_sync(wait)
 
 
 def report(fault: str, seconds: float) -> None:

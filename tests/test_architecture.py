@@ -150,3 +150,30 @@ def test_importing_the_package_has_no_cycle() -> None:
     assert result.returncode == 0 and result.stdout == "", (
         f"modules that fail to import first:\n{result.stdout}{result.stderr[-2000:]}"
     )
+
+
+def _direct_loggers(path: Path) -> list[str]:
+    """Calls of ``structlog.get_logger`` (or an import of it) outside the library's logging helper."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "structlog":
+            found += [f"line {node.lineno}: from {node.module} import {a.name}" for a in node.names]
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in ("get_logger", "getLogger", "wrap_logger")
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "structlog"
+        ):
+            found.append(f"line {node.lineno}: structlog.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in _sources() if p.name != "_log.py"], ids=lambda p: str(p.relative_to(PACKAGE))
+)
+def test_every_module_logs_through_the_librarys_logging_helper(path: Path) -> None:
+    """``_log.get_logger()`` sends events to structlog only when the app configured it, and to the
+    stdlib logger otherwise; structlog's unconfigured default would print to stdout."""
+    found = _direct_loggers(path)
+    assert not found, f"{path.relative_to(PACKAGE)} logs around aetcdcfg._log: {found}"

@@ -111,3 +111,33 @@ async def test_live_settings_survive_token_expiry(etcd_auth_server: EtcdServer) 
             settings = await live.wait_for(lambda s: s.a == 2, timeout=15)
             assert settings.b == 2
             assert live.last_error is None
+
+
+async def test_kv_recovers_when_an_operator_turns_auth_on_after_the_client_connected() -> None:
+    """The client connects with credentials while auth is off (it logs ``etcd.auth_not_enabled`` and
+    holds no token); then auth is enabled, disabled and enabled again on the running cluster. Its
+    requests must go on working each time, without a restart: a request etcd refuses for lacking a
+    token is authenticated and sent again."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    with EtcdServer(keepalive_min_time=1) as server:
+        await anyio.to_thread.run_sync(lambda: server.add_user("app", "apppw", readwrite_prefix="/app/"))
+        with capture_logs() as logs, anyio.fail_after(60):
+            async with EtcdClient(endpoints=[server.endpoint], **APP) as client:
+                assert await client.put(prefix + "k", "off") > 0
+                assert [e["event"] for e in logs if e["event"].startswith("etcd.auth")] == [
+                    "etcd.auth_not_enabled"
+                ]
+
+                await anyio.to_thread.run_sync(server.enable_auth, "rootpw")
+                await client.put(prefix + "k", "on")
+                assert await client.get(prefix + "k") == b"on"
+
+                await anyio.to_thread.run_sync(server.etcdctl, "auth", "disable")
+                await client.put(prefix + "k", "off again")
+                assert await client.get(prefix + "k") == b"off again"
+
+                await anyio.to_thread.run_sync(server.etcdctl, "auth", "enable")
+                await client.put(prefix + "k", "on again")
+                assert await client.get(prefix + "k") == b"on again"
+                assert (await client.get_prefix(prefix)).items == {prefix + "k": b"on again"}
+    assert "apppw" not in repr(logs)

@@ -8,13 +8,18 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.streams.text import TextReceiveStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aetcdcfg import EtcdClient, EtcdUnavailable
 from aetcdcfg.cli import cli, flatten, unflatten
+from aetcdcfg.cli._files import dumps, loads
+from aetcdcfg.cli._secrets import MaskedSecretMissing, Secrets
 from aetcdcfg.testing import EtcdServer
 
 pytestmark = pytest.mark.anyio
@@ -229,7 +234,7 @@ async def test_dump_then_push_round_trips_and_masked_secrets_keep_their_value(
         "db/url": "postgres://deeper",
         "db/password": "s3cret",
         "tags": '["a", "b"]',
-        "notes": "  spaces and\nnewlines  ",
+        "notes": "  spaces and\nnewlines, NEL \x85 LS \u2028 PS \u2029 BOM \ufeff CR \r  ",
     }
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         await client.put_many({etcd_prefix + "src/" + k: v for k, v in source.items()})
@@ -305,3 +310,225 @@ def test_bad_model_spec_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 def test_flatten_and_unflatten_are_inverse_for_dumped_text() -> None:
     items = {"a": b"1", "b/c": b"x", "b/d": b'{"k": 1}', "e": b"\xff\x00"}
     assert flatten(unflatten(items)) == items
+
+
+NESTED_MODEL = """
+from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class Cred(BaseModel):
+    user: str = ""
+    token: SecretStr = SecretStr("")
+
+
+class Database(BaseModel):
+    url: str = "sqlite://"
+    password: SecretStr = SecretStr("")
+    replicas: list[Cred] = []
+
+
+class Settings(BaseSettings):
+    rate_limit: int = 100
+    db: Database = Database()
+    creds: dict[str, Cred] = {}
+    keys: list[SecretBytes] = []
+    maybe: Cred | None = None
+"""
+
+#: Each of these is a secret inside a whole-object JSON value.
+NESTED_SECRETS = ("hunter2", "replica-tok", "eu-tok", "key-secret", "maybe-tok")
+
+
+async def test_secrets_inside_whole_object_values_are_masked_by_every_command(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``/svc/db`` = ``{"url": ..., "password": ...}``: the key points at a model, not at the secret
+    field in it; every command with ``--model`` masks the secret fields inside (nested models,
+    lists, dicts, optionals), shows the rest, and a masked dump pushed back keeps etcd's values."""
+    (workdir / "nested_settings.py").write_text(NESTED_MODEL)
+    m = ("--model", "nested_settings:Settings")
+    p = etcd_prefix
+    db = json.dumps(
+        {"url": "postgres://db", "password": "hunter2", "replicas": [{"user": "r", "token": "replica-tok"}]}
+    )
+    values = {
+        p + "db": db,
+        p + "creds/eu": '{"user": "eu", "token": "eu-tok"}',
+        p + "keys": '["key-secret"]',
+        p + "maybe": '{"user": "m", "token": "maybe-tok"}',
+    }
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        first = await client.put(p + "rate_limit", "1")
+        written = await client.put_many(values)
+        outputs = {
+            "get": (await run("get", p, *m))[1],
+            "get --json": (await run("get", p, "--json", *m))[1],
+            "dump": (await run("dump", p, *m))[1],
+            "dump --json": (await run("dump", p, "--json", *m))[1],
+            "history": (await run("history", p, *m))[1],
+            "history --json": (await run("history", p, "--json", *m))[1],
+            "diff": (await run("diff", p, "--from", str(first), *m))[1],
+            "diff --json": (await run("diff", p, "--from", str(first), "--json", *m))[1],
+            "set --dry-run": (
+                await run("set", p, 'db={"url": "postgres://new", "password": "hunter2"}', "--dry-run", *m)
+            )[1],
+            "rollback --dry-run": (await run("rollback", p, "--to-revision", str(first), "--dry-run", *m))[1],
+        }
+        for command, text in outputs.items():
+            leaked = [s for s in NESTED_SECRETS if s in text]
+            assert not leaked, f"{command} printed {leaked}:\n{text}"
+        # what is not secret still shows
+        assert "postgres://db" in outputs["get"] and '"user": "eu"' in outputs["get"]
+        assert f"{p}keys = " in outputs["get"] and "**********" in outputs["get"]
+        assert "postgres://new" in outputs["set --dry-run"]
+        items = json.loads(outputs["get --json"])["items"]
+        assert json.loads(items[p + "db"]) == {
+            "url": "postgres://db",
+            "password": "**********",
+            "replicas": [{"user": "r", "token": "**********"}],
+        }
+        assert json.loads(items[p + "keys"]) == ["**********"]
+
+        # a masked dump pushed back (YAML and JSON) writes nothing: etcd keeps every secret
+        for fmt in ("yaml", "json"):
+            (workdir / f"nested.{fmt}").write_text(outputs["dump" if fmt == "yaml" else "dump --json"])
+            _, out, _ = await run("push", f"nested.{fmt}", "--prefix", p, *m)
+            assert "no changes" in out, out
+        snapshot = await client.get_prefix(p)
+        assert snapshot.revision == written
+        assert {k: v.decode() for k, v in snapshot.items.items()} == {p + "rate_limit": "1", **values}
+
+
+def test_masked_fields_are_restored_from_etcds_value_or_refused_when_it_has_none() -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(NESTED_MODEL, "nested_settings", "exec", dont_inherit=True), namespace)  # as --model
+    secrets = Secrets(namespace["Settings"])
+    current = b'{"url": "u", "password": "pw", "replicas": [{"user": "a", "token": "t0"}]}'
+    masked = secrets.mask("db", current)
+    assert json.loads(masked) == {
+        "url": "u",
+        "password": "**********",
+        "replicas": [{"user": "a", "token": "**********"}],
+    }
+    assert secrets.restore("db", masked, current) == current  # etcd's exact bytes: no change
+    edited = masked.replace(b'"u"', b'"v"')
+    assert json.loads(secrets.restore("db", edited, current) or b"") == {
+        "url": "v",
+        "password": "pw",
+        "replicas": [{"user": "a", "token": "t0"}],
+    }
+    with pytest.raises(MaskedSecretMissing) as missing:  # a second replica etcd never had
+        secrets.restore("db", masked.replace(b"}]", b'}, {"token": "**********"}]'), current)
+    assert missing.value.path == ("replicas", "1", "token")
+    assert secrets.mask("rate_limit", b"5") == b"5" and not secrets.holds("rate_limit")
+    assert secrets.mask("db", b"{not json") == b"**********"  # cannot tell where the secret is
+    assert secrets.mask("creds/eu", b'{"user": "x", "token": ""}') == b'{"user": "x", "token": ""}'
+    assert Secrets(None).mask("db", current) == current
+
+
+DATED_MODEL = """
+import datetime
+
+from pydantic_settings import BaseSettings
+
+
+class Settings(BaseSettings):
+    day: datetime.date | None = None
+    at: datetime.datetime | None = None
+    tags: list[str] = []
+"""
+
+
+async def test_bad_input_is_one_line_and_a_non_zero_exit_never_a_traceback(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    p = etcd_prefix
+    m = ("--model", "svc_settings:Settings")
+    (workdir / "cfg.yaml").write_text("rate_limit: 5\n")
+    (workdir / "odd.yaml").write_text("tags: !!set {a, b}\n")  # a YAML set: no JSON for it
+    parser_errors = [
+        ("history", p, "--limit", "0"),
+        ("history", p, "--max-revisions", "-1"),
+        ("diff", p, "--from", "0"),
+        ("diff", p, "--from", "1", "--to", "0"),
+        ("rollback", p, "--to-revision", "0", *m),
+        ("rollback", p, "--to-revision", "x", *m),
+        ("watch", p, "--from-revision", "0"),
+        ("push", "cfg.yaml", "--prefix", p, "--expect-revision", "0", *m),
+        ("set", p, "rate_limit=caf\udce9", *m),  # a byte that is not UTF-8, as the shell passed it
+        ("get", "/caf\udce9/"),
+    ]
+    for args in parser_errors:
+        with anyio.fail_after(30):
+            code, out, err = await run(*args, check=False)
+        assert (code, out) == (2, ""), (args, code, out, err)
+        assert "Traceback" not in err, (args, err)
+        assert err.splitlines()[-1].startswith("aetcdcfg"), (args, err)
+        assert "error:" in err.splitlines()[-1], (args, err)
+    code, out, err = await run("push", "odd.yaml", "--prefix", p, *m, check=False)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("aetcdcfg: usage: 'odd.yaml': tags: a set"), err
+
+
+async def test_dates_in_yaml_and_toml_files_are_written_as_iso_8601_text(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "dated.py").write_text(DATED_MODEL)
+    (workdir / "dated.yaml").write_text("day: 2024-01-31\nat: 2024-01-31 10:20:30\n")
+    (workdir / "dated.toml").write_text("day = 2024-02-29\nat = 2024-02-29T10:20:30+02:00\n")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        for name, expected in (
+            ("dated.yaml", {"day": b"2024-01-31", "at": b"2024-01-31T10:20:30"}),
+            ("dated.toml", {"day": b"2024-02-29", "at": b"2024-02-29T10:20:30+02:00"}),
+        ):
+            target = f"{etcd_prefix}{name}/"
+            code, out, err = await run(
+                "push", name, "--prefix", target, "--model", "dated:Settings", check=False
+            )
+            assert code == 0, out + err
+            items = (await client.get_prefix(target)).items
+            assert {k[len(target) :]: v for k, v in items.items()} == expected
+
+
+#: Path segments of keys: text of any kind, no "/" (which separates them) and not empty.
+SEGMENTS = st.text(min_size=1, max_size=6).filter(lambda s: "/" not in s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(SEGMENTS, min_size=1, max_size=3).map("/".join),
+        st.one_of(st.text(max_size=200).map(str.encode), st.binary(max_size=12)),
+        max_size=6,
+    )
+)
+def test_yaml_dump_then_push_round_trips_any_value_byte_for_byte(items: dict[str, bytes]) -> None:
+    """What ``dump`` prints (plus print's newline), read back as ``push`` reads a file, is the same
+    keys and bytes: any text (U+0085 NEL, U+2028, U+FEFF, CR, control characters, long lines) and
+    bytes that are not UTF-8 (``!!binary``)."""
+    text = dumps(items, as_json=False, header="# a header\n") + "\n"
+    assert flatten(loads(text.encode(), ".yaml", "dump.yaml")) == items
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(SEGMENTS, min_size=1, max_size=3).map("/".join),
+        st.text(max_size=200).map(str.encode),
+        max_size=6,
+    )
+)
+def test_json_dump_then_push_round_trips_any_text_byte_for_byte(items: dict[str, bytes]) -> None:
+    """The same for ``dump --json`` and any text (bytes that are not UTF-8 it writes as
+    ``{"base64": ...}``, which push reads as a mapping: the README says to use YAML for those)."""
+    text = dumps(items, as_json=True) + "\n"
+    assert flatten(loads(text.encode(), ".json", "dump.json")) == items
+
+
+@pytest.mark.parametrize("value", ["a\x85b", "x\u2028y\u2029z", "\ufeffbom", "cr\r\nlf", "tab\there  "])
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_dump_then_push_keeps_line_breaks_yaml_would_fold(value: str, suffix: str) -> None:
+    items = {"notes": value.encode(), "k\x85ey/nested": value.encode()}
+    text = dumps(items, as_json=suffix == ".json") + "\n"
+    assert flatten(loads(text.encode(), suffix, "dump" + suffix)) == items

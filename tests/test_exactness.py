@@ -9,7 +9,6 @@ from collections.abc import Awaitable
 
 import anyio
 import pytest
-from structlog.testing import capture_logs
 
 from aetcdcfg import (
     ClientClosedError,

@@ -14,7 +14,7 @@ import pytest
 
 from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, TLSFiles
 
-from .harness import MEMBER_OPTIONS, following, report, tls_options
+from .harness import MEMBER_OPTIONS, following, report, start_until_accepting, tls_options
 
 pytestmark = pytest.mark.anyio
 
@@ -88,7 +88,7 @@ async def crash(server: EtcdServer) -> None:
 async def outage(server: EtcdServer) -> None:
     server.stop()  # every endpoint down for 30 s
     await anyio.sleep(30)
-    await anyio.to_thread.run_sync(server.start)
+    await start_until_accepting(server)  # recovery counts from here, not from etcd being healthy
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,26 @@ def test_registering_reads_no_status() -> None:
     registry.register(AetcdcfgCollector(live))
     text = generate_latest(registry).decode()
     assert "# TYPE aetcdcfg_watch_up gauge" in text and "aetcdcfg_watch_up{" not in text
+
+
+async def test_every_layer_of_a_layered_live_settings_is_exported_on_every_scrape(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Each layer has a watch of its own: all of them, every scrape (not the stalest one only, which
+    made ``aetcdcfg_watch_*`` series of the other layers appear and vanish between scrapes)."""
+    layers = [etcd_prefix + "shared/", etcd_prefix + "svc/", etcd_prefix + "svc/eu/"]
+    registry = CollectorRegistry()
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=layers, client=client) as live,
+    ):
+        registry.register(AetcdcfgCollector(live))
+        for n, layer in enumerate(layers):
+            await client.put(layer + "rate_limit", str(n + 1))
+        await live.wait_for(lambda s: s.rate_limit == len(layers), timeout=5)
+        for _ in range(5):
+            for layer in layers:
+                assert sample(registry, "aetcdcfg_watch_up", prefix=layer) == 1.0, layer
+                assert sample(registry, "aetcdcfg_watch_revision", prefix=layer) is not None, layer
+        model = {"prefix": live.prefix, "model": "Service"}
+        assert sample(registry, "aetcdcfg_settings_loaded", **model) == 1.0

@@ -19,6 +19,7 @@ from aetcdcfg import (
     RevisionCompacted,
     Snapshot,
     TxnConflict,
+    unchanged_keys,
 )
 from aetcdcfg.testing import EtcdServer, etcd_history
 
@@ -417,3 +418,62 @@ async def test_set_command_validates_diffs_and_writes_one_guarded_revision(
         assert code == 1 and "TxnConflict" in err
         assert await client.get(p + "maintenance") == b"true"
         assert await client.get(p + "rate_limit") == b"200"
+
+
+async def test_rollback_apply_writes_exactly_the_reviewed_dry_run_or_refuses(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Between the dry run (at revision R) and ``--expect-revision R``, a key is deleted: one the
+    reviewed diff changes, or one it leaves alone. Re-diffing against the state after the deletion
+    would re-create that key, which the dry run never showed: the apply must refuse, writing nothing."""
+    p = etcd_prefix
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        for deleted in ("maintenance", "rate_limit"):  # untouched by the diff / changed by it
+            good = await client.put_many({p + "rate_limit": "5", p + "maintenance": "true"})
+            reviewed = await client.put(p + "rate_limit", "9")
+            _, out, _ = await run("rollback", p, "--to-revision", str(good), "--dry-run", *M)
+            assert out.splitlines()[1:] == [
+                f"~ {p}rate_limit: 9 -> 5",
+                f"dry run: nothing written; apply with --expect-revision {reviewed}",
+            ]
+            after = await client.delete(p + deleted)  # after the review
+            code, out, err = await run(
+                "rollback", p, "--to-revision", str(good), "--expect-revision", str(reviewed), *M, check=False
+            )
+            assert code == 1, out
+            assert "TxnConflict" in err, err
+            assert (await client.get_prefix(p)).revision == after  # nothing written
+            assert await client.get(p + deleted) is None  # not re-created
+
+            # the library's rollback, guarded the same way
+            with pytest.raises(TxnConflict):
+                await client.rollback(p, good, expect_revision=reviewed)
+            assert (await client.get_prefix(p)).revision == after
+
+
+async def test_set_apply_refuses_when_a_key_it_changes_was_deleted_after_the_review(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    p = etcd_prefix
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        reviewed = await client.put_many({p + "rate_limit": "100", p + "maintenance": "false"})
+        _, out, _ = await run("set", p, "rate_limit=200", "--dry-run", *M)
+        assert f"~ {p}rate_limit: 100 -> 200" in out
+        after = await client.delete(p + "rate_limit")
+        code, _, err = await run(
+            "set", p, "rate_limit=200", "--expect-revision", str(reviewed), *M, check=False
+        )
+        assert code == 1 and "TxnConflict" in err, err
+        assert (await client.get_prefix(p)).revision == after
+
+
+def test_keys_a_diff_leaves_alone_are_guarded_while_they_fit_etcds_compare_limit() -> None:
+    base = Snapshot(5, {f"/p/k{i:03}": b"v" for i in range(126)})
+    diff = ConfigDiff.between(base, Snapshot(5, {**base.items, "/p/k000": b"w", "/p/new": b"n"}))
+    kept = unchanged_keys(base, diff)
+    assert kept == [f"/p/k{i:03}" for i in range(1, 126)]  # 1 range + 1 changed + 125 kept = 127
+    bigger = Snapshot(5, {**base.items, "/p/k126": b"v", "/p/k127": b"v"})
+    assert (
+        unchanged_keys(bigger, ConfigDiff.between(bigger, Snapshot(5, {**bigger.items, "/p/k000": b"w"})))
+        == []
+    )

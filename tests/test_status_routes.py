@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,13 +19,19 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, LiveSettings
-from aetcdcfg.fastapi import probes_router, readiness_dependency, settings_dependency, status_router
+from aetcdcfg.fastapi import (
+    combine_lifespans,
+    probes_router,
+    readiness_dependency,
+    settings_dependency,
+    status_router,
+)
 from aetcdcfg.testing import EtcdServer
 
 from .harness import MEMBER_OPTIONS, RECOVERY_BOUND, WATCHER_OPTIONS, wait_logged
@@ -330,7 +337,7 @@ async def test_event_stream_ends_when_the_client_leaves_or_its_lifetime_is_over(
                         began = time.monotonic()
                         async with http.stream("GET", "/status/events") as stream:
                             kinds = [kind async for kind, _, _ in sse_events(stream)]  # the server ends it
-                        assert 1.4 <= time.monotonic() - began < 5
+                        assert 1.3 <= time.monotonic() - began < 5  # events stop 10 % before the lifetime
                         assert kinds[0] == "status" and set(kinds[1:]) == {"tick"}
                         assert closed(logs)[-1] == "lifetime"
                     # a stream still open at shutdown holds the server up no longer than its lifetime
@@ -343,3 +350,247 @@ async def test_event_stream_ends_when_the_client_leaves_or_its_lifetime_is_over(
 
 def closed(logs: list[dict[str, Any]]) -> list[str]:
     return [e["reason"] for e in logs if e["event"] == "status.stream_closed"]
+
+
+async def test_probes_and_settings_dependency_answer_while_every_worker_thread_is_blocked(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The app's own sync handlers fill Starlette's threadpool; the probes, the readiness dependency
+    and an async route using ``settings_dependency`` do no blocking work, so they must not wait for
+    a thread (Kubernetes gives a probe 1 s)."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    release = threading.Event()
+    entered: list[int] = []
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client) as live,
+    ):
+        app = make_app(live, lifespan=False)
+        current = Depends(settings_dependency(live))
+        ready = Depends(readiness_dependency(live))
+
+        @app.get("/block")
+        def block() -> str:
+            entered.append(threading.get_ident())
+            release.wait(60)
+            return "released"
+
+        @app.get("/async-limit")
+        async def async_limit(settings: Service = current) -> int:
+            return settings.rate_limit
+
+        @app.get("/async-ready")
+        async def async_ready(config: dict[str, Any] = ready) -> dict[str, Any]:
+            return config
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with (
+            serving(app) as url,
+            httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http,
+            anyio.create_task_group() as tg,
+        ):
+            try:
+                for _ in range(int(limiter.total_tokens)):
+                    tg.start_soon(http.get, "/block")
+                with anyio.fail_after(20):  # every worker thread is now provably waiting on `release`
+                    while len(set(entered)) < limiter.total_tokens or limiter.available_tokens > 0:
+                        await anyio.sleep(0.01)
+                with anyio.fail_after(2):
+                    livez = await http.get("/livez")
+                    readyz = await http.get("/readyz")
+                    limit = await http.get("/async-limit")
+                    ready_body = await http.get("/async-ready")
+                assert limiter.available_tokens == 0 and len(entered) == limiter.total_tokens
+            finally:
+                release.set()
+    assert (livez.status_code, livez.json()) == (200, {"status": "alive"})
+    assert readyz.status_code == 200 and readyz.json()["status"] == "ready"
+    assert (limit.status_code, limit.json()) == (200, 100)
+    assert ready_body.json() == {"status": "ready", "prefixes": [etcd_prefix]}
+
+
+async def test_a_client_that_never_reads_holds_the_stream_no_longer_than_its_lifetime(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """A page's event stream to a client that stopped reading (a small receive buffer, never read).
+    Once uvicorn's write buffer is full every ``send`` waits for the client, the closing one too:
+    the response must still end within ``stream_lifetime``. The bytes uvicorn already holds for
+    that client are its own to drop, which it does after ``timeout_graceful_shutdown`` (the README
+    says to set it): with both, shutdown ends within the lifetime."""
+    lifetime = 2.0
+    opened = anyio.Event()
+    sends: list[str] = []
+    waiting_in_send: list[dict[str, Any]] = []
+
+    class Big(BaseSettings):
+        notes: str = ""
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        live = LiveSettings(Big, prefix=etcd_prefix, client=client)
+        app = FastAPI(lifespan=live.lifespan)
+        app.include_router(status_router(live, heartbeat=0.05, stream_lifetime=lifetime))
+        inner = app.build_middleware_stack()
+
+        async def watched(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["path"] != "/status/events":
+                return await inner(scope, receive, send)
+
+            async def flow_controlled(message: dict[str, Any]) -> None:
+                # uvicorn's send returns without suspending unless its write buffer is over the
+                # high-water mark: a send the test sees pending is one waiting for the client
+                sends.append(message["type"])
+                waiting_in_send.append(message)
+                try:
+                    await send(message)
+                finally:
+                    waiting_in_send.remove(message)
+
+            opened.set()
+            return await inner(scope, receive, flow_controlled)
+
+        app.middleware_stack = watched
+        port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="critical", timeout_graceful_shutdown=int(lifetime)
+        )
+        server = uvicorn.Server(config)
+        with capture_logs() as logs, anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                stopped = anyio.Event()
+
+                async def serve() -> None:
+                    await server.serve()
+                    stopped.set()
+
+                tg.start_soon(serve)
+                while not server.started:
+                    await anyio.sleep(0.01)
+                with socket.socket() as reader:
+                    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    reader.connect(("127.0.0.1", port))
+                    reader.sendall(b"GET /status/events HTTP/1.1\r\nHost: test\r\n\r\n")
+                    await opened.wait()  # the stream is open; the client reads nothing, ever
+                    for n in range(20):  # status events of 1 MB each, until the app waits for the client
+                        sent = len(sends)
+                        await client.put(etcd_prefix + "notes", str(n % 10) * 1_000_000)
+                        with anyio.fail_after(10):
+                            while len(sends) == sent:  # the stream has reacted to the change
+                                await anyio.sleep(0.01)
+                        if waiting_in_send:
+                            break
+                    assert waiting_in_send, "the stream never filled the buffers"
+                    server.should_exit = True
+                    stopping = time.monotonic()
+                    with anyio.move_on_after(lifetime + 8):
+                        await stopped.wait()
+                    took = time.monotonic() - stopping
+                    if not stopped.is_set():
+                        tg.cancel_scope.cancel()  # do not leave the server hanging for the next test
+    ended = [e for e in logs if e["event"] == "status.stream_closed"]
+    print(f"\nSTREAM ENDED {ended}; SHUTDOWN took {took:.2f}s (stream_lifetime {lifetime}s)")
+    assert [e["reason"] for e in ended] == ["stalled"], "the response still waited for the client"
+    assert ended[0]["seconds"] <= lifetime + 0.3
+    assert stopped.is_set(), f"uvicorn's graceful shutdown still waited after {took:.1f}s"
+    assert took < lifetime + 1.0, took
+
+
+def strict_json(text: str) -> Any:
+    """JSON as the standard has it: ``NaN``/``Infinity`` (Python's json extension) are errors."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_infinite_and_nan_settings_show_as_strings_in_status_page_and_stream(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``inf``/``-inf``/``nan`` are valid floats for pydantic; JSON has no such numbers, so the status
+    shows them as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (what etcd holds, and what pydantic
+    reads back) instead of failing with a 500."""
+
+    class Floats(BaseSettings):
+        ratio: float = 1.0
+        limits: dict[str, float] = {}
+        weights: list[float] = []
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many(
+            {
+                etcd_prefix + "ratio": "inf",
+                etcd_prefix + "limits/low": "-inf",
+                etcd_prefix + "limits/odd": "nan",
+                etcd_prefix + "weights": "[1.5, Infinity]",
+            }
+        )
+        live = LiveSettings(Floats, prefix=etcd_prefix, client=client)
+        app = FastAPI(lifespan=live.lifespan)
+        app.include_router(probes_router(live))
+        app.include_router(status_router(live, max_staleness=float("inf"), heartbeat=0.1))
+        async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            assert live.current.ratio == float("inf")
+            ready = await http.get("/readyz")
+            status = await http.get("/status")
+            page = await http.get("/status", headers={"accept": BROWSER})
+            with anyio.fail_after(10):
+                async with http.stream("GET", "/status/events") as stream:
+                    raw: list[str] = []
+                    async for line in stream.aiter_lines():
+                        if line.startswith("data:"):
+                            raw.append(line[5:])
+                        if len(raw) == 2:  # the status event and a tick
+                            break
+    assert ready.status_code == 200
+    assert status.status_code == 200, status.text
+    assert page.status_code == 200, page.text
+    body = strict_json(status.text)
+    assert body["max_staleness"] == "inf"
+    values = body["settings"][0]["settings"]["values"]
+    assert values == {
+        "ratio": "inf",
+        "limits": {"low": "-inf", "odd": "nan"},
+        "weights": [1.5, "inf"],
+    }
+    fields = {f["field"]: f["value"] for f in body["settings"][0]["settings"]["fields"]}
+    assert (fields["ratio"], fields["limits.low"], fields["limits.odd"]) == ("inf", "-inf", "nan")
+    assert [strict_json(data)["settings"][0]["prefix"] for data in raw] == [etcd_prefix, etcd_prefix]
+    assert strict_json(raw[0])["settings"][0]["settings"]["values"]["ratio"] == "inf"
+
+
+async def test_combined_lifespans_of_two_live_settings_keep_both_in_the_state(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``live.lifespan`` yields ``{"live_settings": live}``; combining two must not let the second
+    overwrite the first: ``live_settings`` is the first given, ``all_live_settings`` every one."""
+    monkeypatch.setenv("ETCD_ENDPOINTS", etcd_server.endpoint)
+    first = LiveSettings(Service, prefix=etcd_prefix + "one/")
+    second = LiveSettings(Service, prefix=etcd_prefix + "two/")
+    third = LiveSettings(Service, prefix=etcd_prefix + "three/")
+    seen: dict[str, Any] = {}
+
+    async def own(app: Any) -> AsyncIterator[dict[str, Any]]:
+        yield {"database": "db"}
+
+    nested = combine_lifespans(second, combine_lifespans(third, contextlib.asynccontextmanager(own)))
+    app = FastAPI(lifespan=combine_lifespans(first, nested))
+
+    @app.get("/state")
+    async def state(request: Request) -> dict[str, Any]:
+        seen.update(vars(request.state)["_state"])
+        every = getattr(request.state, "all_live_settings", ())
+        return {"first": request.state.live_settings.prefix, "all": [live.prefix for live in every]}
+
+    with anyio.fail_after(30):
+        async with (
+            EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+            serving(app) as url,
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            await client.put(etcd_prefix + "two/rate_limit", "2")
+            await second.wait_for(lambda s: s.rate_limit == 2, timeout=5)
+            body = (await http.get("/state")).json()
+    assert body["first"] == etcd_prefix + "one/"
+    assert body["all"] == [etcd_prefix + "one/", etcd_prefix + "two/", etcd_prefix + "three/"]
+    assert seen["live_settings"] is first
+    assert seen["database"] == "db"

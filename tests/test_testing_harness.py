@@ -9,16 +9,19 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import socketserver
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -30,7 +33,7 @@ from aetcdcfg.testing import (
     FaultProxy,
     TLSFiles,
     _binary,
-    _server,
+    _ports,
     etcd_binary,
     etcdctl_binary,
 )
@@ -104,14 +107,14 @@ def test_no_binary_anywhere_names_all_three_places(monkeypatch: pytest.MonkeyPat
 def test_free_port_skips_ports_another_process_has_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
     """A port is free while its member is down (killed, or held down for an outage): binding alone
     would hand it to another test process on the machine, and the member could not come back."""
-    taken, other = _server.free_port(), _server.free_port()  # claimed by this process: now let go
+    taken, other = _ports.free_port(), _ports.free_port()  # claimed by this process: now let go
     for port in (taken, other):
-        os.close(_server._CLAIMED.pop(port))
-        _server._PORTS_GIVEN.discard(port)
+        _ports.release(port)
+        _ports._PORTS_GIVEN.discard(port)
     script = (
         "import sys\n"
-        "from aetcdcfg.testing import _server\n"
-        "assert _server._claim(int(sys.argv[1]))\n"
+        "from aetcdcfg.testing import _ports\n"
+        "assert _ports._claim(int(sys.argv[1]))\n"
         "print('claimed', flush=True)\n"
         "sys.stdin.read()\n"
     )
@@ -122,14 +125,108 @@ def test_free_port_skips_ports_another_process_has_drawn(monkeypatch: pytest.Mon
         assert holder.stdout is not None and holder.stdin is not None
         assert holder.stdout.readline() == b"claimed\n"
         drawn = iter([taken, other])
-        monkeypatch.setattr(_server.random, "randrange", lambda *_: next(drawn))
-        assert _server.free_port() == other  # `taken` is not bound, only claimed by the other process
+        monkeypatch.setattr(_ports.random, "randrange", lambda *_: next(drawn))
+        assert _ports.free_port() == other  # `taken` is not bound, only claimed by the other process
         holder.stdin.close()
     monkeypatch.undo()
-    os.close(_server._CLAIMED.pop(other))
-    _server._PORTS_GIVEN.discard(other)
-    assert _server._claim(taken)  # the claim ended with the process that held it
-    os.close(_server._CLAIMED.pop(taken))
+    _ports.release(other)
+    _ports._PORTS_GIVEN.discard(other)
+    assert _ports._claim(taken)  # the claim ended with the process that held it
+    _ports.release(taken)
+
+
+USER_TEST = """
+import json, os, time
+
+
+def test_runs_until_ci_cancels_it(etcd_server, etcd_cluster):
+    members = [etcd_server, *etcd_cluster.members]
+    facts = {
+        "dirs": [str(etcd_server.base_dir), str(etcd_cluster.base_dir)],
+        "pids": [m.pid for m in members],
+        "ports": [p for m in members for p in (m.client_port, m.peer_port, m.metrics_port)],
+    }
+    with open(os.environ["FACTS"] + ".tmp", "w") as f:
+        json.dump(facts, f)
+    os.rename(os.environ["FACTS"] + ".tmp", os.environ["FACTS"])
+    time.sleep(300)
+"""
+
+
+def test_a_pytest_run_terminated_mid_test_leaves_no_etcd_dirs_processes_or_port_locks(
+    tmp_path: Path,
+) -> None:
+    """CI cancelling a job sends SIGTERM, which skips atexit hooks: a user's pytest run of the plugin,
+    terminated mid-test, must still end its etcd processes and remove their data dirs (~123 MiB a
+    member) and the port lock files it took."""
+    (tmp_path / "test_user.py").write_text(USER_TEST)
+    facts_file = tmp_path / "facts.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FACTS": str(facts_file)}
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "test_user.py"]
+    facts: dict[str, list[Any]] = {"dirs": [], "pids": [], "ports": []}
+    try:
+        with subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ) as run:
+            wait_for(lambda: facts_file.exists() or run.poll() is not None, timeout=90)
+            assert run.poll() is None, run.communicate()[0].decode()
+            facts = json.loads(facts_file.read_text())
+            assert all(Path(d).is_dir() for d in facts["dirs"])
+            assert all(claim_file(port).exists() for port in facts["ports"])
+            run.send_signal(signal.SIGTERM)
+            output = run.communicate(timeout=60)[0].decode()
+        assert run.returncode == -signal.SIGTERM, output  # still terminated by the signal
+        wait_for(lambda: all(gone(pid) for pid in facts["pids"]), timeout=10)
+        left = [d for d in facts["dirs"] if Path(d).exists()]
+        assert not left, f"left behind: {left}"
+        locks = [port for port in facts["ports"] if claim_file(port).exists()]
+        assert not locks, f"port lock files left behind: {locks}"
+    finally:
+        for directory in facts["dirs"]:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+#: Where free_port's claims live, one lock file per port.
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "aetcdcfg-ports"
+assert PORT_CLAIMS == _ports.PORT_CLAIMS
+
+
+def claim_file(port: int) -> Path:
+    return PORT_CLAIMS / f"{port}.lock"
+
+
+def test_stale_port_lock_files_are_swept_and_held_ones_kept(tmp_path: Path) -> None:
+    """Lock files of processes that died (SIGKILL, or an older version) are removed by the next
+    process that draws ports; a file another live process holds stays."""
+    PORT_CLAIMS.mkdir(mode=0o777, exist_ok=True)
+    stale = claim_file(19_999)  # below the range free_port draws from: never a real claim
+    stale.touch()
+    script = (
+        "import sys\n"
+        "from aetcdcfg.testing import _ports\n"
+        "print(_ports.free_port(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            held = int(holder.stdout.readline())
+            assert not stale.exists()
+            assert claim_file(held).exists()  # its claim, while it lives
+            subprocess.run(
+                [sys.executable, "-c", "from aetcdcfg.testing import _ports; _ports.free_port()"],
+                env=env,
+                check=True,
+                timeout=60,
+            )
+            assert claim_file(held).exists()  # a held claim is never swept
+        finally:
+            holder.stdin.close()
+    stale.unlink(missing_ok=True)
+    assert not claim_file(held).exists()  # released, and its file removed, when the process ended
 
 
 # -- one server --------------------------------------------------------------------------------
@@ -193,8 +290,11 @@ def test_kill_restart_pause_and_wipe_keep_urls_and_the_right_data(own_server: Et
 def test_leaving_the_with_block_kills_etcd_and_removes_its_files() -> None:
     with EtcdServer() as server:
         pid, base_dir = server.pid, server.base_dir
+        ports = [server.client_port, server.peer_port, server.metrics_port]
         assert pid is not None and base_dir.is_dir()
+        assert all(claim_file(port).exists() for port in ports)
     assert gone(pid) and not base_dir.exists()
+    assert not any(claim_file(port).exists() for port in ports)  # claims released, files removed
 
 
 @pytest.mark.parametrize(
@@ -264,6 +364,36 @@ def test_lonely_member_is_ready_but_not_healthy(cluster: EtcdCluster) -> None:
     assert not lonely.health()  # no quorum, so no leader
     cluster.ensure_all_running()
     assert all(m.health() for m in cluster.members)
+
+
+def listed_members(cluster: EtcdCluster) -> list[dict[str, Any]]:
+    """The cluster's member list, as etcdctl reads it from the running members."""
+    text = cluster.members[0].etcdctl("member", "list", "-w", "json", endpoints=cluster.endpoints)
+    return list(json.loads(text)["members"])
+
+
+@pytest.mark.parametrize("index", [1, 0])  # a follower or (maybe) the leader; the one etcdctl asks first
+def test_cluster_fixture_restores_a_member_that_was_removed(
+    cluster: EtcdCluster, etcd_prefix: str, index: int
+) -> None:
+    """``cluster`` promises every member running again after the test: a removed member cannot
+    come back on its old data (etcd exits 0, "the member has been permanently removed"), so it
+    rejoins as a new member with a fresh data dir, on the same URLs."""
+    removed = cluster.members[index]
+    cluster.remove_member(index)
+    wait_for(lambda: not removed.running, timeout=15)  # a removed member shuts itself down
+    assert len(listed_members(cluster)) == 2
+
+    cluster.ensure_all_running()  # what the fixture does after each test, and before the next
+
+    assert all(m.health() for m in cluster.members)
+    assert sorted(m["name"] for m in listed_members(cluster)) == ["m0", "m1", "m2"]
+    cluster.members[0].etcdctl("put", f"{etcd_prefix}k", "after", endpoints=cluster.endpoints)
+    local = removed.etcdctl("get", f"{etcd_prefix}k", "--print-value-only", "--consistency=s")
+    assert local.strip() == "after"
+    cluster.kill(index)  # and it restarts on its new data dir like any other member
+    cluster.ensure_all_running()
+    assert removed.health()
 
 
 def test_move_leader(cluster: EtcdCluster) -> None:

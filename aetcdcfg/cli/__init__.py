@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
 import anyio
 import structlog
 
-from ..errors import AetcdcfgError, ConfigurationError
+if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
+    from exceptiongroup import BaseExceptionGroup
+
+from ..errors import ConfigurationError
 from . import _dev, _ops, _read, _write
-from ._common import UsageError, normalize_prefix
+from ._common import UsageError, normalize_prefix, positive_float
 from ._files import flatten, unflatten
 
 __all__ = ["build_parser", "cli", "flatten", "main", "unflatten"]
@@ -35,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--ca-file")
     conn.add_argument("--cert-file")
     conn.add_argument("--key-file")
-    conn.add_argument("--connect-timeout", type=float)
-    conn.add_argument("--request-timeout", type=float)
+    conn.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS")
+    conn.add_argument("--request-timeout", type=positive_float, metavar="SECONDS")
     common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
 
     parser = argparse.ArgumentParser(
@@ -59,22 +63,51 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or repr(exc)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups of one, as a task group raises it."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def cli(*argv: str) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 refused or failed, 2 usage)."""
+    """Run the command line; returns the exit code (0 ok, 1 refused or failed, 2 usage).
+
+    Arguments are checked by the parser (a bad one is argparse's usage error, exit 2); every other
+    error prints one line, ``aetcdcfg: <kind>: <message>`` (``--verbose`` adds the traceback).
+    """
     parser = build_parser()
+    for arg in argv:
+        try:
+            arg.encode()
+        except UnicodeEncodeError:  # a byte the shell passed that is not UTF-8 (surrogate-escaped)
+            parser.error(
+                f"argument {os.fsencode(arg)!r} is not valid UTF-8: keys, values and prefixes are "
+                "UTF-8 text (check the terminal's encoding)"
+            )
     args = parser.parse_args(list(argv))
     try:
         if getattr(args, "prefix", None) is not None and args.command in ("get", "watch"):
             args.prefix = normalize_prefix(args.prefix)
         return int(anyio.run(args.run, args))
-    except (AetcdcfgError, UsageError) as exc:
-        if args.verbose:
-            traceback.print_exc()
-        kind = "usage" if isinstance(exc, (UsageError, ConfigurationError)) else type(exc).__name__
-        print(f"aetcdcfg: {kind}: {exc}", file=sys.stderr)
-        return 2 if kind == "usage" else 1
     except KeyboardInterrupt:
         return 130
+    except Exception as raised:
+        exc = _leaf(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if args.verbose:
+            traceback.print_exception(raised)
+        # ours name what to do; anything else (a bug, an OSError) is one line too
+        usage = isinstance(exc, (UsageError, ConfigurationError))
+        kind, code = ("usage", 2) if usage else (type(exc).__name__, 1)
+        print(f"aetcdcfg: {kind}: {_one_line(exc)}", file=sys.stderr)
+        return code
 
 
 def main() -> None:

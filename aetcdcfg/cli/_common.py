@@ -9,7 +9,7 @@ import importlib
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
 import anyio
@@ -17,11 +17,13 @@ from pydantic import BaseModel
 
 from .._diff import ConfigDiff
 from ..client import EtcdClient
-from ..source import MASK, is_secret, resolve_key
+from ..source import MASK
+from ._secrets import Secrets
 
 __all__ = [
     "Subparsers",
     "MASK",
+    "Secrets",
     "UsageError",
     "diff_json",
     "diff_lines",
@@ -30,7 +32,9 @@ __all__ = [
     "make_client",
     "normalize_prefix",
     "out",
-    "secret_keys",
+    "positive_float",
+    "positive_int",
+    "revision",
     "show",
     "stop_on_signals",
 ]
@@ -41,6 +45,42 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 class UsageError(Exception):
     """A problem with the command line or its inputs (a file, a model name)."""
+
+
+# -- argument types (argparse turns their ArgumentTypeError into a usage error, exit 2) --------------
+
+
+def positive_int(text: str) -> int:
+    """A count of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def revision(text: str) -> int:
+    """An etcd revision: etcd's revisions start at 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a revision number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"etcd's revisions start at 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -69,23 +109,10 @@ def load_model(spec: str) -> type[BaseModel]:
     return model
 
 
-def secret_keys(model: type[BaseModel] | None, keys: list[str]) -> set[str]:
-    if model is None:
-        return set()
-    out = set()
-    for key in keys:
-        resolved = resolve_key(model, key)
-        if resolved is not None and is_secret(resolved[1]):
-            out.add(key)
-    return out
-
-
-def show(value: bytes | None, secret: bool = False) -> str:
-    """How a value prints: masked if secret, text if UTF-8, a byte count otherwise."""
+def show(value: bytes | None) -> str:
+    """How a value prints: text if UTF-8, a byte count otherwise (mask secrets first)."""
     if value is None:
         return "(absent)"
-    if secret:
-        return MASK
     try:
         text = value.decode()
     except UnicodeDecodeError:
@@ -93,32 +120,34 @@ def show(value: bytes | None, secret: bool = False) -> str:
     return json.dumps(text, ensure_ascii=False) if ("\n" in text or text != text.strip()) else text
 
 
-def json_value(value: bytes, secret: bool = False) -> Any:
-    if secret:
-        return MASK
+def json_value(value: bytes) -> Any:
+    """A value as JSON-ready data: text, or ``{"base64": ...}`` when not UTF-8 (mask secrets first)."""
     try:
         return value.decode()
     except UnicodeDecodeError:
         return {"base64": base64.b64encode(value).decode()}
 
 
-def _diff_secrets(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None) -> set[str]:
-    """The full keys of ``diff`` that hold secrets of ``model``."""
-    rel = {key[len(prefix) :]: key for key in diff.keys if key.startswith(prefix)}
-    return {rel[k] for k in secret_keys(model, list(rel))}
+def _masker(prefix: str, model: type[BaseModel] | None) -> Callable[[str, bytes], bytes]:
+    """``(full key, value) -> value`` with the secrets of ``model`` masked (see :class:`Secrets`)."""
+    secrets = Secrets(model)
+
+    def masked(key: str, value: bytes) -> bytes:
+        return secrets.mask(key[len(prefix) :], value) if key.startswith(prefix) else value
+
+    return masked
 
 
 def diff_lines(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None, indent: str = "") -> list[str]:
     """``+ key = value``, ``~ key: old -> new`` and ``- key`` lines in key order, secrets masked."""
-    secrets = _diff_secrets(prefix, diff, model)
+    mask = _masker(prefix, model)
     lines = []
     for key in diff.keys:
-        secret = key in secrets
         if key in diff.added:
-            lines.append(f"{indent}+ {key} = {show(diff.added[key], secret)}")
+            lines.append(f"{indent}+ {key} = {show(mask(key, diff.added[key]))}")
         elif key in diff.changed:
             old, new = diff.changed[key]
-            lines.append(f"{indent}~ {key}: {show(old, secret)} -> {show(new, secret)}")
+            lines.append(f"{indent}~ {key}: {show(mask(key, old))} -> {show(mask(key, new))}")
         else:
             lines.append(f"{indent}- {key}")
     return lines
@@ -126,14 +155,14 @@ def diff_lines(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None, ind
 
 def diff_json(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None) -> dict[str, Any]:
     """A diff as JSON-ready data: added/removed map keys to values, changed to ``{old, new}``."""
-    secrets = _diff_secrets(prefix, diff, model)
+    mask = _masker(prefix, model)
     return {
-        "added": {k: json_value(v, k in secrets) for k, v in diff.added.items()},
+        "added": {k: json_value(mask(k, v)) for k, v in diff.added.items()},
         "changed": {
-            k: {"old": json_value(old, k in secrets), "new": json_value(new, k in secrets)}
+            k: {"old": json_value(mask(k, old)), "new": json_value(mask(k, new))}
             for k, (old, new) in diff.changed.items()
         },
-        "removed": {k: json_value(v, k in secrets) for k, v in diff.removed.items()},
+        "removed": {k: json_value(mask(k, v)) for k, v in diff.removed.items()},
     }
 
 

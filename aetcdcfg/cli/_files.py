@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import sys
 from collections.abc import Mapping
@@ -10,7 +12,7 @@ from typing import Any
 
 from ._common import UsageError
 
-__all__ = ["flatten", "load_file", "unflatten"]
+__all__ = ["dumps", "flatten", "load_file", "loads", "unflatten"]
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -19,7 +21,11 @@ def load_file(path: Path) -> dict[str, Any]:
         text = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    suffix = path.suffix.lower()
+    return loads(text, path.suffix.lower(), str(path))
+
+
+def loads(text: bytes, suffix: str, name: str) -> dict[str, Any]:
+    """The settings in ``text``, parsed as the format its file ``suffix`` says (``.yaml``, ...)."""
     try:
         if suffix == ".json":
             data = json.loads(text)
@@ -36,21 +42,56 @@ def load_file(path: Path) -> dict[str, Any]:
                 import tomli as tomllib
             data = tomllib.loads(text.decode())
         else:
-            raise UsageError(f"{str(path)!r}: use a .yaml, .yml, .json or .toml file")
+            raise UsageError(f"{name!r}: use a .yaml, .yml, .json or .toml file")
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"{str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from exc
+        raise UsageError(f"{name!r} is not valid {suffix[1:].upper()}: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"{str(path)!r}: the top level must be a mapping of settings")
+        raise UsageError(f"{name!r}: the top level must be a mapping of settings")
     return data
+
+
+def dumps(items: Mapping[str, bytes], *, as_json: bool, header: str = "") -> str:
+    """What ``dump`` prints for ``items`` (relative keys): JSON, or YAML after ``header`` (comment
+    lines); :func:`loads` and :func:`flatten` turn it back into the same items."""
+    tree = unflatten(items)
+    if as_json:
+        return json.dumps(tree, indent=2, default=lambda b: {"base64": base64.b64encode(b).decode()})
+    try:
+        import yaml
+    except ImportError as exc:
+        raise UsageError("YAML output needs PyYAML: pip install 'aetcdcfg[cli]' (or use --json)") from exc
+
+    class Dumper(yaml.SafeDumper):
+        """Text with a character that is not printable in double quotes, where YAML escapes it:
+        PyYAML writes U+0085, U+2028 and U+2029 raw in plain or single-quoted text, and reads them
+        back as line breaks (NEL as "\n", folded to a space), so those values changed."""
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = None if value.isprintable() else '"'
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    # no folding of long lines: a value reads back as written, whatever its length
+    dumped = yaml.dump(tree, Dumper=Dumper, sort_keys=True, allow_unicode=True, width=2**31 - 1)
+    return header + dumped.rstrip()
+
+
+def _iso(value: Any) -> str:
+    """YAML and TOML dates and times as ISO 8601 text (what pydantic reads back); nothing else
+    without a JSON form is guessed at."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(f"a {type(value).__name__} has no JSON form")
 
 
 def flatten(data: Mapping[str, Any], parent: str = "") -> dict[str, bytes]:
     """Nested mappings become ``a/b`` keys; other values become their etcd bytes (str as is,
-    bytes as is, anything else as JSON)."""
+    bytes as is, dates and times as ISO 8601 text, anything else as JSON). A value with no JSON
+    form (a YAML set, say) is a :class:`UsageError` naming its key."""
     out: dict[str, bytes] = {}
     for key, value in data.items():
         path = f"{parent}{key}"
@@ -60,8 +101,14 @@ def flatten(data: Mapping[str, Any], parent: str = "") -> dict[str, bytes]:
             out[path] = value
         elif isinstance(value, str):
             out[path] = value.encode()
+        elif isinstance(value, (datetime.date, datetime.time)):
+            out[path] = _iso(value).encode()
         else:
-            out[path] = json.dumps(value, separators=(",", ":")).encode()
+            try:
+                text = json.dumps(value, separators=(",", ":"), default=_iso, allow_nan=True)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{path}: {exc}; write it as a string, a list or a mapping") from None
+            out[path] = text.encode()
     return out
 
 

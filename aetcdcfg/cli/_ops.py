@@ -19,8 +19,10 @@ from ._common import (
     make_client,
     normalize_prefix,
     out,
+    positive_int,
+    revision,
 )
-from ._write import add_guard_options, refuse_unknown, write_result
+from ._write import add_guard_options, base, refuse_unknown, write_result
 
 __all__ = ["register", "cmd_diff", "cmd_history", "cmd_rollback", "cmd_set"]
 
@@ -101,7 +103,9 @@ async def cmd_rollback(args: argparse.Namespace) -> int:
     prefix = normalize_prefix(args.prefix)
     model = load_model(args.model)
     async with make_client(args) as client:
-        current, target = await client.plan_rollback(prefix, args.to_revision)
+        current, target = await client.plan_rollback(
+            prefix, args.to_revision, at_revision=args.expect_revision
+        )
         return await write_result(
             args,
             client,
@@ -135,7 +139,7 @@ async def cmd_set(args: argparse.Namespace) -> int:
     if refuse_unknown(model, prefix, wanted, "the command line"):
         return 1
     async with make_client(args) as client:
-        current = await client.get_prefix(prefix)
+        current = await base(args, client, prefix)
         result = {**current.items, **{prefix + k: v for k, v in wanted.items()}}
         return await write_result(
             args,
@@ -154,10 +158,12 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "history", parents=[common], help="recent revisions that changed a prefix, newest first"
     )
     history.add_argument("prefix")
-    history.add_argument("--limit", type=int, default=10, metavar="N", help="at most N revisions (10)")
+    history.add_argument(
+        "--limit", type=positive_int, default=10, metavar="N", help="at most N revisions (10)"
+    )
     history.add_argument(
         "--max-revisions",
-        type=int,
+        type=positive_int,
         default=10_000,
         metavar="N",
         help="look back at most N revisions of etcd (10000): one read each",
@@ -168,8 +174,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     diff = sub.add_parser("diff", parents=[common], help="how a prefix changed between two revisions")
     diff.add_argument("prefix")
-    diff.add_argument("--from", dest="from_revision", type=int, required=True, metavar="R1")
-    diff.add_argument("--to", dest="to_revision", type=int, metavar="R2", help="default: now")
+    diff.add_argument("--from", dest="from_revision", type=revision, required=True, metavar="R1")
+    diff.add_argument("--to", dest="to_revision", type=revision, metavar="R2", help="default: now")
     diff.add_argument("--model", help="module:Class, to mask its secret fields")
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(run=cmd_diff)
@@ -178,7 +184,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "rollback", parents=[common], help="restore a prefix as it was at a revision, in one txn"
     )
     rollback.add_argument("prefix")
-    rollback.add_argument("--to-revision", type=int, required=True, metavar="R")
+    rollback.add_argument("--to-revision", type=revision, required=True, metavar="R")
     add_guard_options(rollback)
     rollback.set_defaults(run=cmd_rollback)
 

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 
 from ..events import Event, EventType
 from ._common import (
-    MASK,
+    Secrets,
     Subparsers,
-    UsageError,
     json_value,
     load_model,
     make_client,
     normalize_prefix,
     out,
-    secret_keys,
+    revision,
     show,
     stop_on_signals,
 )
-from ._files import unflatten
+from ._files import dumps
 
 __all__ = ["register", "cmd_dump", "cmd_get", "cmd_watch"]
 
@@ -31,36 +29,34 @@ async def cmd_get(args: argparse.Namespace) -> int:
     model = load_model(args.model) if args.model else None
     async with make_client(args) as client:
         snapshot = await client.get_prefix(prefix)
-    rel = [k[len(prefix) :] if k.startswith(prefix) else k for k in snapshot.items]
-    secrets = secret_keys(model, rel)
+    secrets = Secrets(model)
+    shown = {key: secrets.mask(key[len(prefix) :], value) for key, value in snapshot.items.items()}
     if args.json:
-        items = {
-            key: json_value(value, key[len(prefix) :] in secrets) for key, value in snapshot.items.items()
-        }
+        items = {key: json_value(value) for key, value in shown.items()}
         out(json.dumps({"revision": snapshot.revision, "prefix": prefix, "items": items}, indent=2))
         return 0
     out(f"# {prefix} at revision {snapshot.revision}: {len(snapshot.items)} keys")
-    for key, value in snapshot.items.items():
-        out(f"{key} = {show(value, key[len(prefix) :] in secrets)}")
+    for key, value in shown.items():
+        out(f"{key} = {show(value)}")
     return 0
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     prefix = args.prefix
-    model = load_model(args.model) if args.model else None
+    secrets = Secrets(load_model(args.model) if args.model else None)
 
     def line(event: Event) -> str:
-        secret = bool(secret_keys(model, [event.key[len(prefix) :]]))
+        shown = secrets.mask(event.key[len(prefix) :], event.value)
         if args.json:
             record = {
                 "revision": event.revision,
                 "type": event.type.value,
                 "key": event.key,
-                "value": json_value(event.value, secret) if event.type is EventType.PUT else None,
+                "value": json_value(shown) if event.type is EventType.PUT else None,
                 "resync": event.resync,
             }
             return json.dumps(record)
-        value = f" = {show(event.value, secret)}" if event.type is EventType.PUT else ""
+        value = f" = {show(shown)}" if event.type is EventType.PUT else ""
         flag = " (resync)" if event.resync else ""
         return f"{event.revision} {event.type.value} {event.key}{value}{flag}"
 
@@ -81,22 +77,13 @@ async def cmd_dump(args: argparse.Namespace) -> int:
         snapshot = await client.get_prefix(prefix)
     items = {k[len(prefix) :]: v for k, v in snapshot.items.items()}
     if args.model and not args.reveal_secrets:
-        model = load_model(args.model)
-        for key in secret_keys(model, list(items)):
-            items[key] = MASK.encode()  # push keeps etcd's value for a masked secret
-    tree = unflatten(items)
-    if args.json:
-        text = json.dumps(tree, indent=2, default=lambda b: {"base64": base64.b64encode(b).decode()})
-        out(text)
-        return 0
-    try:
-        import yaml
-    except ImportError as exc:
-        raise UsageError("YAML output needs PyYAML: pip install 'aetcdcfg[cli]' (or use --json)") from exc
+        secrets = Secrets(load_model(args.model))
+        # push keeps etcd's value for a masked secret, whole or inside a JSON value
+        items = {key: secrets.mask(key, value) for key, value in items.items()}
     header = (
         f"# {prefix} at revision {snapshot.revision}; aetcdcfg push FILE --prefix {prefix} reads it back\n"
     )
-    out(header + yaml.safe_dump(tree, sort_keys=True, allow_unicode=True).rstrip())
+    out(dumps(items, as_json=args.json, header=header))
     return 0
 
 
@@ -109,7 +96,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     get.set_defaults(run=cmd_get)
     watch = sub.add_parser("watch", parents=[common], help="live events, one per line, until Ctrl-C")
     watch.add_argument("prefix")
-    watch.add_argument("--from-revision", type=int, metavar="R")
+    watch.add_argument("--from-revision", type=revision, metavar="R")
     watch.add_argument("--json", action="store_true")
     watch.add_argument("--model", help="module:Class, to mask its secret fields")
     watch.set_defaults(run=cmd_watch)

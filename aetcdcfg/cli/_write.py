@@ -9,24 +9,35 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .._diff import ConfigDiff
+from .._kv import MAX_TXN_OPS, unchanged_keys
 from .._validate import build_model
 from ..client import EtcdClient
 from ..errors import ConfigRejected
 from ..events import Snapshot
 from ..source import resolve_key
 from ._common import (
-    MASK,
+    Secrets,
     Subparsers,
+    UsageError,
     diff_lines,
     load_model,
     make_client,
     normalize_prefix,
     out,
-    secret_keys,
+    revision,
 )
 from ._files import flatten, load_file
+from ._secrets import MaskedSecretMissing
 
-__all__ = ["add_guard_options", "register", "cmd_check", "cmd_push", "refuse_unknown", "write_result"]
+__all__ = [
+    "add_guard_options",
+    "base",
+    "register",
+    "cmd_check",
+    "cmd_push",
+    "refuse_unknown",
+    "write_result",
+]
 
 
 async def _current(args: argparse.Namespace) -> tuple[type[BaseModel], str, dict[str, bytes], int]:
@@ -79,9 +90,11 @@ async def write_result(
 ) -> int:
     """Turn the prefix from ``current`` into ``result`` (full keys), as push, set and rollback do.
 
+    ``current`` is the prefix as of ``--expect-revision`` when given (see :func:`base`), else now.
     The result is validated with ``model`` first (refused, writing nothing, if it does not
-    validate); the diff is shown with secrets masked; ``--dry-run`` stops there; otherwise the diff
-    is written in one transaction guarded by ``--expect-revision`` or ``current.revision``.
+    validate); the diff is shown with secrets masked; ``--dry-run`` stops there; otherwise exactly
+    that diff is written, in one transaction refused if the prefix changed after
+    ``current.revision`` (a key created, changed or deleted: see :meth:`KV.apply_diff`).
     """
     try:
         build_model(model, prefix, {k[len(prefix) :]: v for k, v in result.items()}, current.revision)
@@ -99,31 +112,56 @@ async def write_result(
     if not diff:
         out("no changes")
         return 0
+    unchanged = unchanged_keys(current, diff)
+    if len(unchanged) < len(current.items) - len(diff.changed) - len(diff.removed):
+        out(
+            f"# the prefix has {len(current.items)} keys, more than etcd's --max-txn-ops ({MAX_TXN_OPS}) "
+            "compares can guard: a deletion of a key this change leaves alone would not be detected"
+        )
     if args.dry_run:
         out(f"dry run: nothing written; apply with --expect-revision {current.revision}")
         return 0
-    guard = args.expect_revision if args.expect_revision is not None else current.revision
-    revision = await client.apply_diff(prefix, diff, since_revision=guard)
+    revision = await client.apply_diff(prefix, diff, unchanged=unchanged)
     out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
     return 0
+
+
+async def base(args: argparse.Namespace, client: EtcdClient, prefix: str) -> Snapshot:
+    """The state a write is computed from: the prefix as of ``--expect-revision`` (a reviewed dry
+    run's), so that the diff written is the one reviewed, or now."""
+    if args.expect_revision is not None:
+        return await client.get_prefix(prefix, revision=args.expect_revision)
+    return await client.get_prefix(prefix)
 
 
 async def cmd_push(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     prefix = normalize_prefix(args.prefix)
-    wanted = flatten(load_file(Path(args.file)))
+    data = load_file(Path(args.file))
+    try:
+        wanted = flatten(data)
+    except UsageError as exc:
+        raise UsageError(f"{args.file!r}: {exc}") from None
     if refuse_unknown(model, prefix, wanted, args.file):
         return 1
-    secrets = secret_keys(model, list(wanted))
+    secrets = Secrets(model)
     async with make_client(args) as client:
-        snapshot = await client.get_prefix(prefix)
+        snapshot = await base(args, client, prefix)
         current = {k[len(prefix) :]: v for k, v in snapshot.items.items()}
-        # A masked secret (from a dump) means "keep the value etcd has".
-        for key in [k for k in wanted if k in secrets and wanted[k] == MASK.encode()]:
-            if key in current:
-                wanted[key] = current[key]
-            else:
+        # A masked secret (from a dump), whole or inside a JSON value, means "keep etcd's value".
+        for key in list(wanted):
+            try:
+                restored = secrets.restore(key, wanted[key], current.get(key))
+            except MaskedSecretMissing as exc:
+                raise UsageError(
+                    f"{args.file}: {prefix}{key} has a masked secret at {'/'.join(exc.path)!r} that "
+                    "etcd does not hold there to keep; write the real value (or dump with "
+                    "--reveal-secrets)"
+                ) from None
+            if restored is None:
                 del wanted[key]
+            else:
+                wanted[key] = restored
         extra = sorted(k for k in current if k not in wanted)
         result = {k: v for k, v in current.items() if not (args.prune and k in extra)}
         result.update(wanted)
@@ -150,9 +188,10 @@ def add_guard_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     parser.add_argument(
         "--expect-revision",
-        type=int,
+        type=revision,
         metavar="R",
-        help="refuse if the prefix changed after revision R (a reviewed dry run)",
+        help="write the diff from the prefix as of revision R (a reviewed dry run's), and refuse if "
+        "the prefix changed after R",
     )
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 
 from ._binary import etcd_binary
+from ._ports import free_port
 from ._process import OWNED_DIRS, ManagedProcess
-from ._server import free_port
 
 __all__ = ["EtcdGrpcProxy"]
 
@@ -89,8 +89,13 @@ class EtcdGrpcProxy(ManagedProcess):
         #: ``--grpc-keepalive-min-time`` in seconds; None keeps the proxy's default (5 s, like etcd).
         self.keepalive_min_time = keepalive_min_time
         self.extra_args = list(extra_args)
-        self.port = listen_port or free_port()
+        self.drawn_ports = []
+        if listen_port is None:
+            listen_port = free_port()
+            self.drawn_ports.append(listen_port)
+        self.port = listen_port
         self.metrics_port = free_port()
+        self.drawn_ports.append(self.metrics_port)
         self.process: subprocess.Popen[bytes] | None = None
         self._paused = False
 

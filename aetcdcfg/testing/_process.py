@@ -8,6 +8,7 @@ and cleanup of its files.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -16,13 +17,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ._binary import release
+from . import _ports
+from ._binary import kill_spawned, release
 from ._binary import spawn as spawn_process
 
-__all__ = ["OWNED_DIRS", "ManagedProcess"]
+__all__ = ["OWNED_DIRS", "ManagedProcess", "cleanup_all"]
 
 #: Temp dirs made by members, clusters and proxies of this process, removed at exit if still there.
 OWNED_DIRS: set[Path] = set()
+
+
+@atexit.register
+def cleanup_all() -> None:
+    """Kill every process this interpreter started and still runs, remove the temp dirs it made,
+    and release its port claims. Runs at exit; the pytest plugin also runs it on SIGTERM, whose
+    default action skips ``atexit``. Takes no lock, so a signal handler may call it."""
+    kill_spawned()
+    for directory in list(OWNED_DIRS):
+        shutil.rmtree(directory, ignore_errors=True)
+        OWNED_DIRS.discard(directory)
+    _ports.release_all()
 
 
 def _all_threads_stopped(pid: int) -> bool:
@@ -45,6 +59,8 @@ class ManagedProcess:
     """One test process with a log file and a data dir under a base dir; see the module docstring."""
 
     process: subprocess.Popen[bytes] | None
+    #: Ports this object drew with ``free_port``: released (and their lock files removed) on cleanup.
+    drawn_ports: list[int]
     log_file: Path
     data_dir: Path
     base_dir: Path
@@ -165,3 +181,10 @@ class ManagedProcess:
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
             OWNED_DIRS.discard(self.base_dir)
+        self.release_ports()
+
+    def release_ports(self) -> None:
+        """Give back the ports this object drew (it will not run on them again)."""
+        for port in self.drawn_ports:
+            _ports.release(port)
+        self.drawn_ports = []

@@ -4,22 +4,20 @@ Synchronous on purpose (subprocess + polling), so session fixtures, benchmarks a
 them from any thread or event loop. Everything binds to 127.0.0.1 on free ports with temp data dirs.
 
 No etcd outlives the interpreter that started it: ``kill``/``stop``/``cleanup`` and the context
-managers end processes, an ``atexit`` hook ends any left over, and on Linux the kernel kills etcd
-when the interpreter dies any other way (see ``_binary.spawn``).
+managers end processes, an ``atexit`` hook (``_process.cleanup_all``, which the pytest plugin also
+runs on SIGTERM) ends any left over and removes their temp dirs, and on Linux the kernel kills etcd
+when the interpreter dies any other way (see ``_binary.spawn``). Ports come from ``_ports``.
 """
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,92 +27,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._binary import etcd_binary, etcdctl_binary, kill_spawned
+from ._binary import etcd_binary, etcdctl_binary
+from ._ports import free_port
 from ._process import OWNED_DIRS, ManagedProcess
 from ._tls import TLSFiles
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdServer", "free_port"]
-
-
-@atexit.register
-def _cleanup_at_exit() -> None:
-    """Kill every etcd this process started and still runs, then remove the temp dirs we made."""
-    kill_spawned()
-    for directory in list(OWNED_DIRS):
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-# -- ports -----------------------------------------------------------------------------------------
-
-_PORT_LOCK = threading.Lock()
-_PORTS_GIVEN: set[int] = set()
-#: Lock files through which test processes on one machine hand out each port to only one of them.
-_PORT_CLAIMS = Path(tempfile.gettempdir()) / "aetcdcfg-ports"
-#: Open descriptors holding this process's claims; the kernel drops the locks when the process ends.
-_CLAIMED: dict[int, int] = {}
-
-
-def _ephemeral_floor() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _claim(port: int) -> bool:
-    """Claim ``port`` for this process's lifetime against other processes that use ``free_port``.
-
-    Binding only shows that a port is free now: a member that is down (killed, or held down for an
-    outage test) leaves its ports unbound, and another test process on the same machine could draw
-    one of them, so that the member could not be restarted on its own URLs. Always True where
-    ``fcntl`` is missing or the lock directory cannot be used (the bind check alone, as before).
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return True
-    try:
-        _PORT_CLAIMS.mkdir(mode=0o777, exist_ok=True)
-        fd = os.open(_PORT_CLAIMS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    _CLAIMED[port] = fd
-    return True
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago, never handed out twice by this process nor
-    by any other process using this function on the same machine while this one lives.
-
-    Drawn below the kernel's ephemeral range rather than by binding port 0: ports from that range
-    are also used as source ports of outgoing connections, so a member restarted on "its" port can
-    find it taken by a client socket (or a client retrying the dead port connects to itself).
-    """
-    ceiling = min(_ephemeral_floor(), 32768)
-    with _PORT_LOCK:
-        for _ in range(100 if ceiling > 21000 else 0):
-            port = random.randrange(20000, ceiling)
-            if port in _PORTS_GIVEN:
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            if not _claim(port):
-                continue
-            _PORTS_GIVEN.add(port)
-            return port
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        _PORTS_GIVEN.add(port)
-        return port
 
 
 # -- one member ------------------------------------------------------------------------------------
@@ -175,15 +93,23 @@ class EtcdMember(ManagedProcess):
         self.progress_notify_interval = progress_notify_interval
         self.quota_bytes = quota_bytes
         self.extra_args = list(extra_args)
-        self.client_port = client_port or free_port()
-        self.peer_port = free_port()
-        self.metrics_port = free_port()
+        self.drawn_ports = []
+        self.client_port = client_port or self._draw_port()
+        self.peer_port = self._draw_port()
+        self.metrics_port = self._draw_port()
         #: ``--initial-cluster``; EtcdCluster sets it to list every member.
         self.initial_cluster = f"{name}={self.peer_url}"
+        #: ``--initial-cluster-state``: "existing" for a member added to a running cluster.
+        self.initial_cluster_state = "new"
         self.process: subprocess.Popen[bytes] | None = None
         self._paused = False
         #: Set by :meth:`EtcdServer.enable_auth`: etcdctl then runs as root unless told otherwise.
         self._root_password: str | None = None
+
+    def _draw_port(self) -> int:
+        port = free_port()
+        self.drawn_ports.append(port)
+        return port
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else "running" if self.running else "stopped"
@@ -230,8 +156,8 @@ class EtcdMember(ManagedProcess):
             f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self.initial_cluster}",
             # etcd ignores every --initial-* flag once the data dir holds a member, so restarts
-            # need no "existing" here.
-            "--initial-cluster-state=new",
+            # need no "existing" here (only a member added to a running cluster does).
+            f"--initial-cluster-state={self.initial_cluster_state}",
             f"--initial-cluster-token={self.cluster_token}",
             f"--listen-metrics-urls={self.metrics_url}",
             "--heartbeat-interval=50",
@@ -472,15 +398,64 @@ class EtcdCluster:
         self.members[index].restart(timeout=timeout)
 
     def ensure_all_running(self, timeout: float = 30.0) -> None:
-        """Resume paused members, start killed ones, and wait until every member is healthy."""
-        for member in self.members:
-            if member.running:
-                member.resume()
-            else:
-                member.spawn()
+        """Resume paused members, start killed ones, add removed ones back, and wait until every
+        member is healthy.
+
+        A member removed from the cluster (:meth:`remove_member`) cannot come back on its data dir
+        (etcd exits, "the member has been permanently removed"): it is added again as a new member
+        with an empty data dir, on the same URLs and name.
+        """
         deadline = time.monotonic() + timeout
         for member in self.members:
+            member.resume()
+        listed = self._listed_peer_urls()
+        for member in self.members:
+            if not member.running and (listed is None or member.peer_url in listed):
+                member.spawn()
+        listed = self._listed_peer_urls()
+        for member in self.members:
+            if listed is not None and member.peer_url not in listed:
+                self._add_back(member, deadline)
+        for member in self.members:
             member.wait_healthy(max(deadline - time.monotonic(), 1.0))
+
+    def _listed_peer_urls(self) -> set[str] | None:
+        """The peer URLs of the members the cluster lists, or None if no running member answers."""
+        alive = [m.endpoint for m in self.members if m.running and not m.paused]
+        if not alive:
+            return None
+        out = self.members[0].etcdctl(
+            "member", "list", "-w", "json", "--command-timeout=5s", endpoints=alive, check=False
+        )
+        try:
+            members = json.loads(out or "{}")["members"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return {url for entry in members for url in entry.get("peerURLs", [])}
+
+    def _add_back(self, member: EtcdMember, deadline: float) -> None:
+        """``etcdctl member add`` a removed member again, then start it on an empty data dir."""
+        member.kill()  # a removed member shuts itself down; do not wait for it
+        shutil.rmtree(member.data_dir, ignore_errors=True)
+        others = [m for m in self.members if m is not member]
+        for other in others:  # the others must be up to agree on the change
+            other.wait_healthy(max(deadline - time.monotonic(), 1.0))
+        endpoints = [m.endpoint for m in others]
+        while True:  # refused ("unhealthy cluster") while a member joined only moments ago
+            try:
+                out = others[0].etcdctl(
+                    "member", "add", member.name, f"--peer-urls={member.peer_url}", endpoints=endpoints
+                )
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        for line in out.splitlines():
+            if line.startswith("ETCD_INITIAL_CLUSTER="):
+                member.initial_cluster = line.split("=", 1)[1].strip('"')
+        member.initial_cluster_state = "existing"
+        member.spawn()
 
     def _status(self) -> list[dict[str, Any]]:
         """``etcdctl endpoint status`` of the members that run and are not paused."""
@@ -553,8 +528,9 @@ class EtcdCluster:
                 time.sleep(0.3)
 
     def stop(self) -> None:
-        """Kill every member and remove the cluster's temp dir."""
+        """Kill every member, remove the cluster's temp dir and give back the members' ports."""
         for member in self.members:
             member.kill()
+            member.release_ports()
         shutil.rmtree(self.base_dir, ignore_errors=True)
         OWNED_DIRS.discard(self.base_dir)

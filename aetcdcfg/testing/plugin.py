@@ -4,11 +4,17 @@ Servers are session-scoped and shared; ``etcd_prefix`` gives each test its own k
 never see each other's keys. The function-scoped ``cluster`` fixture restarts members a test killed.
 No etcd binary is an error (EtcdBinaryNotFound), never a skip: CI must always run these tests.
 
+A run that is terminated (SIGTERM: CI cancelling a job) still cleans up: the plugin's handler kills
+every etcd of the process, removes their data dirs and releases their port claims, then hands the
+signal on to the handler that was there before (by default, terminating the process). Python's own
+SIGTERM action would skip the ``atexit`` hook that does this.
+
 Fixtures (scope):
     etcd_server (session)      single member, 1 s progress notifications, 1 s keepalive minimum
     etcd_prefix (function)     ``/t/<test-name>-<uuid8>/``
     etcd_cluster (session)     3 members, same options
     cluster (function)         ``etcd_cluster``, with every member running again after the test
+                               (paused ones resumed, killed ones restarted, removed ones added back)
     etcd_tls_files (session)   trustme CA + server/client certificates in a temp dir
     etcd_tls_server (session)  https, client certificate required
     etcd_auth_server (session) 2 s simple tokens; root/rootpw, app/apppw (readwrite /app/),
@@ -19,15 +25,21 @@ Fixtures (scope):
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 
 from ._grpc_proxy import EtcdGrpcProxy
+from ._process import cleanup_all
 from ._proxy import FaultProxy
 from ._server import EtcdCluster, EtcdServer
 from ._tls import TLSFiles
@@ -59,6 +71,45 @@ def pytest_plugin_registered(plugin: object, plugin_name: str, manager: pytest.P
         for name in (_ENTRY_POINT, __name__):
             if name != plugin_name and not manager.is_blocked(name):
                 manager.set_blocked(name)
+
+
+#: The SIGTERM handler ours replaced (to hand the signal on to), while ours is installed.
+_previous_sigterm: Any = None
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Clean up first, then do what SIGTERM did before the plugin: call that handler, or terminate."""
+    cleanup_all()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # terminated by the signal, as without the plugin
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Install the SIGTERM cleanup, chained to the handler in place (not over SIG_IGN, nor over a
+    handler set outside Python, which could not be chained)."""
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is _on_sigterm or previous in (signal.SIG_IGN, None):
+        return
+    _previous_sigterm = previous
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Put the previous SIGTERM handler back (``atexit`` cleans up after a normal end)."""
+    global _previous_sigterm
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is _on_sigterm
+    ):
+        signal.signal(signal.SIGTERM, _previous_sigterm)
+        _previous_sigterm = None
 
 
 @pytest.fixture(scope="session")
