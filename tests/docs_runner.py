@@ -6,14 +6,14 @@ What a page's fenced blocks mean (in document order, in one project directory pe
   (``title="app.py (continued)"`` appends to ``app.py``). Every page starts with the files of
   ``docs/getting-started.md``, so a page can continue the quickstart's ``app.py``.
 - ```` ```python ```` without a title: a complete program, run as ``python example.py`` in the project
-  directory; it must exit 0.
+  directory against an empty etcd (every key is deleted first); it must exit 0.
 - ```` ```console ````: ``$ command`` lines run by bash in the project directory, each followed by the
   output it must print (stdout and stderr together). In expected output, a line ``...`` stands for
   any lines and ``...`` inside a line for any text. A command may exit non-zero only where its expected
   output shows the CLI's error or refusal (a line ``aetcdcfg: ...`` or ``REFUSED...``). ``curl`` is retried until its output matches
   (the service applies a change milliseconds after the write returns). Long-running commands run in the
   background: ``aetcdcfg dev`` (its first lines are checked, then it serves the rest of the page),
-  ``uvicorn`` (until the page ends) and ``aetcdcfg watch`` (its lines are checked, then Ctrl-C, exit 0).
+  ``uvicorn`` (until the page ends, or the next ``uvicorn`` line restarts it) and ``aetcdcfg watch`` (its lines are checked, then Ctrl-C, exit 0).
   ``export NAME=value`` sets the environment of later commands.
 - ``<!-- example: skip REASON -->`` on the line before a block: not run (keep these few).
 
@@ -164,6 +164,7 @@ class Project:
     def __init__(self, page: Path, directory: Path, etcd: EtcdServer) -> None:
         self.page = page
         self.dir = directory
+        self.etcd = etcd
         self.ports = {doc: str(free_port()) for doc in PORTS}
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
@@ -201,6 +202,7 @@ class Project:
             path.write_text(block.text)
 
     def run_python(self, block: Block) -> None:
+        self.etcd.etcdctl("del", "", "--from-key=true")
         script = self.dir / f"example_{block.line}.py"
         script.write_text(block.text)
         result = subprocess.run(
@@ -289,6 +291,11 @@ class Project:
             assert code == 0, f"{where}: exit {code} after Ctrl-C"
 
     def start_uvicorn(self, where: str, words: list[str]) -> None:
+        """Serve the app as the page says; a second ``uvicorn`` line restarts it (Ctrl-C, run again)."""
+        for line, running in self.background:
+            if line.startswith("uvicorn ") and running.poll() is None:
+                running.send_signal(signal.SIGINT)
+                running.wait(timeout=BACKGROUND_TIMEOUT)
         if "--port" not in words:
             words = [*words, "--port", self.ports["8000"]]
         port = int(words[words.index("--port") + 1])
