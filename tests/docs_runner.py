@@ -118,17 +118,22 @@ def free_port() -> int:
 
 
 def matches(expected: str, actual: str) -> bool:
-    """doctest-like: a line ``...`` is any lines, ``...`` inside a line is any text."""
+    """doctest-like: a line ``...`` is any lines, ``...`` inside a line is any text; runs of spaces
+    count as one (pytest pads its progress line to the terminal's width)."""
     pattern = []
     for line in expected.rstrip("\n").splitlines():
         if line.strip() == "...":
             pattern.append(r"(?:[^\n]*\n)*?")
         else:
-            pattern.append(re.escape(line.rstrip()).replace(r"\.\.\.", r"[^\n]*") + r"[ \t]*\n")
-    text = "\n".join(line.rstrip() for line in actual.rstrip("\n").splitlines()) + "\n"
+            pattern.append(re.escape(_squeeze(line)).replace(r"\.\.\.", r"[^\n]*") + r"\n")
+    text = "\n".join(_squeeze(line) for line in actual.rstrip("\n").splitlines()) + "\n"
     if not expected.strip():
         return not actual.strip()
     return re.fullmatch("".join(pattern), text) is not None
+
+
+def _squeeze(line: str) -> str:
+    return re.sub(r"[ \t]+", " ", line.rstrip())
 
 
 @dataclasses.dataclass
