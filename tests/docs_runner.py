@@ -13,7 +13,8 @@ What a page's fenced blocks mean (in document order, in one project directory pe
   output shows the CLI's error or refusal (a line ``aetcdcfg: ...`` or ``REFUSED...``). ``curl`` is retried until its output matches
   (the service applies a change milliseconds after the write returns). Long-running commands run in the
   background: ``aetcdcfg dev`` (its first lines are checked, then it serves the rest of the page),
-  ``uvicorn`` (until the page ends, or the next ``uvicorn`` line restarts it) and ``aetcdcfg watch`` (its lines are checked, then Ctrl-C, exit 0).
+  ``uvicorn`` (until the page ends, or the next ``uvicorn`` line restarts it) and ``aetcdcfg watch`` (its lines are checked, then Ctrl-C, exit 0). A trailing ``&`` is
+  allowed on these, as in a terminal.
   ``export NAME=value`` sets the environment of later commands.
 - ``<!-- example: skip REASON -->`` on the line before a block: not run (keep these few).
 
@@ -237,6 +238,9 @@ class Project:
         where = f"{block.where}: $ {command.line}"
         if not words:
             return
+        if words[-1] == "&":  # backgrounded as in a terminal: the long-running ones run so anyway
+            words = words[:-1]
+            line = shlex.join(words)
         if words[0] == "export":
             for assignment in words[1:]:
                 name, _, value = assignment.partition("=")
