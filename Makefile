@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean chromium
+.PHONY: run test lint bench soak clean chromium docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check aetcdcfg tests benchmarks examples
 	$(PY) -m ruff format --check aetcdcfg tests benchmarks examples
 	$(PY) -m mypy
+
+# The docs site (mkdocs.yml) into site/; --strict: a broken link, a missing reference or a warning fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
