@@ -270,7 +270,9 @@ class Project:
             time.sleep(0.1)
         assert ok, f"{where}\n--- expected\n{expected}\n--- got (exit {result.returncode})\n{result.stdout}"
         failed_as_shown = any(out.startswith(("aetcdcfg: ", "REFUSED")) for out in expected.splitlines())
-        assert result.returncode == 0 or failed_as_shown, f"{where}: exit {result.returncode}\n{result.stdout}"
+        assert result.returncode == 0 or failed_as_shown, (
+            f"{where}: exit {result.returncode}\n{result.stdout}"
+        )
 
     def run_background(self, where: str, line: str, expected: str, *, interrupt: bool) -> None:
         """Start ``line``; check that its first lines are ``expected``; Ctrl-C it if ``interrupt``."""
@@ -310,12 +312,19 @@ class Project:
         port = int(words[words.index("--port") + 1])
         with (self.dir / "uvicorn.log").open("w") as log:  # the child keeps its own copy of the fd
             process = subprocess.Popen(
-                words, cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                words,
+                cwd=self.dir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.background.append((" ".join(words), process))
         deadline = time.monotonic() + BACKGROUND_TIMEOUT
         while True:
-            assert process.poll() is None, f"{where}: uvicorn exited\n{(self.dir / 'uvicorn.log').read_text()}"
+            assert process.poll() is None, (
+                f"{where}: uvicorn exited\n{(self.dir / 'uvicorn.log').read_text()}"
+            )
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
