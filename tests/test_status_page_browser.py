@@ -2,7 +2,8 @@
 service (a uvicorn process) and real etcd. The page must follow etcd live over server-sent events.
 
 Skipped where ``/usr/bin/chromium`` is missing, except in CI (``CI=true``), where that is a failure
-(``.ci/run`` installs it). ``AETCDCFG_SCREENSHOT=docs/img/status.png`` saves a screenshot (``docs/screenshots.py`` takes the docs one).
+(``.ci/run`` installs it). ``AETCDCFG_SCREENSHOT=docs/img/status.png`` saves a screenshot; the docs'
+own is taken by ``docs/screenshots.py``.
 """
 
 from __future__ import annotations
