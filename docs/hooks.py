@@ -2,6 +2,8 @@
 
 - The home page is README.md itself (its ``docs/...`` links made relative to the site), so the landing
   page on GitHub and on the site never drift apart.
+- Docstrings are written with Sphinx roles (``:class:`~aetcdcfg.EtcdSettings```); the API page shows
+  them as plain code (``EtcdSettings``) rather than with the role's markup.
 - The CLI reference (``reference/cli.md``) is generated from the ``aetcdcfg`` argparse parser at build
   time: every command's ``--help``, so it cannot fall behind the code. ``tests/test_docs.py`` checks
   that it renders every command.
@@ -56,6 +58,16 @@ def cli_reference() -> str:
     for name, sub in subcommands(parser).items():
         parts += [f"## `aetcdcfg {name}`\n", "```text\n" + help_text(sub) + "```\n"]
     return "\n".join(parts)
+
+
+_ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data|obj):(?=<code>)")
+_TILDE = re.compile(r"<code>~(?:\w+\.)*(\w+)</code>")
+
+
+def on_page_content(html: str, page: Any, **kwargs: Any) -> str:
+    if page.file.src_uri.startswith("reference/"):
+        html = _TILDE.sub(r"<code>\1</code>", _ROLE.sub("", html))
+    return html
 
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
