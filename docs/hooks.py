@@ -1,23 +1,24 @@
-"""mkdocs hooks (``hooks:`` in mkdocs.yml).
+"""mkdocs hooks (``hooks:`` in mkdocs.yml), and the CLI reference's generator.
 
 - The home page is README.md itself (its ``docs/...`` links made relative to the site), so the landing
   page on GitHub and on the site never drift apart.
 - Docstrings are written with Sphinx roles (``:class:`~aetcdcfg.EtcdSettings```); the API page shows
   them as plain code (``EtcdSettings``) rather than with the role's markup.
-- The CLI reference (``reference/cli.md``) is generated from the ``aetcdcfg`` argparse parser at build
-  time: every command's ``--help``, so it cannot fall behind the code. ``tests/test_docs.py`` checks
-  that it renders every command.
+- ``docs/cli.md`` is the CLI reference, every command's ``--help``, generated from the parser and
+  checked in (so it reads on GitHub too): ``python docs/hooks.py`` rewrites it, and
+  ``tests/test_docs.py`` fails when it differs from the parser.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI_MARKER = "<!-- cli-reference -->"
+CLI_PAGE = ROOT / "docs" / "cli.md"
 WIDTH = 100
 
 
@@ -35,28 +36,26 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def help_text(parser: argparse.ArgumentParser) -> str:
-    """``parser``'s ``--help`` at a fixed width, without colour, whatever the terminal."""
-    saved = parser.formatter_class
+    """``parser``'s ``--help`` at a fixed width, whatever the terminal."""
     parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=WIDTH)  # type: ignore[assignment,misc]
-    color = getattr(parser, "color", None)
-    if color is not None:  # Python 3.14 colours help on a terminal
-        parser.color = False  # type: ignore[attr-defined]
-    try:
-        return parser.format_help()
-    finally:
-        parser.formatter_class = saved
-        if color is not None:
-            parser.color = color  # type: ignore[attr-defined]
+    return parser.format_help()
 
 
 def cli_reference() -> str:
-    """Markdown: ``aetcdcfg --help``, then each command's ``--help``, in the parser's order."""
-    from aetcdcfg.cli import build_parser
+    """The reference as Markdown: ``aetcdcfg.cli.reference()`` where the CLI has it, else the same
+    walk of the parser: ``aetcdcfg --help``, then each command's ``--help``, in the parser's order."""
+    from aetcdcfg import cli
 
-    parser = build_parser()
-    parts = ["## `aetcdcfg`\n", "```text\n" + help_text(parser) + "```\n"]
+    if hasattr(cli, "reference"):
+        return str(cli.reference())
+    parser = cli.build_parser()
+    parts = [
+        "# The `aetcdcfg` command\n",
+        "<!-- Generated from the parser; do not edit by hand: python docs/hooks.py -->\n",
+        "```text\n" + help_text(parser).rstrip() + "\n```\n",
+    ]
     for name, sub in subcommands(parser).items():
-        parts += [f"## `aetcdcfg {name}`\n", "```text\n" + help_text(sub) + "```\n"]
+        parts += [f"## `aetcdcfg {name}`\n", "```text\n" + help_text(sub).rstrip() + "\n```\n"]
     return "\n".join(parts)
 
 
@@ -71,9 +70,12 @@ def on_page_content(html: str, page: Any, **kwargs: Any) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
-    src = page.file.src_uri
-    if src == "index.md":
+    if page.file.src_uri == "index.md":
         return readme_as_home()
-    if CLI_MARKER in markdown:
-        return markdown.replace(CLI_MARKER, cli_reference())
     return markdown
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    CLI_PAGE.write_text(cli_reference())
+    print(f"wrote {CLI_PAGE.relative_to(ROOT)}")

@@ -52,15 +52,12 @@ def _hooks():  # type: ignore[no-untyped-def]
 
 
 def test_cli_reference_page_is_the_parsers_help() -> None:
-    """The page is generated at build time; this checks that what it renders is every command's own
-    ``--help`` (so a command or option added to the parser appears in the docs by itself)."""
+    """``docs/cli.md`` is every command's ``--help``, checked in: regenerate it with
+    ``python docs/hooks.py`` when this fails (a command or option changed)."""
     hooks = _hooks()
-    assert hooks.CLI_MARKER in (docs_runner.DOCS / "reference" / "cli.md").read_text()
-    page = hooks.cli_reference()
-    parser = build_parser()
-    commands = hooks.subcommands(parser)
+    page = (docs_runner.DOCS / "cli.md").read_text()
+    assert page == hooks.cli_reference(), "docs/cli.md differs from the parser: run python docs/hooks.py"
+    commands = hooks.subcommands(build_parser())
     assert len(commands) >= 10
-    assert hooks.help_text(parser) in page
-    for name, sub in commands.items():
+    for name in commands:
         assert f"## `aetcdcfg {name}`" in page
-        assert hooks.help_text(sub) in page, f"aetcdcfg {name} --help differs from the page"
