@@ -112,9 +112,7 @@ async def test_clients_of_any_age_end_exact_or_resynced_after_a_proxy_restart(
             followers: list[Follower] = []
             tg = await stack.enter_async_context(anyio.create_task_group())
             for _ in range(CLIENTS):
-                client = await stack.enter_async_context(
-                    EtcdClient(endpoints=[proxy.endpoint], **OPTIONS)
-                )
+                client = await stack.enter_async_context(EtcdClient(endpoints=[proxy.endpoint], **OPTIONS))
                 sub = await stack.enter_async_context(
                     client.watch(etcd_prefix, with_snapshot=True, buffer_size=100_000)
                 )
