@@ -50,7 +50,13 @@ from ._keys import prefix_range_end
 from ._log import Logger, get_logger
 from ._reads import cluster_revision, history_matches, list_keys, readable_at
 from ._resume import Batch, StepKind, WatchState
-from .errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
+from .errors import (
+    AuthenticationFailed,
+    EtcdError,
+    EtcdUnavailable,
+    PermissionDenied,
+    RevisionCompacted,
+)
 from .status import WatchHealth
 
 if TYPE_CHECKING:
@@ -316,7 +322,7 @@ class WatchLoop:
         await self._probe(session.call)
         try:
             answered = await self._verify(session)
-        except (_Relist, _StreamFailed) as failure:
+        except (_Relist, _StreamFailed, PermissionDenied, AuthenticationFailed) as failure:
             session.fail(failure)
             return
         if not answered:
@@ -382,8 +388,13 @@ class WatchLoop:
         try:
             response = await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
         except grpc.aio.AioRpcError as exc:
-            if classify(exc) is Failure.COMPACTED:
+            failure = classify(exc)
+            if failure is Failure.COMPACTED:
                 raise CompactedRead(describe(exc), endpoint=endpoint.url) from None
+            if failure in (Failure.AUTH_FAILED, Failure.PERMISSION):
+                raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
+            if failure is Failure.AUTH_EXPIRED and self._conn.settings.username:
+                await self._conn.reauthenticate(endpoint, session.token)
             self._log.debug("watch.probe_failed", endpoint=endpoint.url, cause=describe(exc))
             return None
         session.last_rx = max(session.last_rx, anyio.current_time())
@@ -574,6 +585,8 @@ class WatchLoop:
         elif state.trust_progress:
             # Confirm as soon as etcd says nothing newer is pending, not a keepalive_time later.
             session.tg.start_soon(self._confirm_current, session)
+        if self._conn.settings.username and self._conn.settings.permission_check_interval:
+            session.tg.start_soon(self._check_permission, session)
         if self._lost_at is not None:
             self._log.info(
                 "watch.resumed",
@@ -587,6 +600,18 @@ class WatchLoop:
             self._log.info("watch.connected", endpoint=endpoint.url, revision=state.delivered)
         self._connected_once = True
         self.connected.set()
+
+    async def _check_permission(self, session: _Session) -> None:
+        """etcd checks a watch's permission only when it is created: re-check it with a one-key read
+        every ``permission_check_interval``, so a revoked role ends the watch with PermissionDenied."""
+        while True:
+            await anyio.sleep(self._conn.settings.permission_check_interval)
+            try:
+                await self._read(session, count_only=True, limit=1)
+            except (PermissionDenied, AuthenticationFailed) as denied:
+                self._log.error("watch.permission_revoked", endpoint=session.endpoint.url)
+                session.fail(denied)
+                return
 
     async def _confirm_current(self, session: _Session) -> None:
         """One read: confirmed current if no key under the prefix changed after ``delivered``
