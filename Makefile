@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean chromium docs
+.PHONY: run test lint bench soak clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,15 +29,16 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check aetcdcfg tests benchmarks examples
 	$(PY) -m mypy
 
-# The docs site (mkdocs.yml) into site/; --strict: a broken link, a missing reference or a warning fails.
-docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
-
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
 soak: $(STAMP)
 	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),10)
+
+# The docs site (mkdocs.yml) into site/; --strict: a broken link, a missing reference or a warning fails.
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
