@@ -24,8 +24,10 @@ import anyio
 import pytest
 from pydantic_settings import BaseSettings
 
-from aetcdcfg import EtcdClient, Event, EventType, LiveSettings, Subscription
+from aetcdcfg import EtcdClient, Event, LiveSettings, Subscription
 from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, Record, etcd_history
+
+from .harness import apply_events
 
 pytestmark = pytest.mark.anyio
 
@@ -51,12 +53,8 @@ class Follower:
 
     async def follow(self) -> None:
         async for batch in self.sub.batches():
-            for event in batch:
-                self.events.append(event)
-                if event.type is EventType.PUT:
-                    self.state[event.key] = event.value
-                else:
-                    self.state.pop(event.key, None)
+            self.events.extend(batch)
+            apply_events(self.state, batch)
 
 
 def unexplained_gaps(events: list[Event], history: list[Record], start: int) -> list[str]:
