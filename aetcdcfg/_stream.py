@@ -338,12 +338,14 @@ class WatchLoop:
         """Before resuming on an endpoint not known yet, ask it on a stream of its own whether it
         answers a progress request (etcd does, its gRPC proxy does not), within ``keepalive_timeout``.
 
-        Silence leaves it unknown, and an unknown endpoint is treated as a proxy (a long backlog is
-        re-listed, not replayed): this keeps a direct resume exact when etcd answers in time.
+        A watcher created but no answer: not etcd. Silence on a dead path leaves it unknown, and an
+        unknown endpoint is treated as a proxy (a long backlog is re-listed, not replayed): this keeps
+        a direct resume exact when etcd answers in time.
         """
         prefix = self._state.prefix
         call = endpoint.watch.Watch(metadata=self._conn.metadata())
         create = rpc_pb2.WatchCreateRequest(key=prefix)  # one key, from now: nothing to replay
+        created = False
         try:
             with anyio.move_on_after(self._conn.settings.keepalive_timeout):
                 await call.write(rpc_pb2.WatchRequest(create_request=create))
@@ -352,9 +354,12 @@ class WatchLoop:
                     response = await call.read()
                     if response is grpc.aio.EOF:
                         return
+                    created = created or response.created
                     if response.watch_id == -1 and not response.events and not response.created:
                         self._learn(endpoint, answered=True)
                         return
+            if created:  # the path works, yet no answer: not etcd itself
+                self._learn(endpoint, answered=False)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return
         except asyncio.CancelledError:

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 
 import anyio
 import pytest
+from pydantic_settings import BaseSettings
 
-from aetcdcfg import EtcdClient, Event, EventType, Subscription
+from aetcdcfg import EtcdClient, Event, LiveSettings, Subscription
 from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, Record, etcd_history
+
+from .harness import apply_events
 
 pytestmark = pytest.mark.anyio
 
@@ -50,12 +53,8 @@ class Follower:
 
     async def follow(self) -> None:
         async for batch in self.sub.batches():
-            for event in batch:
-                self.events.append(event)
-                if event.type is EventType.PUT:
-                    self.state[event.key] = event.value
-                else:
-                    self.state.pop(event.key, None)
+            self.events.extend(batch)
+            apply_events(self.state, batch)
 
 
 def unexplained_gaps(events: list[Event], history: list[Record], start: int) -> list[str]:
@@ -140,3 +139,52 @@ async def test_clients_of_any_age_end_exact_or_resynced_after_a_proxy_restart(
     for i, follower in enumerate(followers):
         own = [r for r in history if r[0] >= follower.sub.start_revision]
         assert unexplained_gaps(follower.events, own, follower.sub.start_revision) == [], i
+
+
+class Flags(BaseSettings):
+    """Two keys of the prefix and one of a shared layer."""
+
+    a: int = 0
+    b: int = 0
+    shared: int = 0
+
+
+@pytest.mark.parametrize("notify", [False, True])
+async def test_live_settings_a_second_old_end_equal_to_etcd_after_a_proxy_restart(
+    notify: bool, etcd_prefix: str
+) -> None:
+    """Single-prefix and layered LiveSettings, a second old, through the proxy: after the restart each
+    holds the settings etcd's keys give, and says it is fresh only then."""
+    shared = etcd_prefix + "shared/"
+    own = etcd_prefix + "own/"
+    with etcd_and_proxy(notify) as (server, proxy), anyio.fail_after(90):
+        async with contextlib.AsyncExitStack() as stack:
+            writer = await stack.enter_async_context(EtcdClient(endpoints=[server.endpoint]))
+            await writer.put_many({own + "a": "0", own + "b": "0", shared + "shared": "0"})
+            lives: list[LiveSettings[Flags]] = []
+            for n in range(6):
+                client = await stack.enter_async_context(EtcdClient(endpoints=[proxy.endpoint], **OPTIONS))
+                prefixes = [shared, own] if n % 2 else [own]
+                lives.append(
+                    await stack.enter_async_context(LiveSettings(Flags, prefix=prefixes, client=client))
+                )
+            await anyio.sleep(1)
+            proxy.kill()
+            for n in range(1, 1_500):
+                await writer.put_many({own + "a": str(n), own + "b": str(n)})
+                if n % 10 == 0:
+                    await writer.put(shared + "shared", str(n))
+            await anyio.to_thread.run_sync(proxy.restart)
+            want_own = Flags(a=1_499, b=1_499, shared=0)
+            want_layered = Flags(a=1_499, b=1_499, shared=1_490)
+            with anyio.move_on_after(30):
+                while any(
+                    live.current != (want_layered if n % 2 else want_own) or not live.is_fresh(WINDOW + 1)
+                    for n, live in enumerate(lives)
+                ):
+                    await anyio.sleep(0.1)
+            got = [live.current for live in lives]
+            fresh = [live.is_fresh(WINDOW + 1) for live in lives]
+            statuses = [live.status for live in lives]
+    assert got == [want_layered if n % 2 else want_own for n in range(len(got))]
+    assert fresh == [True] * len(got), statuses[:2]
