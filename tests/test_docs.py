@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,28 @@ def test_cli_reference_page_is_the_parsers_help() -> None:
     assert len(commands) >= 10
     for name in commands:
         assert f"## `aetcdcfg {name}`" in page
+
+
+PYTHON_BLOCKS = [
+    b for page in docs_runner.pages() for b in docs_runner.blocks(page) if b.lang == "python" and not b.skip
+]
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.where for b in PYTHON_BLOCKS])
+def test_python_examples_are_linted_like_the_code(block: docs_runner.Block) -> None:
+    """ruff, with the project's settings: formatted, and no unused import or undefined name (except
+    in a continuation, whose names come from the file it continues)."""
+    ruff = [sys.executable, "-m", "ruff"]
+    config = ["--config", str(docs_runner.ROOT / "pyproject.toml"), "--stdin-filename", "example.py"]
+    formatted = subprocess.run(
+        [*ruff, "format", *config, "-"], input=block.text, capture_output=True, text=True
+    )
+    assert formatted.returncode == 0 and formatted.stdout == block.text, f"{block.where}: not ruff-formatted"
+    ignore = ["--ignore", "F821"] if (block.title or "").endswith(docs_runner.CONTINUED) else []
+    checked = subprocess.run(
+        [*ruff, "check", *config, "--select", "E,F,W,B,UP", *ignore, "-"],
+        input=block.text,
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, f"{block.where}:\n{checked.stdout}"
