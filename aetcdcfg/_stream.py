@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,21 @@ class _Session:
         if self.failure is None:
             self.failure = failure
         self.tg.cancel_scope.cancel()
+
+    def spawn(self, task: Callable[[_Session], Awaitable[None]]) -> None:
+        """Run one of the session's tasks; whatever it raises ends the session, never its group."""
+
+        async def guarded() -> None:
+            try:
+                await task(self)
+            except asyncio.CancelledError:
+                if not is_stray_cancel(channel_closed=self.endpoint.closed):
+                    raise
+                self.fail(_StreamFailed(f"the channel to {self.endpoint.url} was closed"))
+            except Exception as exc:  # a typed outcome (_Relist, PermissionDenied, ...) or a bug of ours
+                self.fail(exc)
+
+        self.tg.start_soon(guarded)
 
 
 class WatchLoop:
@@ -258,7 +273,7 @@ class WatchLoop:
         try:
             async with anyio.create_task_group() as tg:
                 session = _Session(endpoint, call, tg, self._conn.token, last_rx=anyio.current_time())
-                tg.start_soon(self._watchdog, session)
+                session.spawn(self._watchdog)
                 try:
                     outcome = await self._read_loop(session)
                 except Exception as exc:  # carried out of the task group unwrapped
@@ -320,11 +335,7 @@ class WatchLoop:
         timeout = self._conn.settings.keepalive_timeout
         asked = anyio.current_time()
         await self._probe(session.call)
-        try:
-            answered = await self._verify(session)
-        except (_Relist, _StreamFailed, PermissionDenied, AuthenticationFailed) as failure:
-            session.fail(failure)
-            return
+        answered = await self._verify(session)  # a gap or a stream behind raises: the session ends
         if not answered:
             session.fail(self._stalled())
             return
@@ -589,9 +600,9 @@ class WatchLoop:
             self.health.confirm()  # etcd has nothing newer at all
         elif state.trust_progress:
             # Confirm as soon as etcd says nothing newer is pending, not a keepalive_time later.
-            session.tg.start_soon(self._confirm_current, session)
+            session.spawn(self._confirm_current)
         if self._conn.settings.username and self._conn.settings.permission_check_interval:
-            session.tg.start_soon(self._check_permission, session)
+            session.spawn(self._check_permission)
         if self._lost_at is not None:
             self._log.info(
                 "watch.resumed",
