@@ -129,21 +129,65 @@ async def test_a_failing_watch_wakes_a_waiting_reader_with_its_error_after_the_b
     hub, _ = hubs.make(delivered=10, first_in_memory=11)
     sub, handle = hubs.join(hub, None, 4)
     publish(hub, revision(11))
-    assert await read(sub, 1) == [11]
     error = EtcdError("the watch of '/f/' stopped")
     async with anyio.create_task_group() as tg:
+        seen: list[int] = []
         outcome: list[BaseException] = []
 
         async def reader() -> None:
             try:
-                await read(sub, 1)
+                with anyio.fail_after(2):
+                    async for event in sub:
+                        seen.append(event.revision)
             except EtcdError as exc:
                 outcome.append(exc)
 
         tg.start_soon(reader)
         await wait_all_tasks_blocked()
+        assert seen == [11]
         handle.fail(error)
     assert outcome == [error]
+
+
+async def test_a_lagged_subscriber_reports_its_lag_whatever_fails_after(hubs: Hubs) -> None:
+    """The first end wins: a later error (its catch-up failing, the watch closing) does not replace
+    the SubscriberLagged whose resume_revision the reader needs."""
+    hub, _ = hubs.make(delivered=10, first_in_memory=11)
+    sub, handle = hubs.join(hub, None, 1)
+    publish(hub, revision(11))
+    publish(hub, revision(12))  # the buffer holds one revision: lags at 12
+    handle.fail(EtcdError("the watch of '/f/' stopped"))
+    assert await read(sub, 1) == [11]
+    with pytest.raises(SubscriberLagged) as info:
+        await read(sub, 1)
+    assert info.value.resume_revision == 12
+
+
+async def test_a_subscription_never_yields_revisions_before_its_start(hubs: Hubs) -> None:
+    """A private catch-up stream may begin below the start (a replay that overlaps): those are dropped."""
+    hub, _ = hubs.make(delivered=10, first_in_memory=8)
+    sub, handle = hubs.join(hub, 5, 20)
+    handle.offer_caught_up(tuple(revision(n) for n in range(3, 8)))
+    handle.finish_catch_up()
+    assert await read(sub, 6) == [5, 6, 7, 8, 9, 10]
+
+
+async def test_the_history_holds_the_newest_events_and_a_big_transaction_whole(
+    hubs: Hubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory history is bounded by HISTORY_EVENTS events (the oldest revisions go first, and
+    ``floor`` says where it starts); a transaction larger than the bound is kept whole."""
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 4)
+    hub, _ = hubs.make(delivered=10, first_in_memory=1)
+    assert [b[0].revision for b in hub.history] == [7, 8, 9, 10]
+    assert hub.floor == 7
+    assert hub.status().events_delivered == 10
+    publish(hub, revision(11, "a", "b", "c", "d", "e"))
+    assert [b[0].revision for b in hub.history] == [11]
+    assert hub.floor == 11
+    publish(hub, revision(12))
+    assert [b[0].revision for b in hub.history] == [12]
+    assert hub.floor == 12
 
 
 async def test_a_read_with_nothing_buffered_waits_for_the_next_revision(hubs: Hubs) -> None:
@@ -189,9 +233,13 @@ async def test_batches_ends_when_the_subscription_ends(hubs: Hubs) -> None:
         assert [[e.revision for e in b] async for b in sub.batches()] == [[11]]
 
 
-async def test_after_a_wiped_cluster_its_lower_revisions_reach_subscribers_and_resumes(hubs: Hubs) -> None:
+async def test_after_a_wiped_cluster_its_lower_revisions_reach_subscribers_and_resumes(
+    hubs: Hubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """etcd's history was replaced: the resync at the new (lower) revision and what follows are
-    delivered, and a resume from the new history is served from memory, without the old one."""
+    delivered; a resume from the new history is served from memory (which counts only the new
+    history), without the old one; one from before the resync needs etcd."""
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 10)
     hub, _ = hubs.make(delivered=10, first_in_memory=8)
     sub, _handle = hubs.join(hub, None, 20)
     hub._reset(3)
@@ -203,6 +251,8 @@ async def test_after_a_wiped_cluster_its_lower_revisions_reach_subscribers_and_r
     with anyio.fail_after(2):
         events = [await resumed.__anext__() for _ in range(9)]
     assert [(e.revision, e.key) for e in events] == [(n, "/f/new") for n in range(4, 13)]
+    _older, before_resync = hubs.join(hub, 2, 20)
+    assert before_resync.catching_up
 
 
 async def test_a_subscription_with_a_snapshot_starts_where_the_snapshot_ends(hubs: Hubs) -> None:
@@ -213,6 +263,7 @@ async def test_a_subscription_with_a_snapshot_starts_where_the_snapshot_ends(hub
     assert sub.snapshot is not None
     assert (sub.snapshot.revision, dict(sub.snapshot.items)) == (10, {"/f/a": b"1", "/f/b": b"2"})
     assert sub.start_revision == 11
+    assert sub.status.subscribers == 1
     assert repr(sub) == "<Subscription '/f/' from revision 11>"
 
 
