@@ -36,8 +36,13 @@ class Numbers(RootModel[list[int]]):
     pass
 
 
+class Count(RootModel[int]):
+    pass
+
+
 IntList = TypeAliasType("IntList", list[int])
 MaybeInts = TypeAliasType("MaybeInts", "list[int] | None")
+RawInts = TypeAliasType("RawInts", Annotated[list[int], NoDecode])
 
 #: name -> (annotation, sub-keys it is written with besides the field's own key)
 TYPES: dict[str, tuple[Any, list[str]]] = {
@@ -51,6 +56,9 @@ TYPES: dict[str, tuple[Any, list[str]]] = {
         Annotated[list[int], Field(max_length=3)] | str,
         [],
     ),
+    "Annotated[IntList, Field()] | str": (Annotated[IntList, Field()] | str, []),
+    "Annotated[MaybeInts, Field()] | str": (Annotated[MaybeInts, Field()] | str, []),
+    "RawInts (an alias of Annotated[list[int], NoDecode])": (RawInts, []),
     "Annotated[Json[list[int]], Field()] | str": (Annotated[Json[list[int]], Field()] | str, []),
     "Annotated[int, Strict()] | str": (Annotated[int, Strict()] | str, []),
     "Literal[Level.low, Level.high]": (Literal[Level.low, Level.high], []),
@@ -62,6 +70,7 @@ TYPES: dict[str, tuple[Any, list[str]]] = {
     "deque[int]": (deque[int], []),
     "Point (a dataclass)": (Point, []),
     "Numbers (a RootModel)": (Numbers, []),
+    "Count (a RootModel of int)": (Count, []),
     "SecretStr": (SecretStr, []),
     "Secret[int]": (Secret[int], []),
     "dict": (dict, ["x"]),
