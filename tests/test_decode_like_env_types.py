@@ -65,6 +65,8 @@ TYPES: dict[str, tuple[Any, list[str]]] = {
     "Annotated[Literal[Level.low], Field()]": (Annotated[Literal[Level.low], Field()], []),
     "Optional[Literal[Level.high]]": (Optional[Literal[Level.high]], []),  # noqa: UP045
     "Color | None": (Color | None, []),
+    "Level (an IntEnum, named by a member's name)": (Level, []),
+    "Optional[Level]": (Optional[Level], []),  # noqa: UP045
     "set[int]": (set[int], []),
     "frozenset[str]": (frozenset[str], []),
     "deque[int]": (deque[int], []),
