@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean chromium
+.PHONY: run test lint bench soak clean chromium mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),10)
+
+# Mutation testing of the core (_fanout, _resume, live, source, _values, _validate) against the fast
+# tests that need no etcd; ~25 min on 2 cores. Not part of `make test`. For live.py with its etcd tests:
+# make mutation MUTATION_ARGS="--modules live --etcd-tests tests/test_live.py,tests/test_layers.py,tests/test_user_code.py"
+mutation: $(STAMP)
+	$(PY) -m tests.mutation --jobs 2 $(MUTATION_ARGS)
 
 # The docs site (mkdocs.yml) into site/; --strict: a broken link, a missing reference or a warning fails.
 .PHONY: docs
