@@ -8,6 +8,7 @@ from ._diff import History as History
 from ._diff import HistoryEntry as HistoryEntry
 from ._fanout import Subscription as Subscription
 from ._kv import unchanged_keys as unchanged_keys
+from ._records import InstanceRecord as InstanceRecord
 from ._report import FieldReport as FieldReport
 from ._report import SettingsReport as SettingsReport
 from ._report import settings_report as settings_report
@@ -58,6 +59,7 @@ __all__ = [
     "FutureRevision",
     "History",
     "HistoryEntry",
+    "InstanceRecord",
     "LiveSettings",
     "PermissionDenied",
     "RequestTooLarge",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from pydantic import BaseModel
 from ._backoff import Backoff
 from ._fanout import Subscription
 from ._log import get_logger
+from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
+from ._reporter import DEFAULT_TTL, Reporter
 from ._validate import ReadSources, lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
@@ -98,6 +101,13 @@ class LiveSettings(Generic[ModelT]):
     later layers override earlier ones field by field, and the object is still validated once per
     etcd revision, never with a transaction across layers half applied (see the module docstring).
     A layer that does not exist yet is simply empty. ``live.prefix`` is the last (most specific) layer.
+
+    While it runs it keeps an *instance record* in etcd under every prefix it reads, at
+    ``/aetcdcfg/instances<prefix><instance>``, bound to a lease of ``report_ttl`` seconds (gone that
+    long after the process dies): ``instance`` and ``labels`` (default ``AETCDCFG_INSTANCE``, else
+    ``hostname-pid``, and ``AETCDCFG_LABELS``, e.g. ``zone=b,version=1.4``), the revision applied, the
+    last rejected one with its keys and problems (never values), freshness. ``report=False`` (or
+    ``AETCDCFG_REPORT=0``) opts out. Reporting never blocks or fails the settings (``fleet.*`` logs).
     """
 
     def __init__(
@@ -109,6 +119,10 @@ class LiveSettings(Generic[ModelT]):
         allow_defaults: bool = False,
         on_change: Callable[[ModelT], object] | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
+        instance: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        report: bool | None = None,
+        report_ttl: int = DEFAULT_TTL,
     ) -> None:
         prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
         if not prefixes or not all(prefixes):
@@ -147,6 +161,14 @@ class LiveSettings(Generic[ModelT]):
         self._last_rejected: AppliedChange | None = None
         self._history: deque[AppliedChange] = deque(maxlen=HISTORY)
         self._loaded_without_etcd = False
+        self.identity = Identity.resolve(instance, labels)
+        self._report = report_enabled(report)
+        if report_ttl < 2:
+            raise ValueError(f"report_ttl must be at least 2 seconds, got {report_ttl}")
+        self._report_ttl = report_ttl
+        self.reporter: Reporter | None = None
+        self._schema: str | None = None
+        self._started_at = time.time()
 
     def __repr__(self) -> str:
         return f"<LiveSettings {self.model.__name__} from {self._where!r} @ revision {self._revision}>"
@@ -311,15 +333,56 @@ class LiveSettings(Generic[ModelT]):
                     layer.items = states[layer.prefix]
             self._known = revision
             self._load(revision)
+            reporter = None
+            if self._report:
+                reporter = Reporter(
+                    client,
+                    self.identity.instance,
+                    self.prefixes,
+                    self.instance_record,
+                    self.is_fresh,
+                    self._log,
+                    ttl=self._report_ttl,
+                )
+                stack.push_async_callback(reporter.aclose)  # after the task group ends: revoke
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             for layer in self._layers:
                 task_group.start_soon(self._follow, client, layer)
+            if reporter is not None:
+                self.reporter = reporter
+                stack.callback(setattr, self, "reporter", None)
+                task_group.start_soon(reporter.run)
         except BaseException:
             await stack.aclose()
             raise
         self._stack = stack
         return self
+
+    def instance_record(self) -> InstanceRecord:
+        """This instance's record as it would be written now (see the class docstring)."""
+        if self._schema is None:
+            self._schema = schema_fingerprint(self.model)
+        rejected = self._last_rejected
+        try:
+            fresh = self.is_fresh()
+        except RuntimeError:
+            fresh = False
+        return InstanceRecord(
+            id=self.identity.instance,
+            labels=self.identity.labels,
+            model=self.model.__name__,
+            schema=self._schema,
+            prefixes=self.prefixes,
+            applied_revision=self._revision,
+            rejected_revision=None if rejected is None else rejected.revision,
+            rejected_keys=() if rejected is None else rejected.keys,
+            problems=() if rejected is None else rejected.problems,
+            fresh=fresh,
+            version=library_version(),
+            started_at=self._started_at,
+            updated_at=time.time(),
+        )
 
     def _detach(self) -> None:
         for layer in self._layers:
@@ -492,6 +555,7 @@ class LiveSettings(Generic[ModelT]):
         self._known = revision  # nothing changed: no new object, and later batches go on from here
         if revision < self._revision:
             self._revision = revision
+            self._report_changed()
 
     def _replace_items(self, states: Mapping[str, dict[str, bytes]]) -> list[str]:
         """Put the layers' keys in ``states`` in place; the full keys that changed."""
@@ -515,6 +579,7 @@ class LiveSettings(Generic[ModelT]):
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
             )
             self._record_rejection(exc, changed)
+            self._report_changed()
             return
         self._current = settings
         self._revision = revision
@@ -522,6 +587,7 @@ class LiveSettings(Generic[ModelT]):
         self._applied += 1
         self._history.append(AppliedChange(revision, True, tuple(changed)))
         self._version += 1
+        self._report_changed()
         for waiter in self._waiters:
             waiter.applied.append(settings)
         self._wake_all()
@@ -531,6 +597,10 @@ class LiveSettings(Generic[ModelT]):
                 self._on_change(settings)
             except Exception as exc:  # its message may quote a value: the type only
                 self._log.error("config.on_change_failed", revision=revision, error_type=type(exc).__name__)
+
+    def _report_changed(self) -> None:
+        if self.reporter is not None:
+            self.reporter.changed()
 
     def _record_rejection(self, exc: ConfigRejected, changed: Sequence[str]) -> None:
         self.last_error = exc
