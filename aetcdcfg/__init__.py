@@ -7,6 +7,11 @@ from ._diff import ConfigDiff as ConfigDiff
 from ._diff import History as History
 from ._diff import HistoryEntry as HistoryEntry
 from ._fanout import Subscription as Subscription
+from ._fleet import Fleet as Fleet
+from ._fleet import InstanceView as InstanceView
+from ._fleet import WaitResult as WaitResult
+from ._fleet import instances as instances
+from ._fleet import wait_applied as wait_applied
 from ._kv import unchanged_keys as unchanged_keys
 from ._records import InstanceRecord as InstanceRecord
 from ._report import FieldReport as FieldReport
@@ -56,10 +61,12 @@ __all__ = [
     "Event",
     "EventType",
     "FieldReport",
+    "Fleet",
     "FutureRevision",
     "History",
     "HistoryEntry",
     "InstanceRecord",
+    "InstanceView",
     "LiveSettings",
     "PermissionDenied",
     "RequestTooLarge",
@@ -71,9 +78,12 @@ __all__ = [
     "SubscriberLagged",
     "Subscription",
     "TxnConflict",
+    "WaitResult",
     "WatchStatus",
     "__version__",
+    "instances",
     "settings_report",
     "status_report",
     "unchanged_keys",
+    "wait_applied",
 ]

@@ -27,10 +27,12 @@ __all__ = [
     "Identity",
     "InstanceRecord",
     "InstanceState",
+    "WaitTally",
     "WriteSchedule",
     "instance_state",
     "library_version",
     "parse_labels",
+    "record_id",
     "record_key",
     "records_prefix",
     "report_enabled",
@@ -235,3 +237,66 @@ class WriteSchedule:
         """A write began at ``now`` with the state as it was then (later changes dirty it again)."""
         self.dirty = False
         self.last_write = now
+
+
+def record_id(records_root: str, key: str) -> str | None:
+    """The instance id of a record key directly under ``records_root`` (None for a deeper key: the
+    records of a nested prefix, e.g. ``/svc/sub/``, live below those of ``/svc/``)."""
+    if not key.startswith(records_root):
+        return None
+    rest = key[len(records_root) :]
+    return rest if rest and "/" not in rest else None
+
+
+@dataclass
+class WaitTally:
+    """Who has applied ``revision``: plain bookkeeping over the records as they come and go.
+
+    An instance has *applied* it when its ``applied_revision`` is ``revision`` or later, has
+    *rejected* it when it serves an older one and rejected ``revision`` or a later one, and is
+    *pending* otherwise. An instance whose record disappears (its process ended, its lease expired)
+    is *gone*: named, but no longer waited for.
+    """
+
+    revision: int
+    records: dict[str, InstanceRecord] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+
+    def put(self, record: InstanceRecord) -> None:
+        self.records[record.id] = record
+        if record.id in self.gone:
+            self.gone.remove(record.id)
+
+    def delete(self, instance: str) -> None:
+        if self.records.pop(instance, None) is not None:
+            self.gone.append(instance)
+
+    def applied(self) -> list[InstanceRecord]:
+        return [r for r in self.records.values() if r.applied_revision >= self.revision]
+
+    def rejected(self) -> list[InstanceRecord]:
+        return [
+            r
+            for r in self.records.values()
+            if r.applied_revision < self.revision
+            and r.rejected_revision is not None
+            and r.rejected_revision >= self.revision
+        ]
+
+    def pending(self) -> list[InstanceRecord]:
+        done = {r.id for r in self.applied()} | {r.id for r in self.rejected()}
+        return [r for r in self.records.values() if r.id not in done]
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to wait for: every instance present applied or rejected it."""
+        return not self.pending()
+
+    def progress(self) -> str:
+        """``7/10 applied`` (+ rejected and gone counts when there are any)."""
+        text = f"{len(self.applied())}/{len(self.records)} applied"
+        if rejected := self.rejected():
+            text += f", {len(rejected)} rejected"
+        if self.gone:
+            text += f", {len(self.gone)} gone"
+        return text

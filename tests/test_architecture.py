@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"client"},
     {"_reporter"},
     {"live"},
-    {"_report"},
+    {"_report", "_fleet"},
     {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
 ]
 

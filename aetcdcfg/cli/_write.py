@@ -27,6 +27,7 @@ from ._common import (
     revision,
 )
 from ._files import flatten, load_file
+from ._fleet import add_wait_options, wait_and_report
 from ._secrets import MaskedSecretMissing
 
 __all__ = [
@@ -123,6 +124,8 @@ async def write_result(
         return 0
     revision = await client.apply_diff(prefix, diff, unchanged=unchanged)
     out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
+    if args.wait:
+        return await wait_and_report(client, prefix, revision, args.timeout)
     return 0
 
 
@@ -193,6 +196,7 @@ def add_guard_options(parser: argparse.ArgumentParser) -> None:
         help="write the diff from the prefix as of revision R (a reviewed dry run's), and refuse if "
         "the prefix changed after R",
     )
+    add_wait_options(parser)
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
