@@ -10,9 +10,11 @@ from ._fanout import Subscription as Subscription
 from ._fleet import Fleet as Fleet
 from ._fleet import InstanceView as InstanceView
 from ._fleet import WaitResult as WaitResult
+from ._fleet import audit_log as audit_log
 from ._fleet import instances as instances
 from ._fleet import wait_applied as wait_applied
 from ._kv import unchanged_keys as unchanged_keys
+from ._records import AuditRecord as AuditRecord
 from ._records import InstanceRecord as InstanceRecord
 from ._report import FieldReport as FieldReport
 from ._report import SettingsReport as SettingsReport
@@ -48,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AetcdcfgError",
     "AppliedChange",
+    "AuditRecord",
     "AuthenticationFailed",
     "ClientClosedError",
     "ConfigDiff",
@@ -81,6 +84,7 @@ __all__ = [
     "WaitResult",
     "WatchStatus",
     "__version__",
+    "audit_log",
     "instances",
     "settings_report",
     "status_report",

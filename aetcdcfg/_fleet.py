@@ -16,6 +16,7 @@ import anyio
 from ._log import get_logger
 from ._records import (
     AUDIT_ROOT,
+    AuditRecord,
     InstanceRecord,
     InstanceState,
     WaitTally,
@@ -27,7 +28,15 @@ from .client import EtcdClient
 from .errors import EtcdError
 from .events import EventType
 
-__all__ = ["Fleet", "InstanceView", "WaitResult", "instances", "newest_change", "wait_applied"]
+__all__ = [
+    "Fleet",
+    "InstanceView",
+    "WaitResult",
+    "audit_log",
+    "instances",
+    "newest_change",
+    "wait_applied",
+]
 
 log = get_logger()
 
@@ -102,6 +111,22 @@ async def newest_change(client: EtcdClient, prefix: str) -> tuple[int, int]:
     current, newest = await client.newest_revision(prefix)
     _, audited = await client.newest_revision(AUDIT_ROOT + prefix)
     return current, max(newest, audited)
+
+
+async def audit_log(client: EtcdClient, prefix: str) -> dict[int, AuditRecord]:
+    """Who made each change to ``prefix`` that aetcdcfg wrote: {revision: record} (see AuditRecord)."""
+    prefix = _norm(prefix)
+    root = AUDIT_ROOT + prefix
+    _, stored = await client.get_stored(root)
+    found: dict[int, AuditRecord] = {}
+    for item in stored:
+        if "/" in item.key[len(root) :]:
+            continue  # a nested prefix's record
+        try:
+            found[item.mod_revision] = AuditRecord.from_json(item.value)
+        except ValueError:
+            log.warning("fleet.bad_record", key=item.key)
+    return found
 
 
 async def _renewed(client: EtcdClient, leases: Iterable[int]) -> dict[int, bool]:

@@ -207,6 +207,7 @@ class KV:
         since_revision: int | None = None,
         unchanged: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
+        also: Items | None = None,
     ) -> int:
         """Write ``diff`` (its puts and deletes) in one transaction, only if ``prefix`` is still as it
         was at ``diff.old_revision``, so that what is written is exactly the diff that was shown.
@@ -217,7 +218,8 @@ class KV:
         :func:`unchanged_keys`, to have their deletion refuse it too). ``since_revision``, if given,
         must be ``diff.old_revision``: a diff computed from one state and guarded at another
         revision could write what was never shown (``ValueError``). Returns the new revision (the
-        current one, with nothing written, for an empty diff).
+        current one, with nothing written, for an empty diff). ``also``: keys outside ``prefix``
+        put in the same transaction, unguarded (e.g. an audit record of who made the change).
         """
         if since_revision is not None and since_revision != diff.old_revision:
             raise ValueError(
@@ -233,6 +235,7 @@ class KV:
             since_revision=diff.old_revision,
             existing=[*diff.changed, *unchanged],
             max_txn_ops=max_txn_ops,
+            also=also,
         )
 
     async def rollback(
@@ -284,6 +287,7 @@ class KV:
         since_revision: int,
         existing: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
+        also: Items | None = None,
     ) -> int:
         """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
 
@@ -293,12 +297,14 @@ class KV:
         detected: etcd cannot compare a count; list such keys in ``existing``.) One transaction
         holds at most etcd's ``--max-txn-ops`` operations and compares (128 by default; pass the
         server's value as ``max_txn_ops``): a larger change raises :class:`RequestTooLarge` before
-        anything is sent.
+        anything is sent. ``also``: more puts in the same transaction, outside the guard (keys
+        elsewhere, such as an audit record; written only if the guarded change is).
         """
         raw = as_bytes(prefix)
         delete_keys = [as_bytes(k) for k in deletes]
         must_exist = list(dict.fromkeys([*delete_keys, *(as_bytes(k) for k in existing)]))
-        operations = len(puts) + len(delete_keys)
+        extra = dict(also or {})
+        operations = len(puts) + len(delete_keys) + len(extra)
         if max(operations, 1 + len(must_exist)) > max_txn_ops:
             raise RequestTooLarge(
                 f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r}, with "
@@ -315,7 +321,7 @@ class KV:
                 mod_revision=since_revision + 1,
             )
         ]
-        ops = [_put(k, v) for k, v in puts.items()]
+        ops = [_put(k, v) for k, v in [*puts.items(), *extra.items()]]
         ops += [
             rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)) for k in delete_keys
         ]

@@ -10,12 +10,16 @@ instance id, e.g. ``/aetcdcfg/instances/myservice/pod-a``, so that an etcd role 
 
 from __future__ import annotations
 
+import datetime
+import getpass
 import hashlib
 import importlib.metadata
 import json
 import os
 import socket
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,12 +27,14 @@ from pydantic import BaseModel
 
 __all__ = [
     "AUDIT_ROOT",
+    "AuditRecord",
     "RECORDS_ROOT",
     "Identity",
     "InstanceRecord",
     "InstanceState",
     "WaitTally",
     "WriteSchedule",
+    "current_user",
     "instance_state",
     "library_version",
     "parse_labels",
@@ -300,3 +306,75 @@ class WaitTally:
         if self.gone:
             text += f", {len(self.gone)} gone"
         return text
+
+
+def current_user(environ: Mapping[str, str] = os.environ) -> str:
+    """Who is writing: ``AETCDCFG_USER``, else the login name (``getpass.getuser()``)."""
+    if user := environ.get("AETCDCFG_USER"):
+        return user
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Who changed a prefix, when and why, written in the same transaction as the change.
+
+    Stored at ``/aetcdcfg/audit<prefix><time-ordered id>``; its mod revision is the change's
+    revision, which is how ``history`` finds it. Key names only, never a value.
+    """
+
+    user: str
+    host: str
+    time: float
+    command: str
+    message: str | None
+    keys: tuple[str, ...]
+
+    @classmethod
+    def now(cls, command: str, keys: Sequence[str], message: str | None = None) -> AuditRecord:
+        return cls(current_user(), socket.gethostname(), time.time(), command, message, tuple(keys))
+
+    def key(self, prefix: str) -> str:
+        """A new key for this record (time-ordered, unique: never derived from a revision)."""
+        return f"{AUDIT_ROOT}{prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+
+    def to_json(self) -> bytes:
+        data = {
+            "user": self.user,
+            "host": self.host,
+            "time": round(self.time, 3),
+            "command": self.command,
+            "message": self.message,
+            "keys": list(self.keys),
+        }
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AuditRecord:
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            message = data.get("message")
+            return cls(
+                user=str(data["user"]),
+                host=str(data.get("host", "")),
+                time=float(data["time"]),
+                command=str(data.get("command", "")),
+                message=None if message is None else str(message),
+                keys=tuple(str(k) for k in data.get("keys") or ()),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not an audit record: {exc!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.to_json())  # type: ignore[no-any-return]
+
+    def describe(self) -> str:
+        """``2026-12-06 18:20:01 UTC by alice@host (set): "raise the limit"``."""
+        when = datetime.datetime.fromtimestamp(self.time, datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"
+        )
+        why = "" if not self.message else f": {json.dumps(self.message, ensure_ascii=False)}"
+        return f"{when} by {self.user}@{self.host} ({self.command}){why}"

@@ -5,13 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from .._fleet import WaitResult, instances, wait_applied
+from .._records import AuditRecord
 from ..client import EtcdClient
 from ._common import Subparsers, make_client, normalize_prefix, out, positive_float, revision
 
-__all__ = ["DEFAULT_TIMEOUT", "add_wait_options", "cmd_instances", "cmd_wait", "register", "wait_and_report"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "add_wait_options",
+    "audit_entry",
+    "cmd_instances",
+    "cmd_wait",
+    "register",
+    "wait_and_report",
+]
 
 #: Seconds ``wait`` and ``--wait`` wait by default.
 DEFAULT_TIMEOUT = 60.0
@@ -81,7 +90,12 @@ async def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def add_wait_options(parser: argparse.ArgumentParser) -> None:
-    """``--wait`` and ``--timeout`` for the commands that write."""
+    """``--message``, ``--wait`` and ``--timeout`` for the commands that write."""
+    parser.add_argument(
+        "--message",
+        "-m",
+        help="why: kept with who and when in an audit record written in the same txn (history shows it)",
+    )
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -95,6 +109,12 @@ def add_wait_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"with --wait: how long to wait ({DEFAULT_TIMEOUT:.0f})",
     )
+
+
+def audit_entry(args: argparse.Namespace, prefix: str, keys: Sequence[str]) -> dict[str, bytes]:
+    """The audit record (as ``also=`` for the write) of who makes this change, when and why."""
+    record = AuditRecord.now(args.command, keys, args.message)
+    return {record.key(prefix): record.to_json()}
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .._fleet import audit_log
 from ._common import (
     Subparsers,
     UsageError,
@@ -35,6 +36,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
     model = load_model(args.model) if args.model else None
     async with make_client(args) as client:
         history = await client.history(prefix, limit=args.limit, max_revisions=args.max_revisions)
+        who = await audit_log(client, prefix)
     if history.compact_revision is not None:
         scope = f"etcd compacted history up to revision {history.compact_revision}"
     elif len(history.entries) >= args.limit:
@@ -52,7 +54,8 @@ async def cmd_history(args: argparse.Namespace) -> int:
             "entries": [
                 {
                     "revision": entry.revision,
-                    "time": None,
+                    "time": who[entry.revision].time if entry.revision in who else None,
+                    "audit": who[entry.revision].to_dict() if entry.revision in who else None,
                     **diff_json(prefix, entry.diff, model),
                     "rewritten": list(entry.rewritten),
                 }
@@ -68,7 +71,8 @@ async def cmd_history(args: argparse.Namespace) -> int:
     for entry in history.entries:
         diff = entry.diff
         counts = [f"{len(diff.added)} added", f"{len(diff.changed)} changed", f"{len(diff.removed)} removed"]
-        out(f"revision {entry.revision} ({TIME_UNKNOWN}): {', '.join(counts)}")
+        made = who[entry.revision].describe() if entry.revision in who else TIME_UNKNOWN
+        out(f"revision {entry.revision} ({made}): {', '.join(counts)}")
         for line in diff_lines(prefix, diff, model, indent="  "):
             out(line)
         for key in entry.rewritten:

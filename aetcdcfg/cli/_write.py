@@ -27,7 +27,7 @@ from ._common import (
     revision,
 )
 from ._files import flatten, load_file
-from ._fleet import add_wait_options, wait_and_report
+from ._fleet import add_wait_options, audit_entry, wait_and_report
 from ._secrets import MaskedSecretMissing
 
 __all__ = [
@@ -122,7 +122,8 @@ async def write_result(
     if args.dry_run:
         out(f"dry run: nothing written; apply with --expect-revision {current.revision}")
         return 0
-    revision = await client.apply_diff(prefix, diff, unchanged=unchanged)
+    also = audit_entry(args, prefix, diff.keys)
+    revision = await client.apply_diff(prefix, diff, unchanged=unchanged, also=also)
     out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
     if args.wait:
         return await wait_and_report(client, prefix, revision, args.timeout)
