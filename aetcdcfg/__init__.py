@@ -42,6 +42,7 @@ from .live import LiveSettings as LiveSettings
 from .settings import EtcdSettings as EtcdSettings
 from .source import EtcdSettingsSource as EtcdSettingsSource
 from .status import AppliedChange as AppliedChange
+from .status import ReportStatus as ReportStatus
 from .status import SettingsStatus as SettingsStatus
 from .status import WatchStatus as WatchStatus
 
@@ -72,6 +73,7 @@ __all__ = [
     "InstanceView",
     "LiveSettings",
     "PermissionDenied",
+    "ReportStatus",
     "RequestTooLarge",
     "RevisionCompacted",
     "SettingsClosed",

@@ -22,6 +22,7 @@ from ._log import Logger
 from ._records import InstanceRecord, WriteSchedule, record_key
 from .client import EtcdClient
 from .errors import AetcdcfgError
+from .status import ReportStatus
 
 __all__ = ["DEFAULT_TTL", "Reporter"]
 
@@ -50,6 +51,7 @@ class Reporter:
         self._keys = [record_key(prefix, instance) for prefix in prefixes]
         self._build = build
         self._fresh = fresh
+        self._instance = instance
         self._log = log.bind(instance=instance)
         self._ttl = ttl
         self._schedule = WriteSchedule(interval=interval)
@@ -60,6 +62,20 @@ class Reporter:
         #: What the metrics show: whether the records are in etcd as of the last write or refresh.
         self.in_etcd = False
         self.last_error: str | None = None
+        self.leases_lost = 0
+        self.failures = 0
+
+    def status(self, labels: tuple[tuple[str, str], ...] = ()) -> ReportStatus:
+        return ReportStatus(
+            instance=self._instance,
+            labels=labels,
+            in_etcd=self.in_etcd,
+            lease=self.lease,
+            writes=self.writes,
+            leases_lost=self.leases_lost,
+            failures=self.failures,
+            last_error=self.last_error,
+        )
 
     def changed(self) -> None:
         """Something in the record changed: write it soon (coalesced)."""
@@ -88,11 +104,13 @@ class Reporter:
                 self.last_error = None
             except LeaseNotFound:
                 self._log.warning("fleet.lease_lost", lease=self.lease)
+                self.leases_lost += 1
                 self.lease = None
                 self.in_etcd = False
                 continue
             except AetcdcfgError as exc:
                 self.last_error = str(exc)
+                self.failures += 1
                 self._log.warning("fleet.report_failed", error=str(exc), lease=self.lease)
                 await anyio.sleep(backoff.next_delay())
                 continue

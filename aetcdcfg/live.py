@@ -207,6 +207,9 @@ class LiveSettings(Generic[ModelT]):
             rejected=self._rejected,
             last_rejected=self._last_rejected,
             history=tuple(self._history),
+            report=None
+            if self.reporter is None
+            else self.reporter.status(tuple(self.identity.labels.items())),
         )
 
     def etcd_fields(self) -> dict[tuple[str, ...], str]:

@@ -273,6 +273,8 @@ async def test_records_come_back_once_not_twice_after_etcd_restarts_empty(etcd_p
                 _, stored = await reader.get_stored(records_prefix(etcd_prefix))
             assert record is not None and [s.key for s in stored] == [record_key(etcd_prefix, "pod-w")]
             assert stored[0].lease != old_lease
+            report = live.status.report
+            assert report is not None and report.leases_lost >= 1 and report.in_etcd
 
 
 async def test_least_privilege_role_reads_the_config_and_writes_only_the_records(
@@ -302,3 +304,49 @@ async def test_least_privilege_role_reads_the_config_and_writes_only_the_records
         endpoints=[etcd_auth_server.endpoint], username="root", password="rootpw"
     ) as root_client:
         assert await read_record(root_client, prefix, "pod-p") is None  # revoked on exit
+
+
+async def test_the_metrics_expose_the_instances_own_record_state(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from aetcdcfg.metrics import AetcdcfgCollector
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-m") as live,
+    ):
+        registry = CollectorRegistry()
+        registry.register(AetcdcfgCollector(live))
+        labels = {"prefix": etcd_prefix, "model": "Service", "instance": "pod-m"}
+        with anyio.fail_after(10):
+            while registry.get_sample_value("aetcdcfg_instance_record_up", labels) != 1.0:
+                await anyio.sleep(0.02)
+        writes = registry.get_sample_value("aetcdcfg_instance_record_writes_total", labels)
+        assert writes is not None and writes >= 1
+        assert registry.get_sample_value("aetcdcfg_instance_record_leases_lost_total", labels) == 0
+
+
+async def test_a_real_burst_of_500_changes_costs_each_instance_a_bounded_number_of_writes(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-burst") as live,
+    ):
+        assert live.reporter is not None
+        with anyio.fail_after(10):
+            while not live.reporter.in_etcd:
+                await anyio.sleep(0.02)
+        before = live.reporter.writes
+        started = anyio.current_time()
+        for n in range(1, 501):
+            await client.put(etcd_prefix + "rate_limit", str(n))
+            await anyio.sleep(max(0.0, started + n * 0.01 - anyio.current_time()))  # pacing, ~5 s
+        last = await client.put(etcd_prefix + "rate_limit", "501")
+        took = anyio.current_time() - started
+        await until_record(client, etcd_prefix, "pod-burst", lambda r: r and r["applied_revision"] == last)
+        writes = live.reporter.writes - before
+    print(f"BURST 501 changes in {took:.1f}s: {writes} record writes")
+    assert writes <= took / 0.25 + 2
