@@ -3,6 +3,8 @@
 Users import from here; submodules are private except ``aetcdcfg.fastapi`` and ``aetcdcfg.testing``.
 """
 
+from ._canary import CanarySpec as CanarySpec
+from ._canary import Selector as Selector
 from ._diff import ConfigDiff as ConfigDiff
 from ._diff import History as History
 from ._diff import HistoryEntry as HistoryEntry
@@ -20,9 +22,15 @@ from ._report import FieldReport as FieldReport
 from ._report import SettingsReport as SettingsReport
 from ._report import settings_report as settings_report
 from ._report import status_report as status_report
+from ._rollout import Canary as Canary
+from ._rollout import abort_canary as abort_canary
+from ._rollout import canary_status as canary_status
+from ._rollout import open_canary as open_canary
+from ._rollout import promote_canary as promote_canary
 from .client import EtcdClient as EtcdClient
 from .errors import AetcdcfgError as AetcdcfgError
 from .errors import AuthenticationFailed as AuthenticationFailed
+from .errors import CanaryRefused as CanaryRefused
 from .errors import ClientClosedError as ClientClosedError
 from .errors import ConfigRejected as ConfigRejected
 from .errors import ConfigurationError as ConfigurationError
@@ -53,6 +61,9 @@ __all__ = [
     "AppliedChange",
     "AuditRecord",
     "AuthenticationFailed",
+    "Canary",
+    "CanaryRefused",
+    "CanarySpec",
     "ClientClosedError",
     "ConfigDiff",
     "ConfigRejected",
@@ -74,6 +85,7 @@ __all__ = [
     "LiveSettings",
     "PermissionDenied",
     "ReportStatus",
+    "Selector",
     "RequestTooLarge",
     "RevisionCompacted",
     "SettingsClosed",
@@ -86,8 +98,12 @@ __all__ = [
     "WaitResult",
     "WatchStatus",
     "__version__",
+    "abort_canary",
     "audit_log",
+    "canary_status",
     "instances",
+    "open_canary",
+    "promote_canary",
     "settings_report",
     "status_report",
     "unchanged_keys",

@@ -288,6 +288,9 @@ class KV:
         existing: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
         also: Items | None = None,
+        absent: Iterable[KeyLike] = (),
+        mod_revisions: Mapping[str, int] | None = None,
+        delete_prefixes: Iterable[KeyLike] = (),
     ) -> int:
         """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
 
@@ -298,14 +301,20 @@ class KV:
         holds at most etcd's ``--max-txn-ops`` operations and compares (128 by default; pass the
         server's value as ``max_txn_ops``): a larger change raises :class:`RequestTooLarge` before
         anything is sent. ``also``: more puts in the same transaction, outside the guard (keys
-        elsewhere, such as an audit record; written only if the guarded change is).
+        elsewhere, such as an audit record; written only if the guarded change is). Further
+        guards: keys of ``absent`` must not exist, keys of ``mod_revisions`` must still have been
+        last modified at the revision given; ``delete_prefixes`` are deleted whole.
         """
         raw = as_bytes(prefix)
         delete_keys = [as_bytes(k) for k in deletes]
         must_exist = list(dict.fromkeys([*delete_keys, *(as_bytes(k) for k in existing)]))
         extra = dict(also or {})
-        operations = len(puts) + len(delete_keys) + len(extra)
-        if max(operations, 1 + len(must_exist)) > max_txn_ops:
+        absent_keys = [as_bytes(k) for k in absent]
+        at_revisions = {as_bytes(k): r for k, r in (mod_revisions or {}).items()}
+        wiped = [as_bytes(p) for p in delete_prefixes]
+        operations = len(puts) + len(delete_keys) + len(extra) + len(wiped)
+        guards = 1 + len(must_exist) + len(absent_keys) + len(at_revisions)
+        if max(operations, guards) > max_txn_ops:
             raise RequestTooLarge(
                 f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r}, with "
                 f"{len(must_exist)} key(s) guarded against deletion, do not fit one transaction: etcd's "
@@ -331,6 +340,20 @@ class KV:
                     target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.GREATER, key=key, version=0
                 )
             )
+        compare += [
+            rpc_pb2.Compare(target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL, key=k, version=0)
+            for k in absent_keys
+        ]
+        compare += [
+            rpc_pb2.Compare(target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, key=k, mod_revision=r)
+            for k, r in at_revisions.items()
+        ]
+        ops += [
+            rpc_pb2.RequestOp(
+                request_delete_range=rpc_pb2.DeleteRangeRequest(key=p, range_end=prefix_range_end(p))
+            )
+            for p in wiped
+        ]
         request = rpc_pb2.TxnRequest(compare=compare, success=ops)
         response = await self._conn.unary("kv", "Txn", request, idempotent=False, key=decode_key(raw))
         if not response.succeeded:

@@ -149,6 +149,8 @@ class InstanceRecord:
     version: str
     started_at: float
     updated_at: float
+    #: A canary is open on its prefix and selects it: it applies the canary's overlay.
+    canary: bool = False
 
     def to_json(self) -> bytes:
         data = {
@@ -162,6 +164,7 @@ class InstanceRecord:
             "rejected_keys": list(self.rejected_keys),
             "problems": list(self.problems),
             "fresh": self.fresh,
+            "canary": self.canary,
             "version": self.version,
             "started_at": round(self.started_at, 3),
             "updated_at": round(self.updated_at, 3),
@@ -185,6 +188,7 @@ class InstanceRecord:
                 rejected_keys=tuple(str(k) for k in data.get("rejected_keys") or ()),
                 problems=tuple(str(p) for p in data.get("problems") or ()),
                 fresh=bool(data.get("fresh", False)),
+                canary=bool(data.get("canary", False)),
                 version=str(data.get("version", "")),
                 started_at=float(data.get("started_at", 0.0)),
                 updated_at=float(data.get("updated_at", 0.0)),

@@ -21,7 +21,7 @@ from ._grpc_errors import LeaseNotFound
 from ._log import Logger
 from ._records import InstanceRecord, WriteSchedule, record_key
 from .client import EtcdClient
-from .errors import AetcdcfgError
+from .errors import AetcdcfgError, PermissionDenied
 from .status import ReportStatus
 
 __all__ = ["DEFAULT_TTL", "Reporter"]
@@ -108,6 +108,12 @@ class Reporter:
                 self.lease = None
                 self.in_etcd = False
                 continue
+            except PermissionDenied as exc:
+                # Retrying cannot fix it: say so once (the role, README "Fleet rollout") and stop.
+                self.last_error = str(exc)
+                self.failures += 1
+                self._log.error("fleet.report_denied", error=str(exc))
+                return
             except AetcdcfgError as exc:
                 self.last_error = str(exc)
                 self.failures += 1

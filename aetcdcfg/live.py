@@ -33,6 +33,7 @@ import anyio.abc
 from pydantic import BaseModel
 
 from ._backoff import Backoff
+from ._canary import canary_prefix, overlay_of
 from ._fanout import Subscription
 from ._log import get_logger
 from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
@@ -45,6 +46,7 @@ from .errors import (
     ConfigRejected,
     EtcdUnavailable,
     FutureRevision,
+    PermissionDenied,
     RevisionCompacted,
     SettingsClosed,
     SubscriberLagged,
@@ -74,6 +76,9 @@ class _Layer:
     decoder: KeyDecoder
     items: dict[str, bytes] = field(default_factory=dict)
     sub: Subscription | None = None
+    #: A canary layer (``/aetcdcfg/canary<prefix>``): its keys are a spec and an overlay, which
+    #: apply only to instances the spec's selector matches (see ``_canary``).
+    canary: bool = False
 
     def relative(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
         # {key[cut:]: value for ...} in C: 3.4 % of a 40,000-key start (callgrind), for one line.
@@ -123,6 +128,7 @@ class LiveSettings(Generic[ModelT]):
         labels: Mapping[str, str] | None = None,
         report: bool | None = None,
         report_ttl: int = DEFAULT_TTL,
+        canary: bool = True,
     ) -> None:
         prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
         if not prefixes or not all(prefixes):
@@ -138,7 +144,11 @@ class LiveSettings(Generic[ModelT]):
         self._on_change = on_change
         self._init_kwargs = dict(init_kwargs or {})
         self._source_listed = lists_etcd_source(model)
-        self._layers = [_Layer(p, KeyDecoder(model)) for p in self.prefixes]
+        self._layers = []
+        for p in self.prefixes:  # each prefix's canary overlays it, right above it
+            self._layers.append(_Layer(p, KeyDecoder(model)))
+            if canary:
+                self._layers.append(_Layer(canary_prefix(p), KeyDecoder(model), canary=True))
         self._sources: ReadSources | None = None  # env, dotenv and secrets, read at each load
         self._known = 0  # every layer's items reflect this revision (it may be a rejected one)
         self._apply_lock = anyio.Lock()
@@ -193,16 +203,16 @@ class LiveSettings(Generic[ModelT]):
 
         Raises ``RuntimeError`` before ``async with live:`` has started following etcd.
         """
-        layers = tuple(layer.sub.status for layer in self._layers if layer.sub is not None)
-        if not layers:
+        watches = [(layer.canary, layer.sub.status) for layer in self._layers if layer.sub is not None]
+        if not watches:
             raise RuntimeError("LiveSettings is not started: use `async with live:` first")
         return SettingsStatus(
             prefix=self.prefix,
             model=self.model.__name__,
             revision=self._revision,
             loaded=self._current is not None,
-            watch=max(layers, key=lambda watch: watch.staleness),
-            layers=layers,
+            watch=max((watch for _, watch in watches), key=lambda watch: watch.staleness),
+            layers=tuple(watch for canary, watch in watches if not canary),
             applied=self._applied,
             rejected=self._rejected,
             last_rejected=self._last_rejected,
@@ -224,14 +234,26 @@ class LiveSettings(Generic[ModelT]):
             return {}
         fields: dict[tuple[str, ...], str] = {}
         for layer in self._layers:  # a later layer's key wins, as its value does
-            decoded = layer.decoder.decode(layer.items)
+            label, items = self._effective(layer)
+            decoded = layer.decoder.decode(items)
             for path in leaf_paths(decoded.data):
                 for depth in range(len(path), 0, -1):
                     key = decoded.origins.get(path[:depth])
                     if key is not None:
-                        fields[path] = layer.prefix + key
+                        fields[path] = label + key
                         break
         return fields
+
+    def _effective(self, layer: _Layer) -> tuple[str, dict[str, bytes]]:
+        """(the prefix its keys are named under, the keys this instance applies) of a layer."""
+        if not layer.canary:
+            return layer.prefix, layer.items
+        return layer.prefix + "values/", overlay_of(layer.items, self.identity)[0]
+
+    @property
+    def in_canary(self) -> bool:
+        """A canary is open on one of its prefixes and its selector matches this instance."""
+        return any(overlay_of(layer.items, self.identity)[1] for layer in self._layers if layer.canary)
 
     def init_fields(self) -> list[tuple[str, ...]]:
         """The field paths given as ``init_kwargs`` (names, never values)."""
@@ -318,8 +340,16 @@ class LiveSettings(Generic[ModelT]):
             if client is None:
                 client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
             revisions = []
-            for layer in self._layers:
-                sub = await stack.enter_async_context(client.watch(layer.prefix, with_snapshot=True))
+            for layer in list(self._layers):
+                try:
+                    sub = await stack.enter_async_context(client.watch(layer.prefix, with_snapshot=True))
+                except PermissionDenied:
+                    if not layer.canary:
+                        raise
+                    # A role made before canaries existed: run without them rather than not at all.
+                    self._log.warning("fleet.canary_unreadable", layer=layer.prefix)
+                    self._layers.remove(layer)
+                    continue
                 assert sub.snapshot is not None
                 layer.sub = sub
                 layer.items = layer.relative(sub.snapshot.items)
@@ -382,6 +412,7 @@ class LiveSettings(Generic[ModelT]):
             rejected_keys=() if rejected is None else rejected.keys,
             problems=() if rejected is None else rejected.problems,
             fresh=fresh,
+            canary=self.in_canary,
             version=library_version(),
             started_at=self._started_at,
             updated_at=time.time(),
@@ -629,6 +660,10 @@ class LiveSettings(Generic[ModelT]):
         """
         decoded = []
         for layer in self._layers if use_etcd else []:
+            if layer.canary:  # a small overlay, or none: decoded whole
+                label, overlay = self._effective(layer)
+                decoded.append((label, layer.decoder.decode(overlay)))
+                continue
             cut = len(layer.prefix)
             mine = None if changed is None else [k[cut:] for k in changed if k.startswith(layer.prefix)]
             decoded.append((layer.prefix, layer.decoder.decode(layer.items, mine)))

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "aetcdcfg"
 #: Lower layers first; a module may import only from its own layer or below (ARCHITECTURE.md).
 LAYERS: list[set[str]] = [
     {"errors", "events", "settings", "status", "_keys", "_backoff", "_log", "_wakeup"},
-    {"_grpc_errors", "_resume", "_diff", "_values", "source", "_records"},
+    {"_grpc_errors", "_resume", "_diff", "_values", "source", "_records", "_canary"},
     {"_channel", "_validate"},
     {"_connection"},
     {"_reads", "_history"},
@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"client"},
     {"_reporter"},
     {"live"},
-    {"_report", "_fleet"},
+    {"_report", "_fleet", "_rollout"},
     {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
 ]
 

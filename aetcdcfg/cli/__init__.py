@@ -21,7 +21,7 @@ if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
     from exceptiongroup import BaseExceptionGroup
 
 from ..errors import ConfigurationError
-from . import _dev, _fleet, _ops, _read, _write
+from . import _canary, _dev, _fleet, _ops, _read, _write
 from ._common import UsageError, normalize_prefix, positive_float
 from ._files import flatten, unflatten
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (_read, _write, _ops, _dev, _fleet):
+    for group in (_read, _write, _ops, _dev, _fleet, _canary):
         group.register(sub, common)
     return parser
 

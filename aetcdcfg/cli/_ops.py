@@ -11,6 +11,7 @@ import argparse
 import json
 
 from .._fleet import audit_log
+from ._canary import canary_set
 from ._common import (
     Subparsers,
     UsageError,
@@ -45,6 +46,10 @@ async def cmd_history(args: argparse.Namespace) -> int:
         scope = (
             f"--max-revisions {args.max_revisions}" if history.scanned_from > 2 else "etcd's first revision"
         )
+    # Audited writes that did not change the prefix itself (a canary opened or aborted), in range.
+    shown = {entry.revision for entry in history.entries}
+    oldest = min(shown) if len(history.entries) >= args.limit else history.scanned_from
+    others = {r: a for r, a in who.items() if r not in shown and oldest <= r <= history.revision}
     if args.json:
         record = {
             "prefix": prefix,
@@ -61,6 +66,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
                 }
                 for entry in history.entries
             ],
+            "other_writes": [{"revision": r, "audit": a.to_dict()} for r, a in sorted(others.items())[::-1]],
         }
         out(json.dumps(record, indent=2))
         return 0
@@ -68,7 +74,12 @@ async def cmd_history(args: argparse.Namespace) -> int:
         f"# {prefix} at revision {history.revision}: {len(history.entries)} revision(s) changed it "
         f"in revisions {history.scanned_from}..{history.revision} (stopped by {scope}), newest first"
     )
-    for entry in history.entries:
+    entries = {entry.revision: entry for entry in history.entries}
+    for at in sorted(entries.keys() | others.keys(), reverse=True):
+        if at in others:
+            out(f"revision {at} ({others[at].describe()}): {prefix} unchanged; {', '.join(others[at].keys)}")
+            continue
+        entry = entries[at]
         diff = entry.diff
         counts = [f"{len(diff.added)} added", f"{len(diff.changed)} changed", f"{len(diff.removed)} removed"]
         made = who[entry.revision].describe() if entry.revision in who else TIME_UNKNOWN
@@ -142,6 +153,8 @@ async def cmd_set(args: argparse.Namespace) -> int:
     wanted = _assignments(prefix, args.assignments)
     if refuse_unknown(model, prefix, wanted, "the command line"):
         return 1
+    if args.canary:
+        return await canary_set(args, model, prefix, wanted)
     async with make_client(args) as client:
         current = await base(args, client, prefix)
         result = {**current.items, **{prefix + k: v for k, v in wanted.items()}}
@@ -196,4 +209,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     set_.add_argument("prefix")
     set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="keys relative to the prefix")
     add_guard_options(set_)
+    set_.add_argument(
+        "--canary", metavar="SELECTOR", help="only for the instances it selects: zone=b, instance=ID or 10%%"
+    )
     set_.set_defaults(run=cmd_set)
