@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pydantic_settings import BaseSettings
 from aetcdcfg import EtcdClient, LiveSettings, Selector, canary_status
 from aetcdcfg._canary import CANARY_ROOT, overlay_of, share_bucket
 from aetcdcfg._records import AUDIT_ROOT, RECORDS_ROOT, Identity
-from aetcdcfg.testing import EtcdServer
+from aetcdcfg.testing import EtcdCluster, EtcdServer
 
 from .test_fleet_cli import Settings, fleet, run, workdir
 
@@ -221,3 +222,44 @@ async def test_records_and_history_never_hold_a_canarys_value(
         audits = await client.get_prefix(AUDIT_ROOT + etcd_prefix)
         raw = b"".join([*stored.items.values(), *audits.items.values()])
         assert raw and secret.encode() not in raw
+
+
+@pytest.mark.cluster
+async def test_a_canary_survives_a_leader_change_and_a_killed_member(
+    cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    """Instances on a 3-member cluster: the leader moves after the canary opened, then a member is
+    killed; promote still reaches every instance, and no member ever went back to the base value."""
+    from aetcdcfg import open_canary, promote_canary, wait_applied
+
+    options = {"keepalive_time": 1, "keepalive_timeout": 1, "request_timeout": 3}
+    seen: dict[str, list[int]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        lives = []
+        for name, zone in (("pod-a", "a"), ("pod-b", "b"), ("pod-c", "b")):
+            client = await stack.enter_async_context(EtcdClient(endpoints=cluster.endpoints, **options))
+            values = seen.setdefault(name, [])
+            live = LiveSettings(
+                Settings,
+                prefix=etcd_prefix,
+                client=client,
+                instance=name,
+                labels={"zone": zone},
+                on_change=lambda s, values=values: values.append(s.rate_limit),
+            )
+            lives.append(await stack.enter_async_context(live))
+        admin = await stack.enter_async_context(EtcdClient(endpoints=cluster.endpoints, **options))
+        with anyio.fail_after(60):
+            for live in lives:
+                while live.reporter is None or not live.reporter.in_etcd:
+                    await anyio.sleep(0.02)
+            opened = await open_canary(admin, etcd_prefix, {"rate_limit": b"50"}, Selector.parse("zone=b"))
+            leader = await anyio.to_thread.run_sync(cluster.wait_leader)
+            await anyio.to_thread.run_sync(cluster.move_leader, (leader + 1) % 3)
+            assert (await wait_applied(admin, etcd_prefix, opened, timeout=20)).ok
+            await anyio.to_thread.run_sync(cluster.kill, (leader + 2) % 3)
+            promoted = await promote_canary(admin, etcd_prefix)
+            result = await wait_applied(admin, etcd_prefix, promoted, timeout=30)
+        assert result.ok and not result.gone, result
+        assert [live.current.rate_limit for live in lives] == [50, 50, 50]
+    assert seen["pod-b"] == seen["pod-c"] == [50, 50] and seen["pod-a"] == [100, 50]
