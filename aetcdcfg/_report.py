@@ -411,6 +411,9 @@ def status_report(
         "history": [change_data(c) for c in status.history],
         "instance": None if status.report is None else _instance_data(status.report),
     }
+    view = live.fleet_view
+    if view is not None:
+        report["fleet"] = view.rows()
     if settings and status.loaded:
         report["settings"] = settings_report(live)
     return report

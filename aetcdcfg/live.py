@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from ._backoff import Backoff
 from ._canary import canary_prefix, overlay_of
 from ._fanout import Subscription
+from ._fleetview import FleetView
 from ._log import get_logger
 from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
 from ._reporter import DEFAULT_TTL, Reporter
@@ -177,6 +178,8 @@ class LiveSettings(Generic[ModelT]):
             raise ValueError(f"report_ttl must be at least 2 seconds, got {report_ttl}")
         self._report_ttl = report_ttl
         self.reporter: Reporter | None = None
+        self._fleet: FleetView | None = None
+        self._running: tuple[EtcdClient, anyio.abc.TaskGroup] | None = None
         self._schema: str | None = None
         self._started_at = time.time()
 
@@ -386,6 +389,9 @@ class LiveSettings(Generic[ModelT]):
                 self.reporter = reporter
                 stack.callback(setattr, self, "reporter", None)
                 task_group.start_soon(reporter.run)
+            self._running = (client, task_group)
+            stack.callback(setattr, self, "_running", None)
+            stack.callback(setattr, self, "_fleet", None)
         except BaseException:
             await stack.aclose()
             raise
@@ -417,6 +423,23 @@ class LiveSettings(Generic[ModelT]):
             started_at=self._started_at,
             updated_at=time.time(),
         )
+
+    def fleet(self) -> FleetView:
+        """The live instances of its prefix (the last layer), followed from now on in its task group:
+        ``live.fleet().records``. The first call starts one watch of the records; later calls
+        return the same view. Raises ``RuntimeError`` outside ``async with live:``."""
+        if self._running is None:
+            raise RuntimeError("LiveSettings is not started: use `async with live:` first")
+        if self._fleet is None:
+            client, task_group = self._running
+            self._fleet = FleetView(client, self.prefix)
+            task_group.start_soon(self._fleet.run)
+        return self._fleet
+
+    @property
+    def fleet_view(self) -> FleetView | None:
+        """The view :meth:`fleet` started, or None (no I/O, for status pages)."""
+        return self._fleet
 
     def _detach(self) -> None:
         for layer in self._layers:

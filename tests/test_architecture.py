@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"_kv", "_stream"},
     {"_fanout"},
     {"client"},
-    {"_reporter"},
+    {"_reporter", "_fleetview"},
     {"live"},
     {"_report", "_fleet", "_rollout"},
     {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
