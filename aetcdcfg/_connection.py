@@ -255,8 +255,8 @@ class Connection:
         token = self._token
         call = endpoint.lease.LeaseKeepAlive(timeout=timeout, metadata=self.metadata())
         try:
+            # No done_writing(): etcd's gRPC proxy cancels a half-closed keepalive stream unanswered.
             await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
-            await call.done_writing()
             response = await call.read()
         except asyncio.CancelledError:
             if not is_stray_cancel(channel_closed=endpoint.closed):

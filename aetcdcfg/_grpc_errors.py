@@ -87,7 +87,7 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
             return Failure.COMPACTED
         if "future revision" in details:
             return Failure.FUTURE_REVISION
-    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+    if "requested lease not found" in details:  # NOT_FOUND from etcd, UNKNOWN through its gRPC proxy
         return Failure.LEASE_NOT_FOUND
     if any(text in details for text in _NOT_APPLIED_DETAILS):
         return Failure.NOT_APPLIED

@@ -64,6 +64,7 @@ class Reporter:
         self.last_error: str | None = None
         self.leases_lost = 0
         self.failures = 0
+        self.refreshes = 0
 
     def status(self, labels: tuple[tuple[str, str], ...] = ()) -> ReportStatus:
         return ReportStatus(
@@ -100,6 +101,7 @@ class Reporter:
                     if ttl <= 0:
                         raise LeaseNotFound("etcd no longer holds the lease")
                     refresh_at = anyio.current_time() + ttl / 3
+                    self.refreshes += 1
                 backoff.reset()
                 self.last_error = None
             except LeaseNotFound:

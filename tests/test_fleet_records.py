@@ -350,3 +350,34 @@ async def test_a_real_burst_of_500_changes_costs_each_instance_a_bounded_number_
         writes = live.reporter.writes - before
     print(f"BURST 501 changes in {took:.1f}s: {writes} record writes")
     assert writes <= took / 0.25 + 2
+
+
+def test_a_lost_lease_is_recognised_from_etcd_and_from_its_grpc_proxy() -> None:
+    import grpc
+
+    from aetcdcfg._grpc_errors import Failure, LeaseNotFound, classify, to_error
+
+    for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNKNOWN):  # etcd, etcd's gRPC proxy
+        exc = grpc.aio.AioRpcError(
+            code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="etcdserver: requested lease not found"
+        )
+        assert classify(exc) is Failure.LEASE_NOT_FOUND
+        assert isinstance(to_error(exc, endpoint="e"), LeaseNotFound)
+
+
+async def test_records_outlive_their_ttl_through_etcds_grpc_proxy(
+    etcd_server: EtcdServer, etcd_grpc_proxy: object, etcd_prefix: str
+) -> None:
+    """The proxy cancels a half-closed LeaseKeepAlive stream unanswered: refreshed all the same."""
+    endpoint = etcd_grpc_proxy.endpoint  # type: ignore[attr-defined]
+    async with (
+        EtcdClient(endpoints=[endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-x", report_ttl=3) as live,
+    ):
+        reporter = live.reporter
+        assert reporter is not None
+        with anyio.fail_after(15):
+            while reporter.refreshes < 5:  # about 5 s: past the 3 s TTL
+                await anyio.sleep(0.1)
+        assert reporter.leases_lost == 0 and reporter.failures == 0
+        assert await read_record(client, etcd_prefix, "pod-x") is not None
