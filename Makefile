@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean chromium
+.PHONY: run test lint dist bench soak clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check aetcdcfg tests benchmarks examples
 	$(PY) -m mypy
 
+# The sdist and wheel in dist/, checked as PyPI would (tests/test_dist.py installs and uses the wheel).
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
@@ -36,4 +42,4 @@ soak: $(STAMP)
 	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),10)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis dist
