@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint dist bench soak clean chromium
+.PHONY: run test matrix lint dist bench soak clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ run: $(STAMP)
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The compatibility matrix around the main pair: a subset of the suite on CPython 3.10, 3.12 and 3.13
+# with etcd 3.5, and on this venv's CPython with Debian's etcd 3.4 (.ci/matrix installs what it needs).
+matrix: $(STAMP)
+	bash .ci/matrix
 
 # The status page's browser test drives Debian's chromium (never Playwright's own browser downloads).
 # Installed here when missing and we can (root with apt-get, as on CI); elsewhere that one test skips.
@@ -42,4 +47,4 @@ soak: $(STAMP)
 	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),10)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis dist
+	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache .hypothesis dist
