@@ -6,7 +6,12 @@ and returns a :class:`Step` saying what the I/O loop must do. It guarantees:
 * ``delivered`` is a revision such that every event with a mod revision <= it has been emitted, so a
   new watch resumes at ``delivered + 1`` with nothing missed or repeated. It advances on events (to the
   last event's mod revision, never to a catch-up response's header revision) and on progress
-  notifications addressed to this watcher (etcd sends those only to synced watchers).
+  notifications addressed to this watcher (etcd sends those only to synced watchers) while
+  ``trust_progress`` holds: through etcd's gRPC proxy a notification is etcd's, forwarded, and says
+  nothing of revisions the proxy failed to send this client, so there only events advance it.
+* Every response is classified here, once: events, a progress notification (``PROGRESS`` when it
+  advances, ``ALIVE`` when it only proves the stream alive), etcd's own answer to a progress request
+  (``ANSWER``, watch id -1: only etcd itself sends one, its proxy never does).
 * Events are emitted as whole revisions: a transaction's events form one batch, fragments are joined
   first, and a partial fragment sequence is thrown away when the stream breaks.
 * After compaction, ``resync()`` turns a fresh listing into the difference against what was delivered.
@@ -48,7 +53,9 @@ class StepKind(enum.Enum):
     NOTHING = "nothing"  # keep reading
     CREATED = "created"  # the server watcher exists; ``revision`` is etcd's current revision
     EMIT = "emit"  # deliver ``batches`` in order
-    PROGRESS = "progress"  # no events up to ``revision``
+    PROGRESS = "progress"  # no events up to ``revision``: ``delivered`` advanced to it
+    ALIVE = "alive"  # an event-less response for this watcher that does not advance ``delivered``
+    ANSWER = "answer"  # etcd's own answer to a progress request (watch id -1): the endpoint is etcd
     RELIST = "relist"  # history is gone (``revision`` = compact revision): re-list and call resync()
     CHECK_REVISION = "check_revision"  # etcd reported a revision below ``delivered``: verify it
     CANCELED = "canceled"  # the server canceled the watch for ``reason``; reconnect or give up
@@ -81,6 +88,8 @@ class WatchState:
     delivered: int
     keys: dict[bytes, KeyState] | None = None
     watch_id: int | None = None
+    #: Whether a progress notification may advance ``delivered`` (the loop sets it per endpoint).
+    trust_progress: bool = True
     _fragments: list[Any] = field(default_factory=list)
 
     @property
@@ -118,9 +127,11 @@ class WatchState:
             if header_revision < self.delivered:
                 return Step(StepKind.CHECK_REVISION, revision=header_revision)
             return Step(StepKind.CREATED, revision=header_revision)
+        if response.watch_id == -1 and not events:
+            # A broadcast answering a progress request: in etcd < 3.5.8 its header revision can run
+            # ahead of events still being replayed, so it proves liveness, never progress.
+            return Step(StepKind.ANSWER, revision=header_revision)
         if self.watch_id is None or int(response.watch_id) != self.watch_id:
-            # A broadcast (watch id -1) answering a progress request: in etcd < 3.5.8 its header
-            # revision can run ahead of events still being replayed, so it only proves liveness.
             return _NOTHING
         if response.fragment:
             self._fragments.extend(events)
@@ -132,10 +143,10 @@ class WatchState:
             if not batches:
                 return _NOTHING
             return Step(StepKind.EMIT, batches, self.delivered)
-        if header_revision > self.delivered:
+        if header_revision > self.delivered and self.trust_progress:
             self.delivered = header_revision
             return Step(StepKind.PROGRESS, revision=header_revision)
-        return _NOTHING
+        return Step(StepKind.ALIVE, revision=header_revision)
 
     def _batches(self, raw_events: Iterable[Any]) -> tuple[Batch, ...]:
         # Runs once per etcd event, so it is written flat: protobuf already hands out ``int`` and

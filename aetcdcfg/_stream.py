@@ -2,19 +2,26 @@
 
 It opens a gRPC ``Watch`` stream on a reachable member, creates the watcher at
 ``state.resume_revision`` and feeds every response to the state. Any failure — reset, member crash,
-leader loss (require-leader metadata), a silent black hole (found by its own probe, see ``_watchdog``)
-— ends the session; the loop backs off with jitter, prefers another member, and resumes where the
-state says. Only errors that retrying cannot fix (permission, credentials, compacted history for a
-stream that cannot re-list) leave ``run()``.
+leader loss (require-leader metadata), a silent black hole or a stream alive but behind (found by the
+session's watchdog) — ends the session; the loop backs off with jitter, prefers another member, and
+resumes where the state says. Only errors that retrying cannot fix (permission, credentials,
+compacted history for a stream that cannot re-list) leave ``run()``.
 
-Liveness probe: after ``keepalive_time`` of silence the stream is asked for a progress notification.
-etcd's gRPC proxy never answers that request, so on an endpoint not yet known to answer it the probe
-also sends a linearizable read of the prefix on the same channel (``_probe_read``): the proxy forwards
-it to etcd, so an answer proves the proxy, its connection and etcd behind it alive. Either answer within
-``keepalive_timeout`` keeps the stream; an endpoint that answered a progress request is then probed
-with progress requests only (etcd answers them for free).
-Both unanswered means the stream is dead. What a read cannot prove through a proxy is that the
-proxy's own upstream watch still delivers; etcd's proxy re-creates that watch itself.
+Two kinds of endpoint, told apart by etcd's own answer to a progress request (watch id -1), which
+etcd sends and its gRPC proxy never does (``Endpoint.answers_progress``):
+
+* **etcd itself.** After ``keepalive_time`` of silence the stream is asked for a progress
+  notification; an answer within ``keepalive_timeout`` keeps it. Progress notifications advance the
+  delivered revision. This costs etcd nothing and reads nothing.
+* **Anything else** (etcd's gRPC proxy, or an endpoint not yet known). The proxy forwards etcd's
+  progress notifications but can drop revisions of a watcher it is merging into a shared one (etcd
+  issue 9988), so here notifications prove only that the stream is open, and only events advance the
+  delivered revision. Every ``keepalive_time`` the watchdog *verifies* the watch with reads on the same
+  channel (``_verify``): that what was delivered since the last check is etcd's history at that
+  revision (else a gap: re-list), and that nothing etcd holds is left undelivered for longer than
+  ``keepalive_timeout`` (else the stream is behind: replace it). A read answered also proves the path,
+  the proxy and etcd alive. A watch more than ``PROXY_REPLAY_LIMIT`` revisions behind never replays
+  through such an endpoint: it re-lists instead.
 
 Fragmenting: watches are created with ``fragment=False``. etcd 3.5 splits large responses (from
 ``--max-request-bytes``) at a high CPU cost (~38x for a large replay, measured), and a response only
@@ -27,8 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -36,27 +44,33 @@ import grpc
 from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
-from ._grpc_errors import Failure, classify, describe, to_error
+from ._grpc_errors import CompactedRead, Failure, classify, describe, is_stray_cancel, to_error
 from ._history import compact_revision
 from ._keys import prefix_range_end
 from ._log import Logger, get_logger
 from ._reads import cluster_revision, history_matches, list_keys, readable_at
 from ._resume import Batch, StepKind, WatchState
-from .errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
+from .errors import (
+    AuthenticationFailed,
+    EtcdError,
+    EtcdUnavailable,
+    PermissionDenied,
+    RevisionCompacted,
+)
 from .status import WatchHealth
 
 if TYPE_CHECKING:
     from ._channel import Endpoint
     from ._connection import Connection
 
-__all__ = ["WatchLoop"]
+__all__ = ["PROXY_REPLAY_LIMIT", "WatchLoop"]
 
 log = get_logger()
 
 
-#: Revisions a watch may be behind when it resumes through etcd's gRPC proxy; further behind, it
-#: re-lists (see ``WatchLoop._check_proxy_backlog``). Half of etcd's 1,000 revisions per catch-up
-#: response, for the writes that land between the check and the watcher's creation.
+#: Revisions a watch may be behind when it resumes through an endpoint that is not known to be etcd;
+#: further behind, it re-lists (see ``WatchLoop._check_proxy_backlog``). Half of etcd's 1,000
+#: revisions per catch-up response, for the writes that land between the check and the creation.
 PROXY_REPLAY_LIMIT = 500
 
 
@@ -67,15 +81,53 @@ class _StreamFailed(Exception):
         super().__init__(cause)
         self.cause = cause
         self.penalize = penalize
+        self.after_created = False  # the session had created its watcher (the stream worked)
 
 
 class _Relist(Exception):
-    """History is gone (compaction, or etcd's revision went backwards): re-list the prefix."""
+    """History is gone or the stream skipped some (compaction, a wiped cluster, a gap): re-list."""
 
     def __init__(self, reason: str, revision: int) -> None:
         super().__init__(reason)
         self.reason = reason
         self.revision = revision
+
+
+@dataclass(eq=False)
+class _Session:
+    """One gRPC stream and everything known about it; its tasks share this, and nothing else."""
+
+    endpoint: Endpoint
+    call: grpc.aio.StreamStreamCall
+    tg: anyio.abc.TaskGroup
+    token: str | None
+    last_rx: float  # when the stream (or a read on its channel) last answered
+    answer_rx: float = 0.0  # when etcd last answered a progress request on this stream
+    idle_probe: bool = False  # a progress request went out on a stream silent since before it
+    created: bool = False
+    created_event: anyio.Event = field(default_factory=anyio.Event)
+    #: Why the watchdog ended the session (it cancels the session's task group after setting it).
+    failure: Exception | None = None
+
+    def fail(self, failure: Exception) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self.tg.cancel_scope.cancel()
+
+    def spawn(self, task: Callable[[_Session], Awaitable[None]]) -> None:
+        """Run one of the session's tasks; whatever it raises ends the session, never its group."""
+
+        async def guarded() -> None:
+            try:
+                await task(self)
+            except asyncio.CancelledError:
+                if not is_stray_cancel(channel_closed=self.endpoint.closed):
+                    raise
+                self.fail(_StreamFailed(f"the channel to {self.endpoint.url} was closed"))
+            except Exception as exc:  # a typed outcome (_Relist, PermissionDenied, ...) or a bug of ours
+                self.fail(exc)
+
+        self.tg.start_soon(guarded)
 
 
 class WatchLoop:
@@ -104,21 +156,15 @@ class WatchLoop:
         self._on_batches = on_batches
         self._label = label
         self._stop_at = stop_at
-        self._last_rx = 0.0  # a response on the stream, or a liveness read answered
-        self._progress_rx = 0.0  # an event-less progress notification on the stream
-        self._idle_probe = False  # a progress request went out on a stream silent since before it
-        self._session_tg: anyio.abc.TaskGroup | None = None
-        self._call: grpc.aio.StreamStreamCall | None = None
         #: With fragments until ``delivered`` passes this (a response was too large for us).
         self._fragment_past: int | None = None
-        self._fragmented = False
-        self._stalled = False
         self._connected_once = False
-        self._lost_at: float | None = None
-        self._lost_revision = 0
-        self._fresh_token = False
+        self._lost_at: float | None = None  # when the current outage began
+        self._fresh_token = False  # the token was renewed after a refusal: the next one is final
         self._history_checked = False
-        self._created_in_session = False
+        #: A revision at which the delivered state was known to equal etcd's (a listing, or a
+        #: verification through a possible proxy); the next verification compares from there.
+        self._checkpoint = state.delivered
         self.connected = anyio.Event()
 
     @property
@@ -135,10 +181,14 @@ class WatchLoop:
         while not self._reached_stop():
             try:
                 endpoint = await self._conn.ready(settings.connect_timeout)
-                if self._lost_at is not None and not self._history_checked and self._state.tracks_state:
+                resuming = self._lost_at is not None
+                if resuming and not self._history_checked and self._state.tracks_state:
                     await self._check_history()
-                if endpoint.answers_progress is False:
-                    await self._check_proxy_backlog()
+                if resuming or not self._state.tracks_state:  # behind: replay, or re-list?
+                    if endpoint.answers_progress is None:
+                        await self._identify(endpoint)
+                    if endpoint.answers_progress is not True:
+                        await self._check_proxy_backlog()
             except EtcdUnavailable as exc:
                 self._note_lost(str(exc))
                 await anyio.sleep(backoff.next_delay())
@@ -151,7 +201,7 @@ class WatchLoop:
                 if await self._session(endpoint):
                     return
             except _StreamFailed as failure:
-                if self._created_in_session:
+                if failure.after_created:
                     backoff.reset()  # the stream worked: this is a new failure, not the same one again
                 if failure.penalize:
                     self._conn.mark_failed(endpoint, failure.cause)
@@ -185,7 +235,6 @@ class WatchLoop:
         if self._lost_at is None:
             self._history_checked = False
             self._lost_at = anyio.current_time()
-            self._lost_revision = self._state.delivered
             self._log.warning(
                 "watch.disconnected", endpoint=endpoint, cause=cause, revision=self._state.delivered
             )
@@ -209,68 +258,126 @@ class WatchLoop:
         if relist.reason in ("history_changed", "revision_reset") and self._on_reset is not None:
             self._on_reset(revision)  # a new history: revisions restart below what was delivered
         batch = state.resync(listing, revision)
+        self._checkpoint = revision
         self._log.warning("watch.resynced", reason=relist.reason, revision=revision, changes=len(batch))
         if batch:
             self._on_batches((batch,))
 
     async def _session(self, endpoint: Endpoint) -> bool:
         """One gRPC stream; True when ``stop_at`` was reached. Raises _StreamFailed or _Relist."""
-        token = self._conn.token
-        self._created_in_session = False
         if self._fragment_past is not None and self._state.delivered > self._fragment_past:
             self._fragment_past = None  # the oversized response is through: whole responses again
-        self._fragmented = self._fragment_past is not None
+        self._state.trust_progress = endpoint.answers_progress is True
         call = endpoint.watch.Watch(metadata=self._conn.metadata())
-        self._last_rx = anyio.current_time()
-        self._stalled = False
         outcome: bool | Exception = False
         try:
             async with anyio.create_task_group() as tg:
-                self._session_tg = tg
-                self._call = call
-                tg.start_soon(self._watchdog, call, endpoint, tg)
+                session = _Session(endpoint, call, tg, self._conn.token, last_rx=anyio.current_time())
+                session.spawn(self._watchdog)
                 try:
-                    outcome = await self._read_loop(call, endpoint, token)
+                    outcome = await self._read_loop(session)
                 except Exception as exc:  # carried out of the task group unwrapped
                     outcome = exc
                 tg.cancel_scope.cancel()
         finally:
             call.cancel()
-        if self._stalled:
-            raise _StreamFailed(
-                f"no answer from {endpoint.url} within keepalive_time + keepalive_timeout "
-                f"({self._conn.settings.keepalive_time:g}s + {self._conn.settings.keepalive_timeout:g}s)"
-            )
+        if session.failure is not None:
+            outcome = session.failure
         if isinstance(outcome, EtcdUnavailable):
             # e.g. re-authenticating or checking the revision on a member that just went away
-            raise _StreamFailed(str(outcome))
+            outcome = _StreamFailed(str(outcome))
+        if isinstance(outcome, _StreamFailed):
+            outcome.after_created = session.created
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    async def _watchdog(
-        self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, tg: anyio.abc.TaskGroup
-    ) -> None:
-        """Probe a silent stream (see the module docstring); give up on it if nothing answers."""
+    # -- the watchdog --------------------------------------------------------------------------------
+
+    async def _watchdog(self, session: _Session) -> None:
+        """Keep the session honest (see the module docstring); ``session.fail()`` ends it."""
         settings = self._conn.settings
-        while True:
-            idle = anyio.current_time() - self._last_rx
+        if session.endpoint.answers_progress is not True:
+            with anyio.move_on_after(settings.keepalive_time + settings.keepalive_timeout):
+                await session.created_event.wait()
+            if not session.created:
+                session.fail(self._stalled("no watch created"))
+                return
+        while session.endpoint.answers_progress is not True:
+            # Not known to be etcd: verify by reads, now and every keepalive_time, events or not.
+            await self._verify_tick(session)
+            if session.failure is not None:
+                return
+            await anyio.sleep(settings.keepalive_time)
+        self._state.trust_progress = True
+        while True:  # etcd itself: a progress request after keepalive_time of silence
+            idle = anyio.current_time() - session.last_rx
             if idle < settings.keepalive_time:
                 await anyio.sleep(settings.keepalive_time - idle)
                 continue
             probe_at = anyio.current_time()
-            known = endpoint.answers_progress
-            self._idle_probe = True
-            tg.start_soon(self._probe, call)
-            if not known:
-                tg.start_soon(self._probe_read, endpoint, settings.keepalive_timeout)
+            session.idle_probe = True
+            await self._probe(session.call)
             await anyio.sleep(settings.keepalive_timeout)
-            if self._last_rx < probe_at:
-                self._stalled = True
-                tg.cancel_scope.cancel()
+            if session.last_rx < probe_at:
+                session.fail(self._stalled())
                 return
-            if not known:
-                self._learn(endpoint, answered=self._progress_rx >= probe_at)
+
+    def _stalled(self, what: str = "no answer") -> _StreamFailed:
+        settings = self._conn.settings
+        return _StreamFailed(
+            f"{what} from the watch's endpoint within keepalive_time + keepalive_timeout "
+            f"({settings.keepalive_time:g}s + {settings.keepalive_timeout:g}s)"
+        )
+
+    async def _verify_tick(self, session: _Session) -> None:
+        """Ask for progress (does the endpoint answer: is it etcd?) and verify the watch by reads."""
+        timeout = self._conn.settings.keepalive_timeout
+        asked = anyio.current_time()
+        await self._probe(session.call)
+        answered = await self._verify(session)  # a gap or a stream behind raises: the session ends
+        if not answered:
+            session.fail(self._stalled())
+            return
+        await anyio.sleep(max(asked + timeout - anyio.current_time(), 0))
+        if session.answer_rx >= asked:
+            self._learn(session.endpoint, answered=True)
+        else:  # the path works, yet no answer: not etcd itself (silence on a dead path proves nothing)
+            self._learn(session.endpoint, answered=False)
+
+    async def _identify(self, endpoint: Endpoint) -> None:
+        """Before resuming on an endpoint not known yet, ask it on a stream of its own whether it
+        answers a progress request (etcd does, its gRPC proxy does not), within ``keepalive_timeout``.
+
+        A watcher created but no answer: not etcd. Silence on a dead path leaves it unknown, and an
+        unknown endpoint is treated as a proxy (a long backlog is re-listed, not replayed): this keeps
+        a direct resume exact when etcd answers in time.
+        """
+        prefix = self._state.prefix
+        call = endpoint.watch.Watch(metadata=self._conn.metadata())
+        create = rpc_pb2.WatchCreateRequest(key=prefix)  # one key, from now: nothing to replay
+        created = False
+        try:
+            with anyio.move_on_after(self._conn.settings.keepalive_timeout):
+                await call.write(rpc_pb2.WatchRequest(create_request=create))
+                await self._probe(call)
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        return
+                    created = created or response.created
+                    if response.watch_id == -1 and not response.events and not response.created:
+                        self._learn(endpoint, answered=True)
+                        return
+            if created:  # the path works, yet no answer: not etcd itself
+                self._learn(endpoint, answered=False)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return
+        except asyncio.CancelledError:
+            if not is_stray_cancel(channel_closed=endpoint.closed):
+                raise
+        finally:
+            call.cancel()
 
     @staticmethod
     async def _probe(call: grpc.aio.StreamStreamCall) -> None:
@@ -278,19 +385,6 @@ class WatchLoop:
         request = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await call.write(request)
-
-    async def _learn_progress(self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint) -> None:
-        """On a new endpoint, find out at once whether it answers progress requests (etcd does, its
-        gRPC proxy does not), so that a resume after an outage knows whether it goes through a proxy."""
-        timeout = self._conn.settings.keepalive_timeout
-        asked = anyio.current_time()
-        await self._probe(call)
-        alive = await self._probe_read(endpoint, timeout)
-        await anyio.sleep(max(asked + timeout - anyio.current_time(), 0))
-        if self._progress_rx >= asked:
-            self._learn(endpoint, answered=True)
-        elif alive:  # the path works, yet no answer: not etcd itself (silence on a dead path proves nothing)
-            self._learn(endpoint, answered=False)
 
     def _learn(self, endpoint: Endpoint, *, answered: bool) -> None:
         """Record whether ``endpoint`` answered a progress request; an answer is final, silence is
@@ -301,8 +395,86 @@ class WatchLoop:
             endpoint.answers_progress = False
             self._log.info("watch.progress_unanswered", endpoint=endpoint.url, probe="range")
 
+    async def _read(self, session: _Session, **fields: Any) -> Any:
+        """One range on the session's own channel, within ``keepalive_timeout``; None if unanswered."""
+        prefix = self._state.prefix
+        request = rpc_pb2.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), **fields)
+        endpoint = session.endpoint
+        timeout = self._conn.settings.keepalive_timeout
+        try:
+            response = await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
+        except grpc.aio.AioRpcError as exc:
+            failure = classify(exc)
+            if failure is Failure.COMPACTED:
+                raise CompactedRead(describe(exc), endpoint=endpoint.url) from None
+            if failure in (Failure.AUTH_FAILED, Failure.PERMISSION):
+                raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
+            if failure is Failure.AUTH_EXPIRED and self._conn.settings.username:
+                await self._conn.reauthenticate(endpoint, session.token)
+            self._log.debug("watch.probe_failed", endpoint=endpoint.url, cause=describe(exc))
+            return None
+        session.last_rx = max(session.last_rx, anyio.current_time())
+        return response
+
+    async def _verify(self, session: _Session) -> bool:
+        """Check the watch against etcd with reads on its own channel; False if they go unanswered.
+
+        1. What was delivered since the last checkpoint is etcd's history: at ``delivered``, etcd's
+           prefix holds as many keys as ours, and the keys it changed after the checkpoint are ours,
+           at the same mod revisions (else the stream skipped revisions: re-list).
+        2. Nothing etcd holds now is left undelivered: no key changed after ``delivered`` and the same
+           number of keys; else the stream gets ``keepalive_timeout`` to bring it, and is replaced
+           if it does not (alive but behind).
+        Without the prefix's state (a private catch-up) only 2's key check is made.
+        """
+        state = self._state
+        keys = state.keys
+        delivered = state.delivered
+        count = len(keys) if keys is not None else -1
+        try:
+            if keys is not None and delivered != self._checkpoint:
+                since = self._checkpoint
+                ours = {key: kv[1] for key, kv in keys.items() if kv[1] > since}
+                past = await self._read(
+                    session, revision=delivered, keys_only=True, min_mod_revision=since + 1
+                )
+                if past is None:
+                    return False
+                if past.count != count or {kv.key: kv.mod_revision for kv in past.kvs} != ours:
+                    self._log.error("watch.gap_detected", revision=delivered, checkpoint=since)
+                    raise _Relist("gap", 0)
+                self._checkpoint = delivered
+            now = await self._read(session, keys_only=True, limit=1, min_mod_revision=delivered + 1)
+        except CompactedRead:
+            raise _Relist("compacted", 0) from None  # cannot verify what etcd no longer holds
+        if now is None:
+            return False
+        if not now.kvs and (keys is None or now.count == count):
+            self.health.confirm()  # etcd's prefix is what we delivered: current as of now
+            return True
+        # etcd holds changes we have not delivered: in flight, or dropped on the way.
+        revision = int(now.header.revision)
+        await anyio.sleep(self._conn.settings.keepalive_timeout)
+        if state.delivered >= revision:
+            return True  # they came (the next tick verifies them)
+        delivered = state.delivered
+        count = len(keys) if keys is not None else -1
+        try:
+            then = await self._read(
+                session, revision=revision, keys_only=True, limit=1, min_mod_revision=delivered + 1
+            )
+        except CompactedRead:
+            raise _Relist("compacted", 0) from None
+        if then is None:
+            return False
+        if not then.kvs and (keys is None or then.count == count):
+            self.health.confirm()  # everything up to that revision is here
+            return True
+        self._log.warning("watch.behind", revision=delivered, etcd_revision=revision)
+        raise self._stalled("events still missing")
+
     async def _check_proxy_backlog(self) -> None:
-        """Through etcd's gRPC proxy, refuse to replay a long backlog: re-list instead.
+        """Through an endpoint not known to be etcd, refuse to replay a long backlog: re-list instead.
 
         etcd 3.5's proxy sends a catching-up watcher the first batch of its backlog (etcd replays
         1,000 revisions per response), then merges it into the live watch of the same range from
@@ -326,42 +498,18 @@ class WatchLoop:
         )
         raise _Relist("proxy_backlog", current)
 
-    async def _probe_read(self, endpoint: Endpoint, timeout: float) -> bool:
-        """A linearizable read on ``endpoint`` of any key under the prefix changed after ``delivered``.
+    # -- the stream ----------------------------------------------------------------------------------
 
-        An answer proves the endpoint and etcd (behind any proxy) alive; an empty one also confirms
-        the watch current (a deletion after ``delivered`` is not visible to it: the watch brings it).
-        etcd reads the prefix's keys to filter them, so through a proxy an idle watch of a very large
-        prefix costs etcd that read once per ``keepalive_time``.
-        """
-        prefix = self._state.prefix
-        request = rpc_pb2.RangeRequest(
-            key=prefix,
-            range_end=prefix_range_end(prefix),
-            keys_only=True,
-            limit=1,
-            min_mod_revision=self._state.delivered + 1,
-        )
-        try:
-            response = await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
-        except grpc.aio.AioRpcError as exc:
-            self._log.debug("watch.probe_failed", endpoint=endpoint.url, cause=describe(exc))
-            return False
-        self._last_rx = max(self._last_rx, anyio.current_time())
-        if not response.kvs:
-            self.health.confirm()
-        return True
-
-    async def _read_loop(
-        self, call: grpc.aio.StreamStreamCall, endpoint: Endpoint, token: str | None
-    ) -> bool:
+    async def _read_loop(self, session: _Session) -> bool:
         state = self._state
+        endpoint = session.endpoint
+        call = session.call
         create = rpc_pb2.WatchCreateRequest(
             key=state.prefix,
             range_end=prefix_range_end(state.prefix),
             start_revision=state.resume_revision,
             progress_notify=True,
-            fragment=self._fragmented,
+            fragment=self._fragment_past is not None,
         )
         try:
             try:
@@ -376,56 +524,58 @@ class WatchLoop:
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     raise _StreamFailed(f"{endpoint.url} closed the watch stream")
-                self._last_rx = clock()
+                session.last_rx = clock()
                 step = state.on_response(response)
                 kind = step.kind
                 if kind is StepKind.EMIT:  # the common case first: one revision or more of events
-                    health.confirm()
+                    if state.trust_progress:
+                        health.confirm()  # through a proxy, only a verification confirms
                     self._on_batches(step.batches)
                     if self._reached_stop():
                         return True
                     continue
-                if not response.events and not (response.created or response.canceled or response.fragment):
-                    self._progress_rx = self._last_rx
-                    if response.watch_id == -1:  # etcd's own answer to a progress request: not a proxy
-                        endpoint.answers_progress = True
-                    if self._idle_probe:
-                        # etcd < 3.5.8 answers at once, synced or not; after keepalive_time of
-                        # silence the watcher is synced (a lagging one is being sent events).
-                        self._idle_probe = False
-                        health.confirm()
                 if kind is StepKind.PROGRESS:
                     health.confirm()
                     if self._reached_stop():
                         return True
+                elif kind is StepKind.ALIVE:
+                    if state.trust_progress:
+                        health.confirm()  # etcd: nothing newer for this watcher
+                elif kind is StepKind.ANSWER:
+                    session.answer_rx = session.last_rx
+                    endpoint.answers_progress = True  # only etcd itself answers a progress request
+                    state.trust_progress = True
+                    if session.idle_probe:
+                        # etcd < 3.5.8 answers at once, synced or not; after keepalive_time of
+                        # silence the watcher is synced (a lagging one is being sent events).
+                        session.idle_probe = False
+                        health.confirm()
                 elif kind is StepKind.CREATED:
-                    if step.revision > state.delivered and not await readable_at(
-                        self._conn, state.prefix, state.delivered
-                    ):
-                        # etcd accepts a watch *at* its compact revision, but the delete tombstones
-                        # written there are gone: only a watch above it replays exactly.
-                        raise _Relist("compacted", 0)
-                    self._on_created(endpoint, step.revision)
+                    await self._on_created(session, step.revision)
                 elif kind is StepKind.RELIST:
                     raise _Relist("compacted", step.revision)
                 elif kind is StepKind.CHECK_REVISION:
                     await self._check_revision(step.revision, endpoint)
                 elif kind is StepKind.CANCELED:
-                    await self._on_canceled(step.reason, endpoint, token)
+                    await self._on_canceled(step.reason, endpoint, session.token)
+        except asyncio.CancelledError:
+            if not is_stray_cancel(channel_closed=endpoint.closed):
+                raise
+            raise _StreamFailed(f"the channel to {endpoint.url} was closed under the watch") from None
         except grpc.aio.AioRpcError as exc:
-            kind_ = classify(exc)
-            if kind_ is Failure.TOO_LARGE:
+            failure = classify(exc)
+            if failure is Failure.TOO_LARGE:
                 self._too_large(describe(exc))
-            if kind_ is Failure.AUTH_EXPIRED and self._conn.settings.username:
-                await self._conn.reauthenticate(endpoint, token)
+            if failure is Failure.AUTH_EXPIRED and self._conn.settings.username:
+                await self._conn.reauthenticate(endpoint, session.token)
                 raise _StreamFailed("auth token expired; authenticated again", penalize=False) from None
-            if kind_ in (Failure.AUTH_FAILED, Failure.PERMISSION):
+            if failure in (Failure.AUTH_FAILED, Failure.PERMISSION):
                 raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
             raise _StreamFailed(describe(exc)) from None
 
     def _too_large(self, cause: str) -> None:
         """A response exceeded ``max_message_bytes``: ask for fragments next time, or give up if we did."""
-        if self._fragmented:
+        if self._fragment_past is not None:
             raise EtcdError(
                 f"a watch response of {self._label!r} is larger than max_message_bytes even with "
                 f"fragments requested ({cause}): etcd splits at its --max-request-bytes and etcd's "
@@ -435,22 +585,24 @@ class WatchLoop:
         self._log.warning("watch.fragmenting", revision=self._state.delivered, cause=cause)
         raise _StreamFailed(cause, penalize=False)
 
-    def _on_created(self, endpoint: Endpoint, revision: int) -> None:
-        self._fresh_token = False
-        self._created_in_session = True
+    async def _on_created(self, session: _Session, revision: int) -> None:
         state = self._state
+        endpoint = session.endpoint
+        if revision > state.delivered and not await readable_at(self._conn, state.prefix, state.delivered):
+            # etcd accepts a watch *at* its compact revision, but the delete tombstones written
+            # there are gone: only a watch above it replays exactly.
+            raise _Relist("compacted", 0)
+        self._fresh_token = False
+        session.created = True
+        session.created_event.set()
         self.health.connected(endpoint.url)
-        if revision <= state.delivered:
+        if revision <= state.delivered and state.trust_progress:
             self.health.confirm()  # etcd has nothing newer at all
-        tg, call = self._session_tg, self._call
-        assert tg is not None  # both set by _session before its read loop runs
-        assert call is not None
-        if endpoint.answers_progress is None:
-            # Its read also confirms the watch current, as the one below would.
-            tg.start_soon(self._learn_progress, call, endpoint)
-        elif revision > state.delivered:
+        elif state.trust_progress:
             # Confirm as soon as etcd says nothing newer is pending, not a keepalive_time later.
-            tg.start_soon(self._probe_read, endpoint, self._conn.settings.keepalive_timeout)
+            session.spawn(self._confirm_current)
+        if self._conn.settings.username and self._conn.settings.permission_check_interval:
+            session.spawn(self._check_permission)
         if self._lost_at is not None:
             self._log.info(
                 "watch.resumed",
@@ -464,6 +616,27 @@ class WatchLoop:
             self._log.info("watch.connected", endpoint=endpoint.url, revision=state.delivered)
         self._connected_once = True
         self.connected.set()
+
+    async def _check_permission(self, session: _Session) -> None:
+        """etcd checks a watch's permission only when it is created: re-check it with a one-key read
+        every ``permission_check_interval``, so a revoked role ends the watch with PermissionDenied."""
+        while True:
+            await anyio.sleep(self._conn.settings.permission_check_interval)
+            try:
+                await self._read(session, count_only=True, limit=1)
+            except (PermissionDenied, AuthenticationFailed) as denied:
+                self._log.error("watch.permission_revoked", endpoint=session.endpoint.url)
+                session.fail(denied)
+                return
+
+    async def _confirm_current(self, session: _Session) -> None:
+        """One read: confirmed current if no key under the prefix changed after ``delivered``
+        (a deletion after it is not visible to it: the watch brings that, and confirms then)."""
+        response = await self._read(
+            session, keys_only=True, limit=1, min_mod_revision=self._state.delivered + 1
+        )
+        if response is not None and not response.kvs:
+            self.health.confirm()
 
     async def _check_revision(self, reported: int, endpoint: Endpoint) -> None:
         """A member reported a revision below what was delivered: lagging member, or a reset cluster?"""

@@ -55,6 +55,13 @@ class EtcdSettings(BaseSettings):
         "a client configured with one member follows the cluster.",
     )
     discovery_interval: float = Field(default=60.0, gt=0, description="Seconds between member list reads.")
+    permission_check_interval: float = Field(
+        default=60.0,
+        ge=0,
+        description="With credentials, seconds between a watch's checks that its user may still read "
+        "the prefix (etcd checks permission only when a watch is created, so a revoked one would go "
+        "unnoticed until the next reconnect); 0 turns the check off.",
+    )
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest gRPC message accepted."
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,12 +146,17 @@ class Run:
         """The prefix as the subscriber knows it: the snapshot at entry plus every event since."""
         assert self.sub.snapshot is not None
         state = dict(self.sub.snapshot.items)
-        for event in self.events:
-            if event.type is EventType.PUT:
-                state[event.key] = event.value
-            else:
-                state.pop(event.key, None)
+        apply_events(state, self.events)
         return state
+
+
+def apply_events(state: dict[str, bytes], events: Iterable[Event]) -> None:
+    """Bring ``state`` (key -> value) forward by ``events``, as a subscriber would."""
+    for event in events:
+        if event.type is EventType.PUT:
+            state[event.key] = event.value
+        else:
+            state.pop(event.key, None)
 
 
 @contextlib.asynccontextmanager

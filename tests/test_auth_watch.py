@@ -90,6 +90,31 @@ async def test_revoked_permission_ends_a_running_watch_with_permission_denied(
                     )
 
 
+async def test_revoked_permission_is_noticed_without_a_reconnect(etcd_auth_server: EtcdServer) -> None:
+    """etcd checks a watch's permission only when it is created; the periodic check notices a
+    revocation on a stream that never breaks, within permission_check_interval."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    root = "root:rootpw"
+    async with EtcdClient(
+        endpoints=[etcd_auth_server.endpoint],
+        username="reader",
+        password="readerpw",
+        permission_check_interval=1,
+    ) as client:
+        async with client.watch(prefix) as sub:
+            etcd_auth_server.etcdctl(
+                "role", "revoke-permission", "reader-role", "/app/", "--prefix=true", user=root
+            )
+            try:
+                with anyio.fail_after(10), pytest.raises(PermissionDenied):
+                    async for _ in sub:
+                        pass
+            finally:
+                etcd_auth_server.etcdctl(
+                    "role", "grant-permission", "reader-role", "read", "/app/", "--prefix=true", user=root
+                )
+
+
 class Pair(BaseSettings):
     a: int = 0
     b: int = 0

@@ -21,6 +21,7 @@ from aetcdcfg import (
 )
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
+from .harness import apply_events
 from .test_watch import collect_until
 
 pytestmark = pytest.mark.anyio
@@ -79,11 +80,7 @@ async def test_delete_at_exactly_the_compact_revision_during_an_outage_is_resync
                     events.extend(batch)
                     if batch[-1].revision >= last:
                         break
-            for event in events:
-                if event.type is EventType.PUT:
-                    state[event.key] = event.value
-                else:
-                    state.pop(event.key, None)
+            apply_events(state, events)
             final = await writer.get_prefix(etcd_prefix)
     assert state == dict(final.items), [(e.type, e.key, e.revision, e.resync) for e in events]
     assert any(e.type is EventType.DELETE and e.key == etcd_prefix + "a" for e in events)

@@ -99,7 +99,28 @@ def test_broadcast_progress_answer_does_not_advance() -> None:
     state = WatchState(b"/p/", 10, {})
     state.on_response(created(10))
     broadcast = rpc_pb2.WatchResponse(header=rpc_pb2.ResponseHeader(revision=99), watch_id=-1)
-    assert state.on_response(broadcast).kind is StepKind.NOTHING
+    assert state.on_response(broadcast).kind is StepKind.ANSWER  # it proves the endpoint is etcd
+    assert state.delivered == 10
+
+
+def test_progress_notification_through_an_untrusted_endpoint_does_not_advance() -> None:
+    # etcd's gRPC proxy forwards etcd's notifications, but may have dropped revisions of this client.
+    state = WatchState(b"/p/", 10, {}, trust_progress=False)
+    state.on_response(created(10))
+    step = state.on_response(response([], header=30))
+    assert step.kind is StepKind.ALIVE and step.revision == 30
+    assert state.delivered == 10
+    state.on_response(response(to_events([[(b"/p/a", b"1")]], 31), header=31))
+    assert state.delivered == 31  # events still advance it
+    state.trust_progress = True
+    assert state.on_response(response([], header=40)).kind is StepKind.PROGRESS
+    assert state.delivered == 40
+
+
+def test_notification_at_or_below_delivered_only_proves_the_stream_alive() -> None:
+    state = WatchState(b"/p/", 10, {})
+    state.on_response(created(10))
+    assert state.on_response(response([], header=10)).kind is StepKind.ALIVE
     assert state.delivered == 10
 
 

@@ -12,6 +12,8 @@ from structlog.testing import capture_logs
 from aetcdcfg import EtcdClient, Event, EventType, RevisionCompacted, SubscriberLagged, Subscription
 from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, as_records, etcd_history
 
+from .harness import apply_events
+
 pytestmark = pytest.mark.anyio
 
 END = "zz-end"
@@ -175,11 +177,7 @@ async def test_compaction_during_outage_resyncs_to_etcd_state(
                         events.extend(batch)
                         if batch[-1].revision >= last:
                             break
-            for event in events:
-                if event.type is EventType.PUT:
-                    state[event.key] = event.value
-                else:
-                    state.pop(event.key, None)
+            apply_events(state, events)
             final = await writer.get_prefix(etcd_prefix)
     assert state == dict(final.items)
     assert all(e.resync for e in events)
