@@ -11,8 +11,8 @@ reads its ``/health`` (a Get through the proxy's own client, not through its lis
 :meth:`EtcdGrpcProxy.metrics` its ``/metrics``. Nor has it ``--grpc-keepalive-min-time`` (etcd added
 it in 3.5, PR 11711): there the flag is left out, and that proxy enforces grpc-go's default instead,
 5 minutes between client pings: closer pings count as strikes, and a few strikes with no data sent
-in between end the connection (GOAWAY "too_many_pings"). A watch through it still sees no reconnect
-(``tests/test_grpc_proxy.py``), since the liveness probe's reads through a proxy make it send data.
+in between end the connection (GOAWAY "too_many_pings"). The proxy tests pass against it all the
+same (``tests/test_grpc_proxy.py``: idle watches through it see no reconnect).
 :attr:`EtcdGrpcProxy.keepalive_min_time_in_force` says which minimum applies.
 
 Plain TCP only, on both sides. etcd 3.5's proxy insists on an *empty* CN in the client certificate it
