@@ -12,6 +12,7 @@ from ._report import FieldReport as FieldReport
 from ._report import SettingsReport as SettingsReport
 from ._report import settings_report as settings_report
 from ._report import status_report as status_report
+from ._version import __version__ as __version__
 from .client import EtcdClient as EtcdClient
 from .errors import AetcdcfgError as AetcdcfgError
 from .errors import AuthenticationFailed as AuthenticationFailed
@@ -36,8 +37,6 @@ from .source import EtcdSettingsSource as EtcdSettingsSource
 from .status import AppliedChange as AppliedChange
 from .status import SettingsStatus as SettingsStatus
 from .status import WatchStatus as WatchStatus
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AetcdcfgError",
