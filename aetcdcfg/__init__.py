@@ -27,6 +27,7 @@ from ._rollout import abort_canary as abort_canary
 from ._rollout import canary_status as canary_status
 from ._rollout import open_canary as open_canary
 from ._rollout import promote_canary as promote_canary
+from ._version import __version__ as __version__
 from .client import EtcdClient as EtcdClient
 from .errors import AetcdcfgError as AetcdcfgError
 from .errors import AuthenticationFailed as AuthenticationFailed
@@ -53,8 +54,6 @@ from .status import AppliedChange as AppliedChange
 from .status import ReportStatus as ReportStatus
 from .status import SettingsStatus as SettingsStatus
 from .status import WatchStatus as WatchStatus
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AetcdcfgError",

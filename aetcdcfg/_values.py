@@ -142,7 +142,9 @@ def _decoding(target: FieldInfo | Any, settings: ModelSettings) -> Decoding:
             return Decoding(JSON_OR_TEXT, none_str)
         member = _without_annotated(target)
         if member is not None and _is_union(member) and _union_is_complex(member, ()):
-            return Decoding(CONTAINER_OR_TEXT, none_str)
+            # pydantic-settings decodes these only if the dict field decodes (``enable_decoding``;
+            # its NoDecode/ForceDecode are not known here), unlike a complex value type's JSON
+            return Decoding(CONTAINER_OR_TEXT if settings.decoding else TEXT, none_str)
         return Decoding(TEXT, none_str)
     annotation, metadata = _alias(target.annotation), tuple(target.metadata)
     if typing.get_origin(annotation) is typing.Annotated:

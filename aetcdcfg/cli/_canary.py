@@ -9,7 +9,17 @@ from pydantic import BaseModel
 from .._canary import Selector
 from .._rollout import abort_canary, canary_status, open_canary, promote_canary
 from ..errors import ConfigRejected, TxnConflict
-from ._common import Secrets, Subparsers, UsageError, load_model, make_client, normalize_prefix, out, show
+from ._common import (
+    PREFIX_HELP,
+    Secrets,
+    Subparsers,
+    UsageError,
+    load_model,
+    make_client,
+    normalize_prefix,
+    out,
+    show,
+)
 from ._fleet import add_wait_options, wait_and_report
 
 __all__ = ["cmd_canary", "canary_set", "register"]
@@ -89,10 +99,16 @@ async def cmd_canary(args: argparse.Namespace) -> int:
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add ``canary`` to the ``aetcdcfg`` parser (``set --canary`` is registered with ``set``)."""
     canary = sub.add_parser(
-        "canary", parents=[common], help="an open canary: status, promote it into the prefix, or abort it"
+        "canary",
+        parents=[common],
+        help="an open canary: status, promote it into the prefix, or abort it",
+        description="A canary (opened with set ... --canary SELECTOR) gives its values to the instances "
+        "the selector matches. status shows it and its members; promote writes its values into "
+        "PREFIX and closes it in one transaction, refused if PREFIX changed since it was opened; "
+        "abort closes it (every instance goes back to PREFIX alone).",
     )
-    canary.add_argument("action", choices=["status", "promote", "abort"])
-    canary.add_argument("prefix")
+    canary.add_argument("action", choices=["status", "promote", "abort"], help="status, promote or abort")
+    canary.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
     canary.add_argument("--model", help="module:Class, to mask its secret fields (status)")
     add_wait_options(canary)
     canary.set_defaults(run=cmd_canary)

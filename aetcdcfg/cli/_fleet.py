@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from .._fleet import WaitResult, instances, wait_applied
 from .._records import AuditRecord
 from ..client import EtcdClient
-from ._common import Subparsers, make_client, normalize_prefix, out, positive_float, revision
+from ._common import PREFIX_HELP, Subparsers, make_client, normalize_prefix, out, positive_float, revision
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -120,17 +120,38 @@ def audit_entry(args: argparse.Namespace, prefix: str, keys: Sequence[str]) -> d
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aetcdcfg`` parser."""
     listing = sub.add_parser(
-        "instances", parents=[common], help="the live instances of a prefix and the revision each applied"
+        "instances",
+        parents=[common],
+        help="the live instances of a prefix and the revision each applied",
+        description="Every running LiveSettings of PREFIX, from the records each keeps in etcd: id, "
+        "labels, the revision applied, and whether it is current, behind, stale (its watch or its "
+        "lease not refreshed: cut off from etcd) or rejecting (with the problems, never values).",
     )
-    listing.add_argument("prefix")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON array of records: id, labels, applied_revision, rejected_revision, fresh, state, ...",
+    )
     listing.set_defaults(run=cmd_instances)
-    wait = sub.add_parser("wait", parents=[common], help="wait until every live instance applied a revision")
-    wait.add_argument("prefix")
+    wait = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="wait until every live instance applied a revision",
+        description="Follow the instance records of PREFIX until every live instance applied revision "
+        "R or later, printing progress (7/10 applied). Exit 0 when every instance still present "
+        "applied it; 1 naming each that rejected it (with the problems) or did not apply it in "
+        "time. An instance that dies meanwhile is named gone and holds the wait up at most its TTL.",
+    )
+    wait.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
     wait.add_argument(
         "--revision", type=revision, metavar="R", help="default: the revision of the prefix's newest change"
     )
     wait.add_argument(
-        "--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="(60)"
+        "--timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up after this long (60)",
     )
     wait.set_defaults(run=cmd_wait)

@@ -1,0 +1,126 @@
+"""More field types decode from etcd as pydantic-settings decodes the environment: every text, every type.
+
+``test_decode_like_env`` draws models from common field types; mutation testing of ``_values.py``
+(``make mutation``) showed the rarer shapes its decisions are about were never drawn: ``Json[...]``,
+``NoDecode``/``ForceDecode``, type aliases, ``Annotated`` union members, ``Strict`` members, a
+``Literal`` of an ``IntEnum``, sets, dataclasses, root models, secrets, untyped dicts. Here each of
+them meets every text of ``TEXTS`` (exhaustively, no sampling) under a few model configurations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Optional
+
+import pytest
+from pydantic import BaseModel, Field, Json, RootModel, Secret, SecretStr, create_model
+from pydantic.types import Strict
+from pydantic_settings import BaseSettings, ForceDecode, NoDecode, SettingsConfigDict
+from typing_extensions import TypeAliasType
+
+from aetcdcfg._validate import validate_layered
+from aetcdcfg.source import KeyDecoder
+
+from .test_decode_like_env import TEXTS, Color, Level, Nested, as_env, environment, outcome
+
+
+@dataclasses.dataclass
+class Point:
+    x: int = 0
+    y: int = 0
+
+
+class Numbers(RootModel[list[int]]):
+    pass
+
+
+class Count(RootModel[int]):
+    pass
+
+
+IntList = TypeAliasType("IntList", list[int])
+MaybeInts = TypeAliasType("MaybeInts", "list[int] | None")
+RawInts = TypeAliasType("RawInts", Annotated[list[int], NoDecode])
+
+#: name -> (annotation, sub-keys it is written with besides the field's own key)
+TYPES: dict[str, tuple[Any, list[str]]] = {
+    "Json[list[int]]": (Json[list[int]], []),
+    "Optional[Json[list[int]]]": (Optional[Json[list[int]]], []),  # noqa: UP045
+    "Annotated[list[int], NoDecode]": (Annotated[list[int], NoDecode], []),
+    "Annotated[list[int], ForceDecode]": (Annotated[list[int], ForceDecode], []),
+    "IntList (a type alias)": (IntList, []),
+    "MaybeInts (a type alias of a union)": (MaybeInts, []),
+    "Annotated[list[int], Field(max_length=3)] | str": (
+        Annotated[list[int], Field(max_length=3)] | str,
+        [],
+    ),
+    "Annotated[IntList, Field()] | str": (Annotated[IntList, Field()] | str, []),
+    "Annotated[MaybeInts, Field()] | str": (Annotated[MaybeInts, Field()] | str, []),
+    "RawInts (an alias of Annotated[list[int], NoDecode])": (RawInts, []),
+    "Annotated[Json[list[int]], Field()] | str": (Annotated[Json[list[int]], Field()] | str, []),
+    "Annotated[int, Strict()] | str": (Annotated[int, Strict()] | str, []),
+    "Literal[Level.low, Level.high]": (Literal[Level.low, Level.high], []),
+    "Annotated[Literal[Level.low], Field()]": (Annotated[Literal[Level.low], Field()], []),
+    "Optional[Literal[Level.high]]": (Optional[Literal[Level.high]], []),  # noqa: UP045
+    "Color | None": (Color | None, []),
+    "Level (an IntEnum, named by a member's name)": (Level, []),
+    "Optional[Level]": (Optional[Level], []),  # noqa: UP045
+    "set[int]": (set[int], []),
+    "frozenset[str]": (frozenset[str], []),
+    "deque[int]": (deque[int], []),
+    "Point (a dataclass)": (Point, []),
+    "Numbers (a RootModel)": (Numbers, []),
+    "Count (a RootModel of int)": (Count, []),
+    "SecretStr": (SecretStr, []),
+    "Secret[int]": (Secret[int], []),
+    "dict": (dict, ["x"]),
+    "Mapping[str, Any]": (Mapping[str, Any], ["x"]),
+    "dict[str, Nested]": (dict[str, Nested], ["x"]),
+    "dict[str, list[int] | str]": (dict[str, list[int] | str], ["x"]),
+    "dict[str, Annotated[list[int], Field()] | str]": (dict[str, Annotated[list[int], Field()] | str], ["x"]),
+    "dict[str, IntList]": (dict[str, IntList], ["x"]),
+}
+
+#: (strict, env_parse_enums, env_parse_none_str, enable_decoding)
+CONFIGS = [(False, False, None, True), (True, True, "null", True), (False, False, None, False)]
+
+
+def model_of(annotation: Any, config: tuple[Any, ...]) -> type[BaseSettings]:
+    strict, parse_enums, none_str, decoding = config
+    model: type[BaseSettings] = create_model(  # type: ignore[call-overload]
+        "Generated", __base__=BaseSettings, __config__=None, f0=(annotation, None)
+    )
+    model.model_config = SettingsConfigDict(
+        env_prefix="GEN_",
+        env_nested_delimiter="__",
+        strict=strict,
+        env_parse_enums=parse_enums,
+        env_parse_none_str=none_str,
+        enable_decoding=decoding,
+    )
+    model.model_rebuild(force=True)
+    return model
+
+
+def ours_and_theirs(model: type[BaseModel], items: dict[str, str]) -> tuple[str, str]:
+    decoded = KeyDecoder(model).decode({key: text.encode() for key, text in items.items()})
+    ours = outcome(lambda: validate_layered(model, [("/p/", decoded)], 1))
+    with environment(as_env(items)):
+        theirs = outcome(model)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "strict-enums-null", "no-decoding"])
+@pytest.mark.parametrize("name", list(TYPES))
+def test_every_text_decodes_as_from_the_environment(name: str, config: tuple[Any, ...]) -> None:
+    annotation, subkeys = TYPES[name]
+    model = model_of(annotation, config)
+    differ = []
+    for text in TEXTS:
+        for key in ["f0", *(f"f0/{sub}" for sub in subkeys)]:
+            ours, theirs = ours_and_theirs(model, {key: text})
+            if ours != theirs:
+                differ.append((key, text, ours, theirs))
+    assert not differ

@@ -1,0 +1,162 @@
+"""Rejections and source order in ``_validate`` that mutation testing found no fast test pinned
+(``make mutation``): problems never quote a value (a withheld context entry, a validator's message,
+an exception user code raised), the current config is gone after a build, and a model that places
+EtcdSettingsSource itself keeps its order.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import pytest
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from aetcdcfg import ConfigRejected, EtcdSettingsSource
+from aetcdcfg._validate import WITHHELD, build_layered
+from aetcdcfg.source import current_config
+
+SECRET = "s3cr3t-value"
+
+
+class Kind1(BaseModel):
+    kind: Literal["a"]
+
+
+class Kind2(BaseModel):
+    kind: Literal["b"]
+
+
+class Tagged(BaseSettings):
+    store: Kind1 | Kind2 = Field(Kind1(kind="a"), discriminator="kind")
+
+
+def rejected(model: type[BaseModel], items: dict[str, bytes]) -> ConfigRejected:
+    with pytest.raises(ConfigRejected) as info:
+        build_layered(model, [("/p/", items)], 7)
+    assert SECRET not in str(info.value)
+    assert all(SECRET not in problem for problem in info.value.problems)
+    return info.value
+
+
+def test_a_context_entry_that_may_quote_the_value_is_withheld() -> None:
+    error = rejected(Tagged, {"store": f'{{"kind": "{SECRET}"}}'.encode()})
+    (problem,) = error.problems
+    assert problem.startswith("/p/store: ")
+    assert WITHHELD in problem and "'a', 'b'" in problem  # the tag withheld, the expected tags shown
+
+
+def check_name(value: str) -> str:
+    if value != "ok":
+        raise ValueError(f"{value} is not a name")
+    return value
+
+
+def check_code(value: str) -> str:
+    if value != "ok":
+        raise TypeError(f"cannot use {value}")
+    return value
+
+
+class Validated(BaseSettings):
+    name: Annotated[str, AfterValidator(check_name)] = "ok"
+    code: str = "ok"
+    other: int = 0
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, value: str) -> str:
+        return check_code(value)
+
+
+def test_a_validators_message_is_not_shown() -> None:
+    error = rejected(Validated, {"name": SECRET.encode()})
+    assert error.keys == ("/p/name",)
+    assert error.problems == (
+        "/p/name: ValueError raised by a validator (its message is not shown: it may quote the value)",
+    )
+
+
+def test_an_exception_user_code_raises_names_its_function_and_keys_never_its_message() -> None:
+    """pydantic does not wrap a TypeError from a validator: it is still a rejection of that field."""
+    error = rejected(Validated, {"code": SECRET.encode(), "other": b"1"})
+    assert error.keys == ("/p/code",)
+    (problem,) = error.problems
+    assert problem.startswith("/p/code: TypeError raised in Validated._code (line ")
+    assert problem.endswith("(its message is not shown: it may quote the value)")
+
+
+def test_the_config_being_applied_is_gone_after_a_build() -> None:
+    """An EtcdSettingsSource outside LiveSettings contributes nothing, even right after one applied."""
+    build_layered(Validated, [("/p/", {"other": b"5"})], 7)
+    assert current_config.get() is None
+    assert EtcdSettingsSource(Validated)() == {}
+
+
+class EnvOverEtcd(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_")
+    name: str = "default"
+    size: int = 0
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, EtcdSettingsSource(settings_cls)
+
+
+def test_a_model_placing_etcd_below_env_gets_env_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_NAME", "from-env")
+    built = build_layered(EnvOverEtcd, [("/p/", {"name": b"from-etcd", "size": b"3"})], 7)
+    assert (built.name, built.size) == ("from-env", 3)
+
+
+class AnnotatedCheck(BaseSettings):
+    code: Annotated[str, AfterValidator(check_code)] = "ok"
+
+
+def test_an_exception_from_an_annotated_validator_names_its_field_key() -> None:
+    error = rejected(AnnotatedCheck, {"code": SECRET.encode()})
+    assert error.keys == ("/p/code",)
+    assert error.problems[0].startswith("/p/code: TypeError raised in check_code (line ")
+
+
+class Whole(BaseSettings):
+    low: int = 0
+    high: int = 1
+
+    @model_validator(mode="after")
+    def ordered(self) -> Whole:
+        if self.low > self.high:
+            raise ValueError(f"{self.low} > {self.high}")
+        if self.low == self.high:
+            raise TypeError(f"{self.low} == {self.high}")
+        return self
+
+
+def test_a_model_validators_rejection_names_the_changed_keys() -> None:
+    """A whole-model error has no field: the keys the change touched are the ones to look at."""
+    for items, problem in [
+        ({"low": b"5"}, " (not from etcd): ValueError raised by a validator"),
+        ({"low": b"1"}, "Whole: TypeError raised in Whole.ordered (line "),
+    ]:
+        with pytest.raises(ConfigRejected) as info:
+            build_layered(Whole, [("/p/", items)], 7, changed=["/p/low"])
+        assert info.value.keys == ("/p/low",)
+        (found,) = info.value.problems
+        assert found.startswith(problem), found
+
+
+class Limits(BaseSettings):
+    limits: dict[str, int] | str = {}
+
+
+def test_a_later_layers_text_replaces_an_earlier_layers_object() -> None:
+    base = ("/base/", {"limits": b'{"eu": 1}'})
+    assert build_layered(Limits, [base, ("/top/", {"limits": b"none"})], 7).limits == "none"
+    assert build_layered(Limits, [("/base/", {"limits": b"none"}), ("/top/", base[1])], 7).limits == {"eu": 1}
