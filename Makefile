@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean chromium mutation
+.PHONY: run test matrix lint dist bench soak clean chromium mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ run: $(STAMP)
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
+# The compatibility matrix around the main pair: a subset of the suite on CPython 3.10, 3.12 and 3.13
+# with etcd 3.5, and on this venv's CPython with Debian's etcd 3.4 (.ci/matrix installs what it needs).
+matrix: $(STAMP)
+	bash .ci/matrix
+
 # The status page's browser test drives Debian's chromium (never Playwright's own browser downloads).
 # Installed here when missing and we can (root with apt-get, as on CI); elsewhere that one test skips.
 chromium:
@@ -28,6 +33,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check aetcdcfg tests benchmarks examples
 	$(PY) -m ruff format --check aetcdcfg tests benchmarks examples
 	$(PY) -m mypy
+
+# The sdist and wheel in dist/, checked as PyPI would (tests/test_dist.py installs and uses the wheel).
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
@@ -47,4 +58,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache .hypothesis dist

@@ -102,6 +102,7 @@ class Endpoint:
     auth: Any = field(init=False)
     maintenance: Any = field(init=False)
     cluster: Any = field(init=False)
+    lease: Any = field(init=False)
     last_error: str | None = None
     failed_at: float | None = None
     #: Whether the endpoint answers a watch progress request (etcd does, its gRPC proxy does not);
@@ -117,6 +118,7 @@ class Endpoint:
         self.auth = rpc_pb2_grpc.AuthStub(self.channel)
         self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
         self.cluster = rpc_pb2_grpc.ClusterStub(self.channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
 
     def is_ready(self) -> bool:
         return bool(self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY)

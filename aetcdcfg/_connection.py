@@ -242,3 +242,39 @@ class Connection:
                         f"{what}; the write may or may not have been applied", endpoints=tried, cause=cause
                     ) from None
                 raise to_error(exc, endpoint=endpoint.url, key=key) from None
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh ``lease_id`` once, on a LeaseKeepAlive stream of its own; returns the TTL etcd
+        granted again (0: etcd no longer holds the lease). One request per call keeps no stream
+        open between the fleet reporter's ticks (a few per TTL)."""
+        pool = self.pool()
+        timeout = self.settings.request_timeout
+        endpoint = await pool.ready(min(timeout, self.settings.connect_timeout))
+        token = self._token
+        call = endpoint.lease.LeaseKeepAlive(timeout=timeout, metadata=self.metadata())
+        try:
+            # No done_writing(): etcd's gRPC proxy cancels a half-closed keepalive stream unanswered.
+            await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+            response = await call.read()
+        except asyncio.CancelledError:
+            if not is_stray_cancel(channel_closed=endpoint.closed):
+                raise
+            raise self._cut_off("LeaseKeepAlive", endpoint, [endpoint.url], write=False) from None
+        except grpc.aio.AioRpcError as exc:
+            kind = classify(exc)
+            if kind is Failure.AUTH_EXPIRED and self.settings.username:
+                await self.reauthenticate(endpoint, token)  # the caller's next tick uses the new token
+            if kind in (Failure.TRANSPORT, Failure.NOT_APPLIED, Failure.AUTH_EXPIRED):
+                if kind is not Failure.AUTH_EXPIRED:
+                    pool.mark_failed(endpoint, describe(exc))
+                raise EtcdUnavailable(
+                    "LeaseKeepAlive failed", endpoints=[endpoint.url], cause=describe(exc)
+                ) from None
+            raise to_error(exc, endpoint=endpoint.url) from None
+        finally:
+            call.cancel()
+        if response is grpc.aio.EOF:
+            raise EtcdUnavailable("LeaseKeepAlive: the stream ended unanswered", endpoints=[endpoint.url])
+        return int(response.TTL)

@@ -296,6 +296,13 @@ class PrefixWatch:
                     health=self.health,
                 )
                 await loop.run()
+            except asyncio.CancelledError:
+                # release() cancelled our scope during a stream read: grpc.aio then raises a
+                # CancelledError of its own, without anyio's message, which the scope does not
+                # take for its own; escaping, it ended this task "cancelled", and anyio (4.16)
+                # cancels the task group, i.e. the client and whoever opened it.
+                if not scope.cancel_called:
+                    raise
             except AetcdcfgError as exc:
                 self.log.error("watch.failed", error=str(exc))
                 self.health.failed(str(exc))

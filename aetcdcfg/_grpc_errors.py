@@ -10,7 +10,16 @@ import grpc
 
 from .errors import AuthenticationFailed, EtcdError, PermissionDenied, RequestTooLarge
 
-__all__ = ["CompactedRead", "Failure", "FutureRead", "classify", "describe", "is_stray_cancel", "to_error"]
+__all__ = [
+    "CompactedRead",
+    "Failure",
+    "FutureRead",
+    "LeaseNotFound",
+    "classify",
+    "describe",
+    "is_stray_cancel",
+    "to_error",
+]
 
 
 class Failure(enum.Enum):
@@ -22,6 +31,7 @@ class Failure(enum.Enum):
     TOO_LARGE = "too_large"
     COMPACTED = "compacted"  # a read at a revision etcd has compacted away
     FUTURE_REVISION = "future_revision"  # a read at a revision etcd has not reached
+    LEASE_NOT_FOUND = "lease_not_found"  # a put bound to a lease that expired (or a wiped etcd)
     NOT_APPLIED = "not_applied"  # refused before it could take effect: safe to retry anywhere
     TRANSPORT = "transport"  # connection-level failure: the request may or may not have taken effect
     OTHER = "other"
@@ -40,6 +50,11 @@ _NOT_APPLIED_DETAILS = (
 class CompactedRead(EtcdError):
     """A read at a revision below etcd's compact revision. etcd does not say where that is, so the
     reads layer finds out and raises :class:`~aetcdcfg.errors.RevisionCompacted` to users."""
+
+
+class LeaseNotFound(EtcdError):
+    """A put or keepalive named a lease etcd does not hold (expired, revoked, or etcd was wiped):
+    the fleet reporter grants a new one and writes its records again."""
 
 
 class FutureRead(EtcdError):
@@ -72,6 +87,8 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
             return Failure.COMPACTED
         if "future revision" in details:
             return Failure.FUTURE_REVISION
+    if "requested lease not found" in details:  # NOT_FOUND from etcd, UNKNOWN through its gRPC proxy
+        return Failure.LEASE_NOT_FOUND
     if any(text in details for text in _NOT_APPLIED_DETAILS):
         return Failure.NOT_APPLIED
     if code in (
@@ -115,6 +132,8 @@ def to_error(exc: grpc.aio.AioRpcError, *, endpoint: str, key: str | None = None
         return CompactedRead(f"etcd compacted the revision asked for ({cause})", endpoint=endpoint)
     if kind is Failure.FUTURE_REVISION:
         return FutureRead(f"etcd has not reached the revision asked for ({cause})", endpoint=endpoint)
+    if kind is Failure.LEASE_NOT_FOUND:
+        return LeaseNotFound(f"etcd does not hold the lease ({cause})", endpoint=endpoint)
     return EtcdError(f"etcd request failed: {cause}", endpoint=endpoint)
 
 

@@ -7,12 +7,14 @@ and watch wiring.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from aetcd.rpc import rpc_pb2
 from pydantic import BaseModel
 
 from ._connection import Connection
 from ._diff import ConfigDiff, History
+from ._grpc_errors import LeaseNotFound
 from ._history import scan_history, snapshot_at
 from ._keys import KeyLike, as_bytes, decode_key, prefix_range_end
 from ._reads import range_pages
@@ -20,7 +22,7 @@ from ._validate import build_model
 from .errors import RequestTooLarge, TxnConflict
 from .events import Snapshot
 
-__all__ = ["KV", "Items", "MAX_TXN_OPS", "unchanged_keys"]
+__all__ = ["KV", "Items", "MAX_TXN_OPS", "StoredKey", "unchanged_keys"]
 
 #: etcd's default ``--max-txn-ops``: at most this many operations (and compares) in one transaction.
 MAX_TXN_OPS = 128
@@ -38,8 +40,20 @@ def unchanged_keys(base: Snapshot, diff: ConfigDiff, max_txn_ops: int = MAX_TXN_
     return kept if compares <= max_txn_ops else []
 
 
-def _put(key: KeyLike, value: KeyLike) -> rpc_pb2.RequestOp:
-    return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=as_bytes(key), value=as_bytes(value)))
+def _put(key: KeyLike, value: KeyLike, lease: int = 0) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(
+        request_put=rpc_pb2.PutRequest(key=as_bytes(key), value=as_bytes(value), lease=lease)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """One key as etcd stores it: value, the revision that last modified it, its lease (0: none)."""
+
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int
 
 
 class KV:
@@ -68,6 +82,72 @@ class KV:
         # decode_key, inlined: this runs once per key of the prefix.
         items = {kv.key.decode("utf-8", "surrogateescape"): kv.value for page in pages for kv in page}
         return Snapshot(revision=current, items=items)
+
+    async def get_stored(self, prefix: KeyLike) -> tuple[int, list[StoredKey]]:
+        """(revision, every key under ``prefix`` with its mod revision and lease), at one revision."""
+        pages, current = await range_pages(self._conn, as_bytes(prefix))
+        stored = [
+            StoredKey(decode_key(kv.key), bytes(kv.value), int(kv.mod_revision), int(kv.lease))
+            for page in pages
+            for kv in page
+        ]
+        return current, stored
+
+    async def newest_revision(self, prefix: KeyLike) -> tuple[int, int]:
+        """(etcd's revision, the newest mod revision among the keys under ``prefix``; 0 if none).
+
+        A deletion is not a key: a prefix whose newest change deleted a key reports the change
+        before it (aetcdcfg's own writes also leave an audit record, which callers may consult).
+        """
+        raw = as_bytes(prefix)
+        request = rpc_pb2.RangeRequest(
+            key=raw,
+            range_end=prefix_range_end(raw),
+            limit=1,
+            keys_only=True,
+            sort_order=rpc_pb2.RangeRequest.DESCEND,
+            sort_target=rpc_pb2.RangeRequest.MOD,
+        )
+        response = await self._conn.unary("kv", "Range", request, idempotent=True, key=decode_key(raw))
+        newest = int(response.kvs[0].mod_revision) if response.kvs else 0
+        return int(response.header.revision), newest
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> tuple[int, int]:
+        """A new lease of ``ttl`` seconds: (its id, the TTL etcd granted)."""
+        request = rpc_pb2.LeaseGrantRequest(TTL=ttl)
+        response = await self._conn.unary("lease", "LeaseGrant", request, idempotent=False)
+        return int(response.ID), int(response.TTL)
+
+    async def keepalive_lease(self, lease_id: int) -> int:
+        """Refresh a lease once; returns its TTL again, 0 if etcd no longer holds it."""
+        return await self._conn.keepalive(lease_id)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease: every key bound to it is deleted (no error if it is already gone)."""
+        request = rpc_pb2.LeaseRevokeRequest(ID=lease_id)
+        try:
+            await self._conn.unary("lease", "LeaseRevoke", request, idempotent=True)
+        except LeaseNotFound:
+            return
+
+    async def lease_remaining(self, lease_id: int) -> tuple[int, int]:
+        """(granted TTL, seconds left) of a lease; (0, -1) if etcd no longer holds it."""
+        request = rpc_pb2.LeaseTimeToLiveRequest(ID=lease_id)
+        response = await self._conn.unary("lease", "LeaseTimeToLive", request, idempotent=True)
+        if response.TTL < 0:
+            return 0, -1
+        return int(response.grantedTTL), int(response.TTL)
+
+    async def put_leased(self, items: Items, lease_id: int) -> int:
+        """Set several keys, each bound to ``lease_id``, in one transaction; returns the revision.
+
+        Raises :class:`~aetcdcfg._grpc_errors.LeaseNotFound` if etcd no longer holds the lease.
+        """
+        request = rpc_pb2.TxnRequest(success=[_put(k, v, lease_id) for k, v in items.items()])
+        response = await self._conn.unary("kv", "Txn", request, idempotent=False)
+        return int(response.header.revision)
 
     async def history(
         self,
@@ -127,6 +207,7 @@ class KV:
         since_revision: int | None = None,
         unchanged: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
+        also: Items | None = None,
     ) -> int:
         """Write ``diff`` (its puts and deletes) in one transaction, only if ``prefix`` is still as it
         was at ``diff.old_revision``, so that what is written is exactly the diff that was shown.
@@ -137,7 +218,8 @@ class KV:
         :func:`unchanged_keys`, to have their deletion refuse it too). ``since_revision``, if given,
         must be ``diff.old_revision``: a diff computed from one state and guarded at another
         revision could write what was never shown (``ValueError``). Returns the new revision (the
-        current one, with nothing written, for an empty diff).
+        current one, with nothing written, for an empty diff). ``also``: keys outside ``prefix``
+        put in the same transaction, unguarded (e.g. an audit record of who made the change).
         """
         if since_revision is not None and since_revision != diff.old_revision:
             raise ValueError(
@@ -153,6 +235,7 @@ class KV:
             since_revision=diff.old_revision,
             existing=[*diff.changed, *unchanged],
             max_txn_ops=max_txn_ops,
+            also=also,
         )
 
     async def rollback(
@@ -204,6 +287,10 @@ class KV:
         since_revision: int,
         existing: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
+        also: Items | None = None,
+        absent: Iterable[KeyLike] = (),
+        mod_revisions: Mapping[str, int] | None = None,
+        delete_prefixes: Iterable[KeyLike] = (),
     ) -> int:
         """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
 
@@ -213,13 +300,21 @@ class KV:
         detected: etcd cannot compare a count; list such keys in ``existing``.) One transaction
         holds at most etcd's ``--max-txn-ops`` operations and compares (128 by default; pass the
         server's value as ``max_txn_ops``): a larger change raises :class:`RequestTooLarge` before
-        anything is sent.
+        anything is sent. ``also``: more puts in the same transaction, outside the guard (keys
+        elsewhere, such as an audit record; written only if the guarded change is). Further
+        guards: keys of ``absent`` must not exist, keys of ``mod_revisions`` must still have been
+        last modified at the revision given; ``delete_prefixes`` are deleted whole.
         """
         raw = as_bytes(prefix)
         delete_keys = [as_bytes(k) for k in deletes]
         must_exist = list(dict.fromkeys([*delete_keys, *(as_bytes(k) for k in existing)]))
-        operations = len(puts) + len(delete_keys)
-        if max(operations, 1 + len(must_exist)) > max_txn_ops:
+        extra = dict(also or {})
+        absent_keys = [as_bytes(k) for k in absent]
+        at_revisions = {as_bytes(k): r for k, r in (mod_revisions or {}).items()}
+        wiped = [as_bytes(p) for p in delete_prefixes]
+        operations = len(puts) + len(delete_keys) + len(extra) + len(wiped)
+        guards = 1 + len(must_exist) + len(absent_keys) + len(at_revisions)
+        if max(operations, guards) > max_txn_ops:
             raise RequestTooLarge(
                 f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r}, with "
                 f"{len(must_exist)} key(s) guarded against deletion, do not fit one transaction: etcd's "
@@ -235,7 +330,7 @@ class KV:
                 mod_revision=since_revision + 1,
             )
         ]
-        ops = [_put(k, v) for k, v in puts.items()]
+        ops = [_put(k, v) for k, v in [*puts.items(), *extra.items()]]
         ops += [
             rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)) for k in delete_keys
         ]
@@ -245,6 +340,20 @@ class KV:
                     target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.GREATER, key=key, version=0
                 )
             )
+        compare += [
+            rpc_pb2.Compare(target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL, key=k, version=0)
+            for k in absent_keys
+        ]
+        compare += [
+            rpc_pb2.Compare(target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, key=k, mod_revision=r)
+            for k, r in at_revisions.items()
+        ]
+        ops += [
+            rpc_pb2.RequestOp(
+                request_delete_range=rpc_pb2.DeleteRangeRequest(key=p, range_end=prefix_range_end(p))
+            )
+            for p in wiped
+        ]
         request = rpc_pb2.TxnRequest(compare=compare, success=ops)
         response = await self._conn.unary("kv", "Txn", request, idempotent=False, key=decode_key(raw))
         if not response.succeeded:

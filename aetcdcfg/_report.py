@@ -39,7 +39,7 @@ from pydantic_settings import (
 from ._validate import lists_etcd_source
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
 from .source import MASK, EtcdSettingsSource, is_secret, leaf_paths
-from .status import AppliedChange, WatchStatus
+from .status import AppliedChange, ReportStatus, WatchStatus
 
 __all__ = ["FieldReport", "MASK", "SettingsReport", "json_number", "settings_report", "status_report"]
 
@@ -367,6 +367,17 @@ def watch_data(watch: WatchStatus) -> dict[str, Any]:
     }
 
 
+def _instance_data(report: ReportStatus) -> dict[str, Any]:
+    return {
+        "id": report.instance,
+        "labels": dict(report.labels),
+        "record_in_etcd": report.in_etcd,
+        "record_writes": report.writes,
+        "leases_lost": report.leases_lost,
+        "last_error": report.last_error,
+    }
+
+
 def status_report(
     live: LiveSettings[Any], *, max_staleness: float = DEFAULT_MAX_STALENESS, settings: bool = True
 ) -> dict[str, Any]:
@@ -398,7 +409,11 @@ def status_report(
         "config_error": None if live.last_error is None else str(live.last_error),
         "last_rejected": None if status.last_rejected is None else change_data(status.last_rejected),
         "history": [change_data(c) for c in status.history],
+        "instance": None if status.report is None else _instance_data(status.report),
     }
+    view = live.fleet_view
+    if view is not None:
+        report["fleet"] = view.rows()
     if settings and status.loaded:
         report["settings"] = settings_report(live)
     return report

@@ -15,6 +15,7 @@ Every error the public API raises derives from :class:`AetcdcfgError`; no raw ``
     │   └── TxnConflict         a guarded write found that etcd changed since it was read
     ├── SubscriberLagged        a watch subscriber fell behind its buffer; resume from ``resume_revision``
     ├── ConfigRejected          a settings change failed validation; the last good settings stay
+    ├── CanaryRefused           a canary cannot be opened/promoted/aborted as asked; nothing written
     └── SettingsClosed          a LiveSettings closed while ``wait_for()`` waited: no change will come
 
 Messages never contain passwords, tokens or secret values.
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 __all__ = [
     "AetcdcfgError",
     "AuthenticationFailed",
+    "CanaryRefused",
     "ClientClosedError",
     "ConfigRejected",
     "ConfigurationError",
@@ -177,6 +179,18 @@ class ConfigRejected(AetcdcfgError, ValueError):
         self.problems = tuple(problems)
         lines = "; ".join(self.problems)
         super().__init__(f"config under {prefix!r} at revision {revision} rejected: {lines}")
+
+
+class CanaryRefused(AetcdcfgError, ValueError):
+    """A canary of ``prefix`` was refused, nothing written: ``reason`` is ``"no_match"`` (its
+    selector matches no live instance), ``"open"`` (another canary is open: ``open_selector``
+    names it) or ``"none"`` (no canary is open to promote or abort)."""
+
+    def __init__(self, message: str, *, prefix: str, reason: str, open_selector: str | None = None) -> None:
+        self.prefix = prefix
+        self.reason = reason
+        self.open_selector = open_selector
+        super().__init__(f"{message}; nothing was written")
 
 
 class SettingsClosed(AetcdcfgError, RuntimeError):

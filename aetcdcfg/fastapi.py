@@ -236,17 +236,27 @@ def _tick_body(lives: Sequence[LiveSettings[Any]], max_staleness: float) -> dict
     }
 
 
-def _signature(lives: Sequence[LiveSettings[Any]]) -> tuple[tuple[int, int, int, bool], ...]:
-    """Changes when a revision is applied or rejected: then the page gets the whole status again."""
+def _signature(lives: Sequence[LiveSettings[Any]]) -> tuple[tuple[int, int, int, bool, int], ...]:
+    """Changes when a revision is applied or rejected, or an instance record changes (the fleet
+    view): then the page gets the whole status again."""
     out = []
     for live in lives:
         try:
             status = live.status
         except RuntimeError:
-            out.append((live.revision, -1, -1, False))
+            out.append((live.revision, -1, -1, False, 0))
             continue
-        out.append((status.revision, status.applied, status.rejected, status.loaded))
+        view = live.fleet_view
+        fleet = 0 if view is None else view.version
+        out.append((status.revision, status.applied, status.rejected, status.loaded, fleet))
     return tuple(out)
+
+
+def _follow_fleets(lives: Sequence[LiveSettings[Any]]) -> None:
+    """Start each started LiveSettings' fleet view (one watch of its records), once."""
+    for live in lives:
+        with contextlib.suppress(RuntimeError):  # not started yet: its next request starts it
+            live.fleet()
 
 
 def _dumps(body: Any) -> str:
@@ -321,10 +331,10 @@ class _EventStream(Response):
 
     async def _stream(self, send: Send, wake: MemoryObjectReceiveStream[None]) -> None:
         await send({"type": "http.response.body", "body": b"retry: 1000\n\n", "more_body": True})
-        seen: tuple[tuple[int, int, int, bool], ...] | None = None
+        seen: tuple[tuple[int, int, int, bool, int], ...] | None = None
         while True:
             signature = _signature(self.lives)
-            if all(applied < 0 for _, applied, _, _ in signature) and seen is not None:
+            if all(applied < 0 for _, applied, _, _, _ in signature) and seen is not None:
                 self.ended = "stopped"  # every LiveSettings has closed: the app is shutting down
                 return
             if signature != seen:
@@ -356,6 +366,7 @@ def status_router(
     max_staleness: float = DEFAULT_MAX_STALENESS,
     heartbeat: float = 1.0,
     stream_lifetime: float = 30.0,
+    fleet: bool = True,
 ) -> APIRouter:
     """``GET {path}``: the status of each LiveSettings as JSON (see :func:`aetcdcfg.status_report`),
     or, when the client prefers HTML (a browser), a page that follows it live through
@@ -365,6 +376,10 @@ def status_router(
     Each event stream ends within ``stream_lifetime`` seconds, also for a client that stopped
     reading; what the server already buffered for such a client it drops only after its own
     graceful-shutdown timeout (uvicorn: ``timeout_graceful_shutdown``, unlimited by default).
+
+    With ``fleet`` (the default) the first request starts each LiveSettings' fleet view (one watch
+    of its prefix's instance records): the JSON gains ``fleet``, the page a table of every live
+    instance, updated over the event stream within ``heartbeat`` of a record's change.
     """
     lives = (live, *more)
     router = APIRouter()
@@ -373,6 +388,8 @@ def status_router(
     # (the page's template is read once), so it need not wait for a threadpool thread.
     @router.get(path, include_in_schema=False)
     async def status(request: Request) -> Response:
+        if fleet:
+            _follow_fleets(lives)
         body = _status_body(lives, max_staleness)
         headers = {**_NO_STORE, "Vary": "Accept"}
         if _prefers_html(request.headers.get("accept", "")):
@@ -381,6 +398,8 @@ def status_router(
 
     @router.get(path.rstrip("/") + "/events", include_in_schema=False)
     async def events() -> Response:
+        if fleet:
+            _follow_fleets(lives)
         return _EventStream(lives, max_staleness, heartbeat, stream_lifetime)
 
     return router

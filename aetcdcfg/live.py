@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,12 @@ import anyio.abc
 from pydantic import BaseModel
 
 from ._backoff import Backoff
+from ._canary import canary_prefix, overlay_of
 from ._fanout import Subscription
+from ._fleetview import FleetView
 from ._log import get_logger
+from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
+from ._reporter import DEFAULT_TTL, Reporter
 from ._validate import ReadSources, lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
@@ -42,6 +47,7 @@ from .errors import (
     ConfigRejected,
     EtcdUnavailable,
     FutureRevision,
+    PermissionDenied,
     RevisionCompacted,
     SettingsClosed,
     SubscriberLagged,
@@ -71,6 +77,9 @@ class _Layer:
     decoder: KeyDecoder
     items: dict[str, bytes] = field(default_factory=dict)
     sub: Subscription | None = None
+    #: A canary layer (``/aetcdcfg/canary<prefix>``): its keys are a spec and an overlay, which
+    #: apply only to instances the spec's selector matches (see ``_canary``).
+    canary: bool = False
 
     def relative(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
         # {key[cut:]: value for ...} in C: 3.4 % of a 40,000-key start (callgrind), for one line.
@@ -98,6 +107,13 @@ class LiveSettings(Generic[ModelT]):
     later layers override earlier ones field by field, and the object is still validated once per
     etcd revision, never with a transaction across layers half applied (see the module docstring).
     A layer that does not exist yet is simply empty. ``live.prefix`` is the last (most specific) layer.
+
+    While it runs it keeps an *instance record* in etcd under every prefix it reads, at
+    ``/aetcdcfg/instances<prefix><instance>``, bound to a lease of ``report_ttl`` seconds (gone that
+    long after the process dies): ``instance`` and ``labels`` (default ``AETCDCFG_INSTANCE``, else
+    ``hostname-pid``, and ``AETCDCFG_LABELS``, e.g. ``zone=b,version=1.4``), the revision applied, the
+    last rejected one with its keys and problems (never values), freshness. ``report=False`` (or
+    ``AETCDCFG_REPORT=0``) opts out. Reporting never blocks or fails the settings (``fleet.*`` logs).
     """
 
     def __init__(
@@ -109,6 +125,11 @@ class LiveSettings(Generic[ModelT]):
         allow_defaults: bool = False,
         on_change: Callable[[ModelT], object] | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
+        instance: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        report: bool | None = None,
+        report_ttl: int = DEFAULT_TTL,
+        canary: bool = True,
     ) -> None:
         prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
         if not prefixes or not all(prefixes):
@@ -124,7 +145,11 @@ class LiveSettings(Generic[ModelT]):
         self._on_change = on_change
         self._init_kwargs = dict(init_kwargs or {})
         self._source_listed = lists_etcd_source(model)
-        self._layers = [_Layer(p, KeyDecoder(model)) for p in self.prefixes]
+        self._layers = []
+        for p in self.prefixes:  # each prefix's canary overlays it, right above it
+            self._layers.append(_Layer(p, KeyDecoder(model)))
+            if canary:
+                self._layers.append(_Layer(canary_prefix(p), KeyDecoder(model), canary=True))
         self._sources: ReadSources | None = None  # env, dotenv and secrets, read at each load
         self._known = 0  # every layer's items reflect this revision (it may be a rejected one)
         self._apply_lock = anyio.Lock()
@@ -147,6 +172,16 @@ class LiveSettings(Generic[ModelT]):
         self._last_rejected: AppliedChange | None = None
         self._history: deque[AppliedChange] = deque(maxlen=HISTORY)
         self._loaded_without_etcd = False
+        self.identity = Identity.resolve(instance, labels)
+        self._report = report_enabled(report)
+        if report_ttl < 2:
+            raise ValueError(f"report_ttl must be at least 2 seconds, got {report_ttl}")
+        self._report_ttl = report_ttl
+        self.reporter: Reporter | None = None
+        self._fleet: FleetView | None = None
+        self._running: tuple[EtcdClient, anyio.abc.TaskGroup] | None = None
+        self._schema: str | None = None
+        self._started_at = time.time()
 
     def __repr__(self) -> str:
         return f"<LiveSettings {self.model.__name__} from {self._where!r} @ revision {self._revision}>"
@@ -171,20 +206,23 @@ class LiveSettings(Generic[ModelT]):
 
         Raises ``RuntimeError`` before ``async with live:`` has started following etcd.
         """
-        layers = tuple(layer.sub.status for layer in self._layers if layer.sub is not None)
-        if not layers:
+        watches = [(layer.canary, layer.sub.status) for layer in self._layers if layer.sub is not None]
+        if not watches:
             raise RuntimeError("LiveSettings is not started: use `async with live:` first")
         return SettingsStatus(
             prefix=self.prefix,
             model=self.model.__name__,
             revision=self._revision,
             loaded=self._current is not None,
-            watch=max(layers, key=lambda watch: watch.staleness),
-            layers=layers,
+            watch=max((watch for _, watch in watches), key=lambda watch: watch.staleness),
+            layers=tuple(watch for canary, watch in watches if not canary),
             applied=self._applied,
             rejected=self._rejected,
             last_rejected=self._last_rejected,
             history=tuple(self._history),
+            report=None
+            if self.reporter is None
+            else self.reporter.status(tuple(self.identity.labels.items())),
         )
 
     def etcd_fields(self) -> dict[tuple[str, ...], str]:
@@ -199,14 +237,26 @@ class LiveSettings(Generic[ModelT]):
             return {}
         fields: dict[tuple[str, ...], str] = {}
         for layer in self._layers:  # a later layer's key wins, as its value does
-            decoded = layer.decoder.decode(layer.items)
+            label, items = self._effective(layer)
+            decoded = layer.decoder.decode(items)
             for path in leaf_paths(decoded.data):
                 for depth in range(len(path), 0, -1):
                     key = decoded.origins.get(path[:depth])
                     if key is not None:
-                        fields[path] = layer.prefix + key
+                        fields[path] = label + key
                         break
         return fields
+
+    def _effective(self, layer: _Layer) -> tuple[str, dict[str, bytes]]:
+        """(the prefix its keys are named under, the keys this instance applies) of a layer."""
+        if not layer.canary:
+            return layer.prefix, layer.items
+        return layer.prefix + "values/", overlay_of(layer.items, self.identity)[0]
+
+    @property
+    def in_canary(self) -> bool:
+        """A canary is open on one of its prefixes and its selector matches this instance."""
+        return any(overlay_of(layer.items, self.identity)[1] for layer in self._layers if layer.canary)
 
     def init_fields(self) -> list[tuple[str, ...]]:
         """The field paths given as ``init_kwargs`` (names, never values)."""
@@ -293,8 +343,16 @@ class LiveSettings(Generic[ModelT]):
             if client is None:
                 client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
             revisions = []
-            for layer in self._layers:
-                sub = await stack.enter_async_context(client.watch(layer.prefix, with_snapshot=True))
+            for layer in list(self._layers):
+                try:
+                    sub = await stack.enter_async_context(client.watch(layer.prefix, with_snapshot=True))
+                except PermissionDenied:
+                    if not layer.canary:
+                        raise
+                    # A role made before canaries existed: run without them rather than not at all.
+                    self._log.warning("fleet.canary_unreadable", layer=layer.prefix)
+                    self._layers.remove(layer)
+                    continue
                 assert sub.snapshot is not None
                 layer.sub = sub
                 layer.items = layer.relative(sub.snapshot.items)
@@ -311,15 +369,77 @@ class LiveSettings(Generic[ModelT]):
                     layer.items = states[layer.prefix]
             self._known = revision
             self._load(revision)
+            reporter = None
+            if self._report:
+                reporter = Reporter(
+                    client,
+                    self.identity.instance,
+                    self.prefixes,
+                    self.instance_record,
+                    self.is_fresh,
+                    self._log,
+                    ttl=self._report_ttl,
+                )
+                stack.push_async_callback(reporter.aclose)  # after the task group ends: revoke
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             for layer in self._layers:
                 task_group.start_soon(self._follow, client, layer)
+            if reporter is not None:
+                self.reporter = reporter
+                stack.callback(setattr, self, "reporter", None)
+                task_group.start_soon(reporter.run)
+            self._running = (client, task_group)
+            stack.callback(setattr, self, "_running", None)
+            stack.callback(setattr, self, "_fleet", None)
         except BaseException:
             await stack.aclose()
             raise
         self._stack = stack
         return self
+
+    def instance_record(self) -> InstanceRecord:
+        """This instance's record as it would be written now (see the class docstring)."""
+        if self._schema is None:
+            self._schema = schema_fingerprint(self.model)
+        rejected = self._last_rejected
+        try:
+            fresh = self.is_fresh()
+        except RuntimeError:
+            fresh = False
+        return InstanceRecord(
+            id=self.identity.instance,
+            labels=self.identity.labels,
+            model=self.model.__name__,
+            schema=self._schema,
+            prefixes=self.prefixes,
+            applied_revision=self._revision,
+            rejected_revision=None if rejected is None else rejected.revision,
+            rejected_keys=() if rejected is None else rejected.keys,
+            problems=() if rejected is None else rejected.problems,
+            fresh=fresh,
+            canary=self.in_canary,
+            version=library_version(),
+            started_at=self._started_at,
+            updated_at=time.time(),
+        )
+
+    def fleet(self) -> FleetView:
+        """The live instances of its prefix (the last layer), followed from now on in its task group:
+        ``live.fleet().records``. The first call starts one watch of the records; later calls
+        return the same view. Raises ``RuntimeError`` outside ``async with live:``."""
+        if self._running is None:
+            raise RuntimeError("LiveSettings is not started: use `async with live:` first")
+        if self._fleet is None:
+            client, task_group = self._running
+            self._fleet = FleetView(client, self.prefix)
+            task_group.start_soon(self._fleet.run)
+        return self._fleet
+
+    @property
+    def fleet_view(self) -> FleetView | None:
+        """The view :meth:`fleet` started, or None (no I/O, for status pages)."""
+        return self._fleet
 
     def _detach(self) -> None:
         for layer in self._layers:
@@ -492,6 +612,7 @@ class LiveSettings(Generic[ModelT]):
         self._known = revision  # nothing changed: no new object, and later batches go on from here
         if revision < self._revision:
             self._revision = revision
+            self._report_changed()
 
     def _replace_items(self, states: Mapping[str, dict[str, bytes]]) -> list[str]:
         """Put the layers' keys in ``states`` in place; the full keys that changed."""
@@ -515,6 +636,7 @@ class LiveSettings(Generic[ModelT]):
                 "config.rejected", revision=revision, keys=list(exc.keys), problems=list(exc.problems)
             )
             self._record_rejection(exc, changed)
+            self._report_changed()
             return
         self._current = settings
         self._revision = revision
@@ -522,6 +644,7 @@ class LiveSettings(Generic[ModelT]):
         self._applied += 1
         self._history.append(AppliedChange(revision, True, tuple(changed)))
         self._version += 1
+        self._report_changed()
         for waiter in self._waiters:
             waiter.applied.append(settings)
         self._wake_all()
@@ -531,6 +654,10 @@ class LiveSettings(Generic[ModelT]):
                 self._on_change(settings)
             except Exception as exc:  # its message may quote a value: the type only
                 self._log.error("config.on_change_failed", revision=revision, error_type=type(exc).__name__)
+
+    def _report_changed(self) -> None:
+        if self.reporter is not None:
+            self.reporter.changed()
 
     def _record_rejection(self, exc: ConfigRejected, changed: Sequence[str]) -> None:
         self.last_error = exc
@@ -556,6 +683,10 @@ class LiveSettings(Generic[ModelT]):
         """
         decoded = []
         for layer in self._layers if use_etcd else []:
+            if layer.canary:  # a small overlay, or none: decoded whole
+                label, overlay = self._effective(layer)
+                decoded.append((label, layer.decoder.decode(overlay)))
+                continue
             cut = len(layer.prefix)
             mine = None if changed is None else [k[cut:] for k in changed if k.startswith(layer.prefix)]
             decoded.append((layer.prefix, layer.decoder.decode(layer.items, mine)))

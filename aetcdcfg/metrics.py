@@ -22,7 +22,7 @@ from typing import Any
 
 from .client import EtcdClient
 from .live import LiveSettings
-from .status import SettingsStatus, WatchStatus
+from .status import ReportStatus, SettingsStatus, WatchStatus
 
 try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -110,6 +110,34 @@ SETTINGS_METRICS: list[tuple[Family, str, str, Callable[[SettingsStatus], float]
     ),
 ]
 
+#: The instance record of each reporting LiveSettings, labelled by prefix, model and instance id.
+RECORD_METRICS: list[tuple[Family, str, str, Callable[[ReportStatus], float]]] = [
+    (
+        GaugeMetricFamily,
+        "aetcdcfg_instance_record_up",
+        "1 while this instance's record is in etcd (as of its last write or lease refresh)",
+        lambda r: r.in_etcd,
+    ),
+    (
+        CounterMetricFamily,
+        "aetcdcfg_instance_record_writes",
+        "Writes of this instance's record (coalesced: at most 4 per second)",
+        lambda r: r.writes,
+    ),
+    (
+        CounterMetricFamily,
+        "aetcdcfg_instance_record_leases_lost",
+        "Times etcd no longer held the record's lease (a new one was granted)",
+        lambda r: r.leases_lost,
+    ),
+    (
+        CounterMetricFamily,
+        "aetcdcfg_instance_record_failures",
+        "Failed writes or lease refreshes of the record (retried)",
+        lambda r: r.failures,
+    ),
+]
+
 
 class AetcdcfgCollector(Collector):
     """Watch and settings metrics of the given LiveSettings and clients, computed when collected.
@@ -154,5 +182,13 @@ class AetcdcfgCollector(Collector):
             family = kind(name, text, labels=["prefix", "model"])
             for row in rows:
                 family.add_metric([row.prefix, row.model], float(settings_value(row)))
+            families.append(family)
+        for kind, name, text, record_value in RECORD_METRICS:
+            family = kind(name, text, labels=["prefix", "model", "instance"])
+            for row in rows:
+                if row.report is not None:
+                    family.add_metric(
+                        [row.prefix, row.model, row.report.instance], float(record_value(row.report))
+                    )
             families.append(family)
         return families

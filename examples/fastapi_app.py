@@ -32,7 +32,8 @@ from aetcdcfg.metrics import AetcdcfgCollector
 # Logging is the application's choice (the library never configures it): LOG_LEVEL=warning quiets it.
 structlog.configure(
     wrapper_class=structlog.make_filtering_bound_logger(
-        logging.getLevelNamesMapping()[os.environ.get("LOG_LEVEL", "info").upper()]
+        # a level's name to its number (getLevelNamesMapping() would need Python 3.11)
+        logging.getLevelName(os.environ.get("LOG_LEVEL", "info").upper())
     )
 )
 

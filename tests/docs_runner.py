@@ -18,7 +18,8 @@ What a page's fenced blocks mean (in document order, in one project directory pe
   ``export NAME=value`` sets the environment of later commands.
 - ``<!-- example: skip REASON -->`` on the line before a block: not run (keep these few).
 
-Ports: 2379 and 8000 in commands and output are replaced by free ports, so examples can say what a
+Ports: 2379 and 8000 in commands and output are replaced by free ports (``aetcdcfg dev`` and
+``uvicorn`` without ``--port`` are given one), so examples can say what a
 reader would type. Every page gets a fresh single-member etcd (``ETCD_ENDPOINTS``), so the revisions
 its commands print are the same at every run.
 """
@@ -249,6 +250,9 @@ class Project:
         if words[0] == "uvicorn":
             self.start_uvicorn(where, words)
             return
+        if words[:2] == ["aetcdcfg", "dev"] and "--port" not in words:  # never the machine's 2379
+            words = [*words, "--port", self.ports["2379"]]
+            line = shlex.join(words)
         if words[:2] in (["aetcdcfg", "dev"], ["aetcdcfg", "watch"]):
             self.run_background(where, line, expected, interrupt=words[1] == "watch")
             return

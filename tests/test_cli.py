@@ -12,15 +12,17 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aetcdcfg import EtcdClient, EtcdUnavailable
-from aetcdcfg.cli import cli, flatten, unflatten
+from aetcdcfg.cli import build_parser, cli, flatten, unflatten
 from aetcdcfg.cli._files import dumps, loads
 from aetcdcfg.cli._secrets import MaskedSecretMissing, Secrets
 from aetcdcfg.testing import EtcdServer
+from aetcdcfg.testing._ports import free_port, release
 
 pytestmark = pytest.mark.anyio
 
@@ -72,17 +74,49 @@ async def test_get_prints_revision_and_masks_secrets(
     assert f"{etcd_prefix}rate_limit = 5" in out
     assert "hunter2" not in out
     assert f"{etcd_prefix}db/password = **********" in out
-    _, out, _ = await run("get", etcd_prefix, "--json")
+    _, out, _ = await run("get", etcd_prefix, "--json", "--show-values")
     data = json.loads(out)
     assert data["revision"] == revision
     assert data["items"][etcd_prefix + "rate_limit"] == "5"
+
+
+async def test_without_a_model_values_are_hidden_unless_show_values(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Without --model nothing says which values are secret, so none is printed unless asked."""
+    p = etcd_prefix
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        first = await client.put_many({p + "rate_limit": "5", p + "token": "hunter2"})
+        await client.put(p + "token", "swordfish")
+    hidden = {
+        "get": await run("get", p),
+        "get --json": await run("get", p, "--json"),
+        "history": await run("history", p),
+        "history --json": await run("history", p, "--json"),
+        "diff": await run("diff", p, "--from", str(first)),
+        "diff --json": await run("diff", p, "--from", str(first), "--json"),
+    }
+    for command, (_, out, err) in hidden.items():
+        assert "hunter2" not in out and "swordfish" not in out, (command, out)
+        assert "token" in out and "**********" in out, (command, out)
+        assert "values hidden" in err and "--show-values" in err, (command, err)
+    assert f"{p}rate_limit = **********" in hidden["get"][1]
+    assert f"~ {p}token: ********** -> **********" in hidden["diff"][1]
+
+    _, out, err = await run("get", p, "--show-values")
+    assert f"{p}rate_limit = 5" in out and f"{p}token = swordfish" in out and err == ""
+    _, out, _ = await run("history", p, "--show-values")
+    assert f"~ {p}token: hunter2 -> swordfish" in out
+    _, out, err = await run("get", p, "--model", "svc_settings:Settings")  # the model says: none secret
+    assert f"{p}token = swordfish" in out and err == ""
 
 
 async def test_watch_prints_events_and_exits_cleanly_on_sigint_and_sigterm(
     workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
-        async with await anyio.open_process([SCRIPT, "watch", etcd_prefix, "--json"]) as proc:
+        command = [SCRIPT, "watch", etcd_prefix, "--json", "--show-values"]
+        async with await anyio.open_process(command) as proc:
             assert proc.stderr is not None
             assert proc.stdout is not None
             with anyio.fail_after(10):
@@ -120,13 +154,11 @@ async def test_check_lists_every_problem_by_key(
 ) -> None:
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         await client.put_many({etcd_prefix + "rate_limit": "7", etcd_prefix + "tags": '["x"]'})
-        code, out, _ = await run("check", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        code, out, _ = await run("check", etcd_prefix, "--model", "svc_settings:Settings")
         assert code == 0
         assert out.startswith("OK:")
         await client.put_many({etcd_prefix + "rate_limit": "0", etcd_prefix + "tags": "not json"})
-    code, out, _ = await run(
-        "check", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, check=False
-    )
+    code, out, _ = await run("check", etcd_prefix, "--model", "svc_settings:Settings", check=False)
     assert code == 1
     assert "INVALID" in out
     assert f"{etcd_prefix}tags: structured field needs JSON" in out
@@ -266,29 +298,62 @@ async def test_dump_then_push_round_trips_and_masked_secrets_keep_their_value(
         assert await client.get(etcd_prefix + "svc/rate_limit") == b"4"
 
 
-async def test_dev_starts_etcd_prints_exports_and_stops_on_ctrl_c(workdir: Path) -> None:
-    async with await anyio.open_process([SCRIPT, "dev"]) as proc:
-        assert proc.stdout is not None
-        endpoint = None
-        buffer = ""
-        with anyio.fail_after(30):
-            async for text in TextReceiveStream(proc.stdout):
-                buffer += text
-                for line in buffer.splitlines():
-                    if line.startswith("export ETCD_ENDPOINTS="):
-                        endpoint = line.split("=", 1)[1]
-                if endpoint:
-                    break
-        assert endpoint is not None
-        async with EtcdClient(endpoints=[endpoint]) as client:
-            await client.put("/dev/k", "v")
-            assert await client.get("/dev/k") == b"v"
+async def start_dev(*args: str) -> tuple[Process, list[str]]:
+    """``aetcdcfg dev`` started, and what it printed up to its export line."""
+    proc = await anyio.open_process([SCRIPT, "dev", *args])
+    assert proc.stdout is not None
+    buffer = ""
+    with anyio.fail_after(30):
+        async for text in TextReceiveStream(proc.stdout):
+            buffer += text
+            if "export ETCD_ENDPOINTS=" in buffer and buffer.endswith("\n"):
+                return proc, buffer.splitlines()
+    raise AssertionError(f"aetcdcfg dev printed no export line: {buffer!r}")
+
+
+async def stop_dev(proc: Process) -> None:
+    async with proc:
         proc.send_signal(signal.SIGINT)
         with anyio.fail_after(15):
             assert await proc.wait() == 0
-    with pytest.raises(EtcdUnavailable):  # the dev etcd is gone
-        async with EtcdClient(endpoints=[endpoint], connect_timeout=0.5):
-            pass
+
+
+async def test_dev_comes_back_on_its_port_with_its_data_until_fresh(workdir: Path) -> None:
+    port = free_port()
+    try:
+        proc, lines = await start_dev("--port", str(port))
+        endpoint = f"http://127.0.0.1:{port}"
+        data = workdir / ".etcd-data" / "m0.data"
+        assert f"export ETCD_ENDPOINTS={endpoint}" in lines
+        assert any(line.startswith(f"data in {data} (new, empty;") for line in lines), lines
+        async with EtcdClient(endpoints=[endpoint]) as client:
+            await client.put("/dev/k", "v")
+        await stop_dev(proc)
+        with pytest.raises(EtcdUnavailable):  # the dev etcd is gone
+            async with EtcdClient(endpoints=[endpoint], connect_timeout=0.5):
+                pass
+
+        proc, lines = await start_dev("--port", str(port))  # restarted: same URL, same data
+        assert any(line.startswith(f"data in {data} (the data of the last run;") for line in lines), lines
+        async with EtcdClient(endpoints=[endpoint]) as client:
+            assert await client.get("/dev/k") == b"v"
+            # another one on the same port is refused, naming the port and what to do
+            code, out, err = await run("dev", "--port", str(port), check=False)
+            assert (code, out) == (2, "")
+            assert err.startswith(f"aetcdcfg: usage: port {port} is in use") and "--port" in err, err
+        await stop_dev(proc)
+
+        proc, lines = await start_dev("--port", str(port), "--fresh")
+        async with EtcdClient(endpoints=[endpoint]) as client:
+            assert await client.get("/dev/k") is None
+        await stop_dev(proc)
+    finally:
+        release(port)
+
+
+def test_dev_defaults_to_etcds_port_and_a_data_dir_here() -> None:
+    args = build_parser().parse_args(["dev"])
+    assert (args.port, args.data_dir, args.fresh) == (2379, ".etcd-data", False)
 
 
 async def test_unreachable_etcd_is_one_line_without_traceback(workdir: Path) -> None:
@@ -303,8 +368,21 @@ async def test_unreachable_etcd_is_one_line_without_traceback(workdir: Path) -> 
 
 
 def test_bad_model_spec_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("check", "--model", "nomodule", "--prefix", "/x/") == 2
+    assert cli("check", "/x/", "--model", "nomodule") == 2
     assert "expected module:Class" in capsys.readouterr().err
+
+
+async def test_check_takes_the_prefix_first_and_still_accepts_the_old_option(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    m = ("--model", "svc_settings:Settings")
+    code, out, err = await run("check", "--prefix", etcd_prefix, *m)
+    assert code == 0 and out.startswith("OK:"), out + err
+    assert "--prefix is deprecated" in err and f"aetcdcfg check {etcd_prefix} --model" in err
+    for args in (("check", *m), ("check", etcd_prefix, "--prefix", "/other/", *m)):
+        code, out, err = await run(*args, check=False)
+        assert (code, out) == (2, ""), args
+        assert err.startswith("aetcdcfg: usage:") and "prefix" in err, err
 
 
 def test_flatten_and_unflatten_are_inverse_for_dumped_text() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from aetcdcfg import EtcdClient
-from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer
+from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, etcd_flags, etcd_version
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -139,3 +139,20 @@ def test_leaving_the_with_block_kills_the_proxy_and_removes_its_files(etcd_serve
 def test_tls_endpoints_are_refused() -> None:
     with pytest.raises(ValueError, match="plain TCP"):
         EtcdGrpcProxy(["https://127.0.0.1:2379"])
+
+
+def test_keepalive_minimum_is_passed_only_to_a_proxy_that_takes_it() -> None:
+    """etcd 3.4's grpc-proxy refuses --grpc-keepalive-min-time ("unknown flag"); 3.5's takes it.
+
+    What the binary's own help lists decides, and the proxy says which minimum is in force.
+    """
+    proxy = EtcdGrpcProxy(["http://127.0.0.1:1"], keepalive_min_time=1)
+    try:
+        listed = "--grpc-keepalive-min-time" in etcd_flags("grpc-proxy", "start")
+        assert listed == (etcd_version() >= (3, 5, 0))
+        assert ("--grpc-keepalive-min-time=1s" in proxy.args()) == listed
+        assert proxy.keepalive_min_time_in_force == (1 if listed else 300)
+        proxy.start(wait=False)  # an unknown flag would end it at once
+        proxy.wait_ready()
+    finally:
+        proxy.cleanup()

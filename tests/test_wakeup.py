@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
@@ -39,8 +40,11 @@ class Until:
 def run(main: Callable[[], Coroutine[Any, Any, None]], loop: str) -> None:
     if loop == "uvloop":
         uvloop = pytest.importorskip("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
+        event_loop = uvloop.new_event_loop()  # (asyncio.Runner's loop_factory would need 3.11)
+        try:
+            event_loop.run_until_complete(main())
+        finally:
+            event_loop.close()
     else:
         asyncio.run(main())
 
@@ -90,11 +94,14 @@ def test_cancel_carries_the_message_and_the_sleeper_is_reusable(loop: str) -> No
         assert task.cancel("stop now")
         with pytest.raises(asyncio.CancelledError) as info:
             await task
-        assert info.value.args == ("stop now",)
+        # CPython 3.10's asyncio drops the message on the way to whoever awaits the task, even
+        # around a plain Future (bpo-45390, fixed in 3.11): there only the rest is checked.
+        if sys.version_info >= (3, 11):
+            assert info.value.args == ("stop now",)
         assert not sleeper.sleeping
 
         # Reused after a cancellation, and a timeout (asyncio.wait_for) cancels it too.
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # (the builtin TimeoutError from 3.11 on)
             await asyncio.wait_for(_wait(sleeper, lambda: ready), 0.01)
         second = asyncio.create_task(_wait(sleeper, lambda: ready))
         await asyncio.sleep(0)

@@ -20,37 +20,103 @@ import structlog
 if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
     from exceptiongroup import BaseExceptionGroup
 
+from .._version import __version__
 from ..errors import ConfigurationError
-from . import _dev, _ops, _read, _write
-from ._common import UsageError, normalize_prefix, positive_float
+from . import _canary, _dev, _fleet, _ops, _read, _write
+from ._common import Subparsers, UsageError, normalize_prefix, positive_float
 from ._files import flatten, unflatten
 
-__all__ = ["build_parser", "cli", "flatten", "main", "unflatten"]
+__all__ = ["build_parser", "cli", "flatten", "main", "reference", "unflatten"]
+
+
+DESCRIPTION = (
+    "Inspect, watch, validate and change the etcd config a pydantic settings model reads. Every "
+    "command that talks to etcd takes the connection options (defaults from ETCD_* environment "
+    "variables); errors print one line and exit 1 (2 for usage errors)."
+)
+SECRETS_NOTE = (
+    "Secrets: get, watch, history and diff hide every value unless --model says which fields are "
+    "secret (then only those are masked) or --show-values asks for all of them in clear; commands "
+    "that write mask the model's secrets in the diffs they show."
+)
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, Subparsers]:
+    """The parser and its subcommands' action (for :func:`reference` to walk)."""
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", help="show tracebacks on errors and the library's debug logs"
+    )
+    connection = argparse.ArgumentParser(add_help=False, parents=[verbose])
+    conn = connection.add_argument_group("connection (defaults from ETCD_* environment variables)")
+    conn.add_argument(
+        "--endpoints",
+        type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+        metavar="URLS",
+        help="comma-separated etcd client URLs, e.g. http://127.0.0.1:2379 (ETCD_ENDPOINTS)",
+    )
+    conn.add_argument("--username", help="etcd user, when etcd has auth on (ETCD_USERNAME)")
+    conn.add_argument("--password", help="prefer ETCD_PASSWORD: command lines are visible to other users")
+    conn.add_argument("--ca-file", metavar="PATH", help="CA bundle to verify https endpoints (ETCD_CA_FILE)")
+    conn.add_argument("--cert-file", metavar="PATH", help="client certificate for mTLS (ETCD_CERT_FILE)")
+    conn.add_argument("--key-file", metavar="PATH", help="the client certificate's key (ETCD_KEY_FILE)")
+    conn.add_argument(
+        "--connect-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="give up connecting after this long (ETCD_CONNECT_TIMEOUT)",
+    )
+    conn.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="give up on one request after this long (ETCD_REQUEST_TIMEOUT)",
+    )
+
+    parser = argparse.ArgumentParser(prog="aetcdcfg", description=DESCRIPTION, epilog=SECRETS_NOTE)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for group in (_read, _write, _ops, _fleet, _canary):
+        group.register(sub, connection)
+    _dev.register(sub, verbose)  # a local etcd: no connection options to take
+    return parser, sub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    conn = common.add_argument_group("connection (defaults from ETCD_* environment variables)")
-    conn.add_argument(
-        "--endpoints", type=lambda v: [p.strip() for p in v.split(",") if p.strip()], metavar="URLS"
-    )
-    conn.add_argument("--username")
-    conn.add_argument("--password", help="prefer ETCD_PASSWORD: command lines are visible to other users")
-    conn.add_argument("--ca-file")
-    conn.add_argument("--cert-file")
-    conn.add_argument("--key-file")
-    conn.add_argument("--connect-timeout", type=positive_float, metavar="SECONDS")
-    conn.add_argument("--request-timeout", type=positive_float, metavar="SECONDS")
-    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    """The ``aetcdcfg`` argument parser."""
+    return _parsers()[0]
 
-    parser = argparse.ArgumentParser(
-        prog="aetcdcfg", description="Inspect, watch, validate and push etcd config for a settings model."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (_read, _write, _ops, _dev):
-        group.register(sub, common)
-    return parser
+#: The width :func:`reference` formats help at, whatever the terminal.
+REFERENCE_WIDTH = 100
+
+
+def reference() -> str:
+    """The command's reference as Markdown: ``aetcdcfg --help`` and each command's ``--help``.
+
+    Generated from the parser, so it says what the parser does (``tests/test_cli_reference.py``
+    checks every command and option has help, and a checked-in ``docs/cli.md`` equals this).
+    """
+    parser, sub = _parsers()
+
+    def fixed_width(prog: str) -> argparse.HelpFormatter:
+        return argparse.HelpFormatter(prog, width=REFERENCE_WIDTH)
+
+    def block(command: argparse.ArgumentParser) -> str:
+        command.formatter_class = fixed_width
+        return "```text\n" + command.format_help().rstrip() + "\n```\n"
+
+    parts = [
+        "# The `aetcdcfg` command\n",
+        "<!-- Generated from the parser by aetcdcfg.cli.reference(); do not edit by hand:\n"
+        "     python -c 'import aetcdcfg.cli as c; print(c.reference(), end=\"\")' > docs/cli.md -->\n",
+        block(parser),
+    ]
+    for name, command in sub.choices.items():
+        parts += [f"## `aetcdcfg {name}`\n", block(command)]
+    return "\n".join(parts)
 
 
 def _configure_logging(verbose: bool) -> None:

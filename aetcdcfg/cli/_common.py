@@ -23,8 +23,11 @@ from ._secrets import Secrets
 __all__ = [
     "Subparsers",
     "MASK",
+    "PREFIX_HELP",
     "Secrets",
     "UsageError",
+    "VALUES_HIDDEN",
+    "add_value_options",
     "diff_json",
     "diff_lines",
     "json_value",
@@ -35,8 +38,10 @@ __all__ = [
     "positive_float",
     "positive_int",
     "revision",
+    "say_if_hidden",
     "show",
     "stop_on_signals",
+    "value_secrets",
 ]
 
 #: What ``argparse.ArgumentParser.add_subparsers()`` returns, for the command groups to add to.
@@ -109,6 +114,47 @@ def load_model(spec: str) -> type[BaseModel]:
     return model
 
 
+#: The help of every command's prefix argument.
+PREFIX_HELP = "the key prefix, e.g. /myservice/ (a trailing / is added)"
+
+#: What a command that hides values says on stderr, so nobody mistakes the masks for etcd's values.
+VALUES_HIDDEN = (
+    "# values hidden: no --model says which are secret (--model module:Class masks only its "
+    "secret fields; --show-values prints every value in clear)"
+)
+
+
+def add_value_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--show-values``: what every command that prints values takes."""
+    parser.add_argument(
+        "--model",
+        metavar="MODULE:CLASS",
+        help="the settings model, e.g. myservice.settings:Settings: its secret fields are masked, "
+        "every other value is shown",
+    )
+    parser.add_argument(
+        "--show-values",
+        action="store_true",
+        help="print every value in clear, secrets too (without --model or this, values are hidden: "
+        "nothing says which are secret)",
+    )
+
+
+def value_secrets(args: argparse.Namespace) -> Secrets:
+    """What a command that prints values masks (see :func:`add_value_options`): the model's
+    secrets, nothing with ``--show-values``, every value when no model says which are secret."""
+    model = load_model(args.model) if args.model else None
+    if args.show_values:
+        return Secrets(None)
+    return Secrets.hiding_everything() if model is None else Secrets(model)
+
+
+def say_if_hidden(secrets: Secrets) -> None:
+    """Say on stderr, with the output, that every value is masked and how to see them."""
+    if secrets.hides_everything:
+        print(VALUES_HIDDEN, file=sys.stderr, flush=True)
+
+
 def show(value: bytes | None) -> str:
     """How a value prints: text if UTF-8, a byte count otherwise (mask secrets first)."""
     if value is None:
@@ -128,9 +174,8 @@ def json_value(value: bytes) -> Any:
         return {"base64": base64.b64encode(value).decode()}
 
 
-def _masker(prefix: str, model: type[BaseModel] | None) -> Callable[[str, bytes], bytes]:
-    """``(full key, value) -> value`` with the secrets of ``model`` masked (see :class:`Secrets`)."""
-    secrets = Secrets(model)
+def _masker(prefix: str, secrets: Secrets) -> Callable[[str, bytes], bytes]:
+    """``(full key, value) -> value`` with ``secrets`` masked."""
 
     def masked(key: str, value: bytes) -> bytes:
         return secrets.mask(key[len(prefix) :], value) if key.startswith(prefix) else value
@@ -138,9 +183,9 @@ def _masker(prefix: str, model: type[BaseModel] | None) -> Callable[[str, bytes]
     return masked
 
 
-def diff_lines(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None, indent: str = "") -> list[str]:
+def diff_lines(prefix: str, diff: ConfigDiff, secrets: Secrets, indent: str = "") -> list[str]:
     """``+ key = value``, ``~ key: old -> new`` and ``- key`` lines in key order, secrets masked."""
-    mask = _masker(prefix, model)
+    mask = _masker(prefix, secrets)
     lines = []
     for key in diff.keys:
         if key in diff.added:
@@ -153,9 +198,9 @@ def diff_lines(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None, ind
     return lines
 
 
-def diff_json(prefix: str, diff: ConfigDiff, model: type[BaseModel] | None) -> dict[str, Any]:
+def diff_json(prefix: str, diff: ConfigDiff, secrets: Secrets) -> dict[str, Any]:
     """A diff as JSON-ready data: added/removed map keys to values, changed to ``{old, new}``."""
-    mask = _masker(prefix, model)
+    mask = _masker(prefix, secrets)
     return {
         "added": {k: json_value(mask(k, v)) for k, v in diff.added.items()},
         "changed": {

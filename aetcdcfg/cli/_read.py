@@ -8,16 +8,20 @@ import sys
 
 from ..events import Event, EventType
 from ._common import (
+    PREFIX_HELP,
     Secrets,
     Subparsers,
+    add_value_options,
     json_value,
     load_model,
     make_client,
     normalize_prefix,
     out,
     revision,
+    say_if_hidden,
     show,
     stop_on_signals,
+    value_secrets,
 )
 from ._files import dumps
 
@@ -26,10 +30,10 @@ __all__ = ["register", "cmd_dump", "cmd_get", "cmd_watch"]
 
 async def cmd_get(args: argparse.Namespace) -> int:
     prefix = args.prefix
-    model = load_model(args.model) if args.model else None
+    secrets = value_secrets(args)
     async with make_client(args) as client:
         snapshot = await client.get_prefix(prefix)
-    secrets = Secrets(model)
+    say_if_hidden(secrets)
     shown = {key: secrets.mask(key[len(prefix) :], value) for key, value in snapshot.items.items()}
     if args.json:
         items = {key: json_value(value) for key, value in shown.items()}
@@ -43,7 +47,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     prefix = args.prefix
-    secrets = Secrets(load_model(args.model) if args.model else None)
+    secrets = value_secrets(args)
 
     def line(event: Event) -> str:
         shown = secrets.mask(event.key[len(prefix) :], event.value)
@@ -66,6 +70,7 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         client.watch(prefix, start_revision=args.from_revision) as events,
     ):
         print(f"# watching {prefix} from revision {events.start_revision}", file=sys.stderr, flush=True)
+        say_if_hidden(secrets)
         async for event in events:
             out(line(event))
     return 0
@@ -89,20 +94,54 @@ async def cmd_dump(args: argparse.Namespace) -> int:
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aetcdcfg`` parser."""
-    get = sub.add_parser("get", parents=[common], help="keys and values under a prefix, with the revision")
-    get.add_argument("prefix")
-    get.add_argument("--json", action="store_true")
-    get.add_argument("--model", help="module:Class, to mask its secret fields")
+    get = sub.add_parser(
+        "get",
+        parents=[common],
+        help="keys and values under a prefix, with the revision",
+        description="Print every key under PREFIX and its value, as of one revision (printed first). "
+        "Values are hidden unless --model says which fields are secret or --show-values asks for "
+        "them all.",
+    )
+    get.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
+    get.add_argument("--json", action="store_true", help="one JSON object: revision, prefix, items")
+    add_value_options(get)
     get.set_defaults(run=cmd_get)
-    watch = sub.add_parser("watch", parents=[common], help="live events, one per line, until Ctrl-C")
-    watch.add_argument("prefix")
-    watch.add_argument("--from-revision", type=revision, metavar="R")
-    watch.add_argument("--json", action="store_true")
-    watch.add_argument("--model", help="module:Class, to mask its secret fields")
+
+    watch = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="live events, one per line, until Ctrl-C",
+        description="Print every change under PREFIX as it happens, one event per line (revision, "
+        "PUT or DELETE, key, value), until Ctrl-C or SIGTERM (exit 0). Reconnects by itself and "
+        "misses nothing; a resync after compaction is marked. Values are hidden unless --model or "
+        "--show-values.",
+    )
+    watch.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
+    watch.add_argument(
+        "--from-revision",
+        type=revision,
+        metavar="R",
+        help="start at revision R: its changes and every later one (default: only new ones)",
+    )
+    watch.add_argument("--json", action="store_true", help="one JSON object per event")
+    add_value_options(watch)
     watch.set_defaults(run=cmd_watch)
-    dump = sub.add_parser("dump", parents=[common], help="the prefix as a file that push reads back")
-    dump.add_argument("prefix")
+
+    dump = sub.add_parser(
+        "dump",
+        parents=[common],
+        help="the prefix as a file that push reads back",
+        description="Print the keys under PREFIX as a YAML (or JSON) file of settings that "
+        "`aetcdcfg push` writes back byte for byte: a backup. Without --model nothing is masked "
+        "(write it to a file, not a shared log); with --model its secrets are masked, and pushing "
+        "the masked file back keeps etcd's values.",
+    )
+    dump.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
     dump.add_argument("--json", action="store_true", help="JSON instead of YAML")
-    dump.add_argument("--model", help="module:Class: mask its secrets (push then keeps etcd's values)")
+    dump.add_argument(
+        "--model",
+        metavar="MODULE:CLASS",
+        help="the settings model: mask its secrets (push then keeps etcd's values)",
+    )
     dump.add_argument("--reveal-secrets", action="store_true", help="with --model, print secrets in clear")
     dump.set_defaults(run=cmd_dump)

@@ -191,11 +191,23 @@ def _parse(value: bytes | None) -> Any:
 
 class Secrets:
     """Which keys (relative to the prefix) of ``model`` hold secrets, and masking them; no model,
-    no secrets known."""
+    no secrets known (:meth:`hiding_everything`: every value is one)."""
 
     def __init__(self, model: type[BaseModel] | None) -> None:
         self._model = model
         self._annotations: dict[str, Any] = {}
+        self._everything = False
+
+    @classmethod
+    def hiding_everything(cls) -> Secrets:
+        """Every value a secret: what to print when no model says which are (never to restore)."""
+        secrets = cls(None)
+        secrets._everything = True
+        return secrets
+
+    @property
+    def hides_everything(self) -> bool:
+        return self._everything
 
     def _annotation(self, key: str) -> Any:
         if key not in self._annotations:
@@ -216,6 +228,8 @@ class Secrets:
     def mask(self, key: str, value: bytes) -> bytes:
         """``value`` as it may be printed: secrets inside a JSON value masked field by field, the
         whole value masked when it is a secret or does not parse; unchanged when nothing is secret."""
+        if self._everything:
+            return MASK.encode()
         if not self.holds(key):
             return value
         if self.whole(key):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..errors import ConfigRejected
 from ..events import Snapshot
 from ..source import resolve_key
 from ._common import (
+    PREFIX_HELP,
     Secrets,
     Subparsers,
     UsageError,
@@ -27,6 +29,7 @@ from ._common import (
     revision,
 )
 from ._files import flatten, load_file
+from ._fleet import add_wait_options, audit_entry, wait_and_report
 from ._secrets import MaskedSecretMissing
 
 __all__ = [
@@ -40,9 +43,26 @@ __all__ = [
 ]
 
 
+def _check_prefix(args: argparse.Namespace) -> str:
+    """``check``'s prefix: positional, or the deprecated ``--prefix`` (one of them, or the same)."""
+    given = {p for p in (args.prefix, args.prefix_option) if p is not None}
+    if not given:
+        raise UsageError("check needs the prefix: aetcdcfg check /myservice/ --model module:Class")
+    if len(given) > 1:
+        raise UsageError(f"two prefixes given ({args.prefix!r} and --prefix {args.prefix_option!r})")
+    if args.prefix is None:
+        print(
+            "aetcdcfg: check --prefix is deprecated: give the prefix first, as other commands take it "
+            f"(aetcdcfg check {args.prefix_option} --model ...)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return normalize_prefix(given.pop())
+
+
 async def _current(args: argparse.Namespace) -> tuple[type[BaseModel], str, dict[str, bytes], int]:
     model = load_model(args.model)
-    prefix = normalize_prefix(args.prefix)
+    prefix = _check_prefix(args)
     async with make_client(args) as client:
         snapshot = await client.get_prefix(prefix)
     return model, prefix, {k[len(prefix) :]: v for k, v in snapshot.items.items()}, snapshot.revision
@@ -105,7 +125,7 @@ async def write_result(
         return 1
     diff = ConfigDiff.between(current, Snapshot(current.revision, result))
     out(header)
-    for line in diff_lines(prefix, diff, model):
+    for line in diff_lines(prefix, diff, Secrets(model)):
         out(line)
     for note in notes:
         out(note)
@@ -121,8 +141,11 @@ async def write_result(
     if args.dry_run:
         out(f"dry run: nothing written; apply with --expect-revision {current.revision}")
         return 0
-    revision = await client.apply_diff(prefix, diff, unchanged=unchanged)
+    also = audit_entry(args, prefix, diff.keys)
+    revision = await client.apply_diff(prefix, diff, unchanged=unchanged, also=also)
     out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
+    if args.wait:
+        return await wait_and_report(client, prefix, revision, args.timeout)
     return 0
 
 
@@ -184,7 +207,13 @@ async def cmd_push(args: argparse.Namespace) -> int:
 
 def add_guard_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--dry-run`` and ``--expect-revision``: what every command that writes takes."""
-    parser.add_argument("--model", required=True, help="module:Class of the settings model")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:CLASS",
+        help="the settings model, e.g. myservice.settings:Settings: the result must validate as it, "
+        "and its secrets are masked in the diff",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     parser.add_argument(
         "--expect-revision",
@@ -193,19 +222,46 @@ def add_guard_options(parser: argparse.ArgumentParser) -> None:
         help="write the diff from the prefix as of revision R (a reviewed dry run's), and refuse if "
         "the prefix changed after R",
     )
+    add_wait_options(parser)
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aetcdcfg`` parser."""
-    check = sub.add_parser("check", parents=[common], help="validate what etcd holds against a model")
-    check.add_argument("--model", required=True, help="module:Class of the settings model")
-    check.add_argument("--prefix", required=True)
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate what etcd holds against a model",
+        description="Validate the keys under PREFIX as the settings model, as a service would load "
+        "them (with this command's own environment, dotenv and secrets files), and list every "
+        "problem by key. Exit 0 if valid, 1 if not.",
+    )
+    check.add_argument("prefix", nargs="?", metavar="PREFIX", help=PREFIX_HELP)
+    check.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:CLASS",
+        help="the settings model, e.g. myservice.settings:Settings",
+    )
+    check.add_argument(
+        "--prefix",
+        dest="prefix_option",
+        metavar="PREFIX",
+        help="deprecated: give the prefix first, as every other command takes it",
+    )
     check.set_defaults(run=cmd_check)
+
     push = sub.add_parser(
-        "push", parents=[common], help="validate a file, show the diff, write it in one txn"
+        "push",
+        parents=[common],
+        help="validate a file, show the diff, write it in one txn",
+        description="Write a YAML, JSON or TOML file of settings under PREFIX: the resulting state "
+        "is validated with --model first (refused, writing nothing, if invalid or if the file has "
+        "keys no field reads), the diff is shown with secrets masked, and it is written in one "
+        "transaction that is refused if the prefix changed meanwhile. Keys etcd has and the file "
+        "lacks are kept unless --prune.",
     )
     push.add_argument("file", help="a .yaml, .json or .toml file of settings")
-    push.add_argument("--prefix", required=True)
+    push.add_argument("--prefix", required=True, help="the key prefix to write under, e.g. /myservice/")
     push.add_argument("--prune", action="store_true", help="delete keys under the prefix that the file lacks")
     add_guard_options(push)
     push.set_defaults(run=cmd_push)

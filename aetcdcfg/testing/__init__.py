@@ -9,6 +9,8 @@ is only located on disk, and pytest only by the plugin.
 
 from ._binary import EtcdBinaryNotFound as EtcdBinaryNotFound
 from ._binary import etcd_binary as etcd_binary
+from ._binary import etcd_flags as etcd_flags
+from ._binary import etcd_version as etcd_version
 from ._binary import etcdctl_binary as etcdctl_binary
 from ._grpc_proxy import EtcdGrpcProxy as EtcdGrpcProxy
 from ._history import Record as Record
@@ -31,6 +33,8 @@ __all__ = [
     "TLSFiles",
     "as_records",
     "etcd_binary",
+    "etcd_flags",
+    "etcd_version",
     "etcd_history",
     "etcdctl_binary",
 ]

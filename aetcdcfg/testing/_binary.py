@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import os
 import queue
+import re
 import shutil
 import stat
 import subprocess
@@ -24,6 +25,8 @@ __all__ = [
     "ENV_VAR",
     "EtcdBinaryNotFound",
     "etcd_binary",
+    "etcd_flags",
+    "etcd_version",
     "etcdctl_binary",
     "kill_spawned",
     "release",
@@ -90,6 +93,37 @@ def etcd_binary() -> Path:
 def etcdctl_binary() -> Path:
     """The etcdctl that goes with :func:`etcd_binary` (beside ``$AETCDCFG_ETCD_BIN`` when that is set)."""
     return _find("etcdctl")
+
+
+@functools.cache
+def _run_for_text(binary: Path, *args: str) -> str:
+    """What ``binary args...`` prints (stdout and stderr together), for the questions below."""
+    result = subprocess.run(
+        [str(binary), *args], capture_output=True, stdin=subprocess.DEVNULL, timeout=30, check=False
+    )
+    return (result.stdout + result.stderr).decode(errors="replace")
+
+
+def etcd_version(binary: Path | None = None) -> tuple[int, int, int]:
+    """The version of ``binary`` (default :func:`etcd_binary`), e.g. ``(3, 5, 1)``, from ``--version``."""
+    binary = binary or etcd_binary()
+    text = _run_for_text(binary, "--version")
+    found = re.search(r"etcd Version: (\d+)\.(\d+)\.(\d+)", text)
+    if found is None:
+        raise EtcdBinaryNotFound(f"{binary} --version does not say which etcd it is: {text[:200]!r}")
+    major, minor, patch = (int(part) for part in found.groups())
+    return major, minor, patch
+
+
+def etcd_flags(*subcommand: str, binary: Path | None = None) -> frozenset[str]:
+    """The flags ``etcd [subcommand...] --help`` lists, e.g. ``etcd_flags("grpc-proxy", "start")``.
+
+    Asked of the binary itself rather than inferred from its version: a flag that one release
+    lacks (3.4's grpc-proxy has no ``--grpc-keepalive-min-time``) is then left out by what the
+    binary says, whichever build it is.
+    """
+    text = _run_for_text(binary or etcd_binary(), *subcommand, "--help")
+    return frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
 
 
 # -- running: etcd dies with this interpreter ----------------------------------------------------

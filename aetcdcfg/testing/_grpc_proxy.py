@@ -6,6 +6,15 @@ etcd binary runs it, with the same lifecycle as :class:`EtcdMember`: free loopba
 object's lifetime (``restart()`` comes back on the same URL), a temp dir for its log and data dir, and
 no proxy outliving the interpreter (``_binary.spawn``: atexit hook plus PR_SET_PDEATHSIG).
 
+etcd 3.4's proxy has no ``/proxy/health`` and ``/proxy/metrics``: there :meth:`EtcdGrpcProxy.health`
+reads its ``/health`` (a Get through the proxy's own client, not through its listen port) and
+:meth:`EtcdGrpcProxy.metrics` its ``/metrics``. Nor has it ``--grpc-keepalive-min-time`` (etcd added
+it in 3.5, PR 11711): there the flag is left out, and that proxy enforces grpc-go's default instead,
+5 minutes between client pings: closer pings count as strikes, and a few strikes with no data sent
+in between end the connection (GOAWAY "too_many_pings"). The proxy tests pass against it all the
+same (``tests/test_grpc_proxy.py``: idle watches through it see no reconnect).
+:attr:`EtcdGrpcProxy.keepalive_min_time_in_force` says which minimum applies.
+
 Plain TCP only, on both sides. etcd 3.5's proxy insists on an *empty* CN in the client certificate it
 presents to etcd (``--cert``; etcd issue 11970), which our ``TLSFiles`` client certificate does not
 have, so TLS would need certificates of its own; no test needs that yet.
@@ -24,11 +33,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from ._binary import etcd_binary
+from ._binary import etcd_binary, etcd_flags, etcd_version
 from ._ports import free_port
 from ._process import OWNED_DIRS, ManagedProcess
 
-__all__ = ["EtcdGrpcProxy"]
+__all__ = ["GRPC_GO_KEEPALIVE_MIN_TIME", "EtcdGrpcProxy"]
+
+#: grpc-go's own minimum between client pings, in seconds: what a proxy without
+#: ``--grpc-keepalive-min-time`` (etcd 3.4's) enforces.
+GRPC_GO_KEEPALIVE_MIN_TIME = 300.0
+#: The flag etcd 3.4's grpc-proxy does not know.
+_KEEPALIVE_FLAG = "--grpc-keepalive-min-time"
 
 
 def _get_json_health(url: str) -> bool | None:
@@ -87,6 +102,7 @@ class EtcdGrpcProxy(ManagedProcess):
         self.data_dir = self.base_dir / "grpc-proxy.data"
         self.log_file = self.base_dir / "grpc-proxy.log"
         #: ``--grpc-keepalive-min-time`` in seconds; None keeps the proxy's default (5 s, like etcd).
+        #: Left out where the binary lacks the flag (etcd 3.4): see :attr:`keepalive_min_time_in_force`.
         self.keepalive_min_time = keepalive_min_time
         self.extra_args = list(extra_args)
         self.drawn_ports = []
@@ -128,8 +144,21 @@ class EtcdGrpcProxy(ManagedProcess):
         """Plain-http ``/proxy/metrics``, ``/proxy/health``, ``/health`` and (relayed) ``/metrics``."""
         return f"http://127.0.0.1:{self.metrics_port}"
 
+    @property
+    def takes_keepalive_min_time(self) -> bool:
+        """Whether this etcd's grpc-proxy has ``--grpc-keepalive-min-time`` (3.5 does, 3.4 not)."""
+        return _KEEPALIVE_FLAG in etcd_flags("grpc-proxy", "start")
+
+    @property
+    def keepalive_min_time_in_force(self) -> float:
+        """Seconds a client must leave between pings to this proxy, or be disconnected."""
+        if not self.takes_keepalive_min_time:
+            return GRPC_GO_KEEPALIVE_MIN_TIME
+        return 5.0 if self.keepalive_min_time is None else self.keepalive_min_time
+
     def args(self) -> list[str]:
-        """The ``etcd grpc-proxy start`` command line."""
+        """The ``etcd grpc-proxy start`` command line (``--grpc-keepalive-min-time`` only where the
+        binary has it)."""
         args = [
             str(etcd_binary()),
             "grpc-proxy",
@@ -141,8 +170,8 @@ class EtcdGrpcProxy(ManagedProcess):
             f"--metrics-addr={self.metrics_url}",
             f"--data-dir={self.data_dir}",
         ]
-        if self.keepalive_min_time is not None:
-            args.append(f"--grpc-keepalive-min-time={self.keepalive_min_time:g}s")
+        if self.keepalive_min_time is not None and self.takes_keepalive_min_time:
+            args.append(f"{_KEEPALIVE_FLAG}={self.keepalive_min_time:g}s")
         return args + self.extra_args
 
     # -- lifecycle
@@ -163,10 +192,16 @@ class EtcdGrpcProxy(ManagedProcess):
                 raise
         return self
 
+    @property
+    def _paths(self) -> str:
+        """Where the proxy's own ``health`` and ``metrics`` are: ``/proxy/`` from etcd 3.5 on."""
+        return "/proxy/" if etcd_version() >= (3, 5, 0) else "/"
+
     def health(self) -> bool:
         """Whether the proxy serves end to end right now: its ``/proxy/health`` runs a Get (1 s) and
-        creates a Watch (3 s) through the proxy's own listen port, so this can take seconds to say no."""
-        return _get_json_health(f"{self.metrics_url}/proxy/health") is True
+        creates a Watch (3 s) through the proxy's own listen port, so this can take seconds to say no.
+        (etcd 3.4: ``/health``, a Get through the proxy's client to etcd.)"""
+        return _get_json_health(f"{self.metrics_url}{self._paths}health") is True
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until ``/proxy/health`` says true: a Get and a Watch through the proxy work."""
@@ -178,6 +213,8 @@ class EtcdGrpcProxy(ManagedProcess):
         def ready() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if self._paths == "/":  # etcd 3.4: /metrics relays etcd's; /health answers without it
+                    return _get_json_health(f"{self.metrics_url}/health") is not None
                 self.metrics()
             except (OSError, http.client.HTTPException):
                 return False
@@ -188,8 +225,9 @@ class EtcdGrpcProxy(ManagedProcess):
     # -- looking inside
 
     def metrics(self) -> str:
-        """The proxy's own Prometheus text (``/proxy/metrics``), not the relayed etcd ``/metrics``."""
-        with urllib.request.urlopen(f"{self.metrics_url}/proxy/metrics", timeout=5) as response:
+        """The proxy's own Prometheus text (``/proxy/metrics``), not the relayed etcd ``/metrics``
+        (etcd 3.4 has only ``/metrics``)."""
+        with urllib.request.urlopen(f"{self.metrics_url}{self._paths}metrics", timeout=5) as response:
             return str(response.read().decode())
 
     @property

@@ -1,0 +1,76 @@
+"""FleetView: the instance records of a prefix, followed live (for the status page and the API).
+
+One watch of ``/aetcdcfg/instances<prefix>``; ``records`` is every live instance's record as of the
+last event, ``version`` changes with each change. Reading it does no I/O, so a status route can
+show it on every request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from ._backoff import Backoff
+from ._log import get_logger
+from ._records import InstanceRecord, instance_state, record_id, records_prefix
+from .client import EtcdClient
+from .errors import AetcdcfgError
+from .events import EventType
+
+__all__ = ["FleetView"]
+
+log = get_logger()
+
+
+class FleetView:
+    """Every live instance of ``prefix`` as its records say, kept current by :meth:`run`."""
+
+    def __init__(self, client: EtcdClient, prefix: str) -> None:
+        self.prefix = prefix
+        self._client = client
+        self._root = records_prefix(prefix)
+        self.records: dict[str, InstanceRecord] = {}
+        self.version = 0
+        self.following = False
+
+    def _put(self, key: str, value: bytes) -> None:
+        instance = record_id(self._root, key)
+        if instance is None:
+            return
+        try:
+            self.records[instance] = InstanceRecord.from_json(value)
+        except ValueError:
+            log.warning("fleet.bad_record", key=key)
+
+    async def run(self) -> None:
+        """Follow the records until cancelled; a failed watch is re-listed after a backoff."""
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            try:
+                async with self._client.watch(self._root, with_snapshot=True) as sub:
+                    assert sub.snapshot is not None
+                    self.records = {}
+                    for key, value in sub.snapshot.items.items():
+                        self._put(key, value)
+                    self.version += 1
+                    self.following = True
+                    backoff.reset()
+                    async for batch in sub.batches():
+                        for event in batch:
+                            if event.type is EventType.PUT:
+                                self._put(event.key, event.value)
+                            elif (instance := record_id(self._root, event.key)) is not None:
+                                self.records.pop(instance, None)
+                        self.version += 1
+            except AetcdcfgError as exc:
+                self.following = False
+                log.warning("fleet.view_failed", prefix=self.prefix, error=str(exc))
+                await anyio.sleep(backoff.next_delay())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """JSON-able rows, sorted by id, each with ``state`` against the newest revision any
+        instance applied or rejected (what the fleet has seen of the prefix)."""
+        records = sorted(self.records.values(), key=lambda r: r.id)
+        newest = max((max(r.applied_revision, r.rejected_revision or 0) for r in records), default=0)
+        return [{**r.to_dict(), "state": instance_state(r, newest)} for r in records]

@@ -1,0 +1,384 @@
+"""Instance records, as data: who an instance is, what it applied, where its record lives in etcd.
+
+Pure: no I/O. The reporter (``_reporter``) writes these; ``_fleet`` reads them back. A record holds
+names, revisions and validation problems (whose text never quotes a value), never a config value.
+
+Records live outside every config prefix, at ``/aetcdcfg/instances`` + the config prefix + the
+instance id, e.g. ``/aetcdcfg/instances/myservice/pod-a``, so that an etcd role can grant "read
+``/myservice/``, readwrite ``/aetcdcfg/instances/myservice/``" and nothing more.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import hashlib
+import importlib.metadata
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+__all__ = [
+    "AUDIT_ROOT",
+    "AuditRecord",
+    "RECORDS_ROOT",
+    "Identity",
+    "InstanceRecord",
+    "InstanceState",
+    "WaitTally",
+    "WriteSchedule",
+    "current_user",
+    "instance_state",
+    "library_version",
+    "parse_labels",
+    "record_id",
+    "record_key",
+    "records_prefix",
+    "report_enabled",
+    "schema_fingerprint",
+]
+
+RECORDS_ROOT = "/aetcdcfg/instances"
+AUDIT_ROOT = "/aetcdcfg/audit"
+
+#: How ``aetcdcfg instances`` describes an instance against the prefix's newest change.
+InstanceState = Literal["current", "behind", "stale", "rejecting"]
+
+
+def records_prefix(prefix: str) -> str:
+    """Where the records of the instances reading ``prefix`` live (``prefix`` ends with "/")."""
+    return RECORDS_ROOT + prefix
+
+
+def record_key(prefix: str, instance: str) -> str:
+    return records_prefix(prefix) + instance
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``"zone=b,version=1.4"`` -> ``{"zone": "b", "version": "1.4"}``; ``ValueError`` names a bad pair."""
+    labels: dict[str, str] = {}
+    for pair in text.split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        name, sep, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            raise ValueError(f"label {pair!r}: expected NAME=VALUE, e.g. zone=b,version=1.4")
+        if name in labels:
+            raise ValueError(f"label {name!r} is given twice")
+        labels[name] = value
+    return labels
+
+
+def report_enabled(report: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """``report=`` if given, else ``AETCDCFG_REPORT`` (``0``/``false``/``no``/``off`` opt out), else on."""
+    if report is not None:
+        return report
+    return environ.get("AETCDCFG_REPORT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who an instance is: its id (unique among the instances of a prefix) and its labels."""
+
+    instance: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(
+        cls,
+        instance: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Identity:
+        """The constructor's values, else ``AETCDCFG_INSTANCE`` (default ``hostname-pid``) and
+        ``AETCDCFG_LABELS`` (``zone=b,version=1.4``)."""
+        if instance is None:
+            instance = environ.get("AETCDCFG_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
+        if not instance or "/" in instance:
+            raise ValueError(f"instance id {instance!r}: must be non-empty and without '/'")
+        if labels is None:
+            try:
+                labels = parse_labels(environ.get("AETCDCFG_LABELS", ""))
+            except ValueError as exc:
+                raise ValueError(f"AETCDCFG_LABELS: {exc}") from None
+        return cls(instance, dict(labels))
+
+
+def library_version() -> str:
+    try:
+        return importlib.metadata.version("aetcdcfg")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
+
+
+def schema_fingerprint(model: type[BaseModel]) -> str:
+    """A short sha256 of the model's JSON schema: instances with the same one read config alike."""
+    try:
+        schema = json.dumps(model.model_json_schema(), sort_keys=True, default=str)
+    except Exception:  # a field type without a JSON schema: the field names still tell models apart
+        schema = json.dumps(sorted(model.model_fields), sort_keys=True)
+    return hashlib.sha256(schema.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """What one running LiveSettings reports about itself (names and revisions, never values)."""
+
+    id: str
+    labels: Mapping[str, str]
+    model: str
+    schema: str
+    prefixes: tuple[str, ...]
+    #: The etcd revision of the settings in force.
+    applied_revision: int
+    #: The latest revision validation rejected (None if none), its keys and problems.
+    rejected_revision: int | None
+    rejected_keys: tuple[str, ...]
+    problems: tuple[str, ...]
+    #: Its watch confirmed current within the readiness bound when the record was written.
+    fresh: bool
+    version: str
+    started_at: float
+    updated_at: float
+    #: A canary is open on its prefix and selects it: it applies the canary's overlay.
+    canary: bool = False
+
+    def to_json(self) -> bytes:
+        data = {
+            "id": self.id,
+            "labels": dict(self.labels),
+            "model": self.model,
+            "schema": self.schema,
+            "prefixes": list(self.prefixes),
+            "applied_revision": self.applied_revision,
+            "rejected_revision": self.rejected_revision,
+            "rejected_keys": list(self.rejected_keys),
+            "problems": list(self.problems),
+            "fresh": self.fresh,
+            "canary": self.canary,
+            "version": self.version,
+            "started_at": round(self.started_at, 3),
+            "updated_at": round(self.updated_at, 3),
+        }
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> InstanceRecord:
+        """Parse a record; ``ValueError`` if it is not one (e.g. written by something else)."""
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            rejected = data.get("rejected_revision")
+            return cls(
+                id=str(data["id"]),
+                labels={str(k): str(v) for k, v in dict(data.get("labels") or {}).items()},
+                model=str(data.get("model", "")),
+                schema=str(data.get("schema", "")),
+                prefixes=tuple(str(p) for p in data.get("prefixes") or ()),
+                applied_revision=int(data["applied_revision"]),
+                rejected_revision=None if rejected is None else int(rejected),
+                rejected_keys=tuple(str(k) for k in data.get("rejected_keys") or ()),
+                problems=tuple(str(p) for p in data.get("problems") or ()),
+                fresh=bool(data.get("fresh", False)),
+                canary=bool(data.get("canary", False)),
+                version=str(data.get("version", "")),
+                started_at=float(data.get("started_at", 0.0)),
+                updated_at=float(data.get("updated_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not an instance record: {exc!r}") from None
+
+    @property
+    def rejecting(self) -> bool:
+        """Its newest known revision was rejected: it serves an older one."""
+        return self.rejected_revision is not None and self.rejected_revision > self.applied_revision
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.to_json())  # type: ignore[no-any-return]
+
+
+def instance_state(record: InstanceRecord, newest: int, *, renewed: bool = True) -> InstanceState:
+    """``record`` against ``newest``, the revision of the prefix's newest change.
+
+    ``renewed``: its lease was refreshed on time (an instance cut off from etcd cannot refresh it,
+    nor rewrite its record, which then still says what it said before the partition).
+    """
+    if not record.fresh or not renewed:
+        return "stale"
+    if record.rejecting:
+        return "rejecting"
+    if record.applied_revision >= newest:
+        return "current"
+    return "behind"
+
+
+@dataclass
+class WriteSchedule:
+    """When the reporter writes: at most once per ``interval`` seconds, whenever something changed.
+
+    Plain state over a clock the caller passes (``anyio.current_time()``), so it is tested without
+    sleeping. A burst of N changes within T seconds costs at most ``T / interval + 1`` writes.
+    """
+
+    interval: float = 0.25
+    dirty: bool = True
+    last_write: float = float("-inf")
+
+    def changed(self) -> None:
+        self.dirty = True
+
+    def due_at(self) -> float | None:
+        """When the next write may go (None: nothing to write)."""
+        return self.last_write + self.interval if self.dirty else None
+
+    def should_write(self, now: float) -> bool:
+        due = self.due_at()
+        return due is not None and now >= due
+
+    def wrote(self, now: float) -> None:
+        """A write began at ``now`` with the state as it was then (later changes dirty it again)."""
+        self.dirty = False
+        self.last_write = now
+
+
+def record_id(records_root: str, key: str) -> str | None:
+    """The instance id of a record key directly under ``records_root`` (None for a deeper key: the
+    records of a nested prefix, e.g. ``/svc/sub/``, live below those of ``/svc/``)."""
+    if not key.startswith(records_root):
+        return None
+    rest = key[len(records_root) :]
+    return rest if rest and "/" not in rest else None
+
+
+@dataclass
+class WaitTally:
+    """Who has applied ``revision``: plain bookkeeping over the records as they come and go.
+
+    An instance has *applied* it when its ``applied_revision`` is ``revision`` or later, has
+    *rejected* it when it serves an older one and rejected ``revision`` or a later one, and is
+    *pending* otherwise. An instance whose record disappears (its process ended, its lease expired)
+    is *gone*: named, but no longer waited for.
+    """
+
+    revision: int
+    records: dict[str, InstanceRecord] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+
+    def put(self, record: InstanceRecord) -> None:
+        self.records[record.id] = record
+        if record.id in self.gone:
+            self.gone.remove(record.id)
+
+    def delete(self, instance: str) -> None:
+        if self.records.pop(instance, None) is not None:
+            self.gone.append(instance)
+
+    def applied(self) -> list[InstanceRecord]:
+        return [r for r in self.records.values() if r.applied_revision >= self.revision]
+
+    def rejected(self) -> list[InstanceRecord]:
+        return [
+            r
+            for r in self.records.values()
+            if r.applied_revision < self.revision
+            and r.rejected_revision is not None
+            and r.rejected_revision >= self.revision
+        ]
+
+    def pending(self) -> list[InstanceRecord]:
+        done = {r.id for r in self.applied()} | {r.id for r in self.rejected()}
+        return [r for r in self.records.values() if r.id not in done]
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to wait for: every instance present applied or rejected it."""
+        return not self.pending()
+
+    def progress(self) -> str:
+        """``7/10 applied`` (+ rejected and gone counts when there are any)."""
+        text = f"{len(self.applied())}/{len(self.records)} applied"
+        if rejected := self.rejected():
+            text += f", {len(rejected)} rejected"
+        if self.gone:
+            text += f", {len(self.gone)} gone"
+        return text
+
+
+def current_user(environ: Mapping[str, str] = os.environ) -> str:
+    """Who is writing: ``AETCDCFG_USER``, else the login name (``getpass.getuser()``)."""
+    if user := environ.get("AETCDCFG_USER"):
+        return user
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Who changed a prefix, when and why, written in the same transaction as the change.
+
+    Stored at ``/aetcdcfg/audit<prefix><time-ordered id>``; its mod revision is the change's
+    revision, which is how ``history`` finds it. Key names only, never a value.
+    """
+
+    user: str
+    host: str
+    time: float
+    command: str
+    message: str | None
+    keys: tuple[str, ...]
+
+    @classmethod
+    def now(cls, command: str, keys: Sequence[str], message: str | None = None) -> AuditRecord:
+        return cls(current_user(), socket.gethostname(), time.time(), command, message, tuple(keys))
+
+    def key(self, prefix: str) -> str:
+        """A new key for this record (time-ordered, unique: never derived from a revision)."""
+        return f"{AUDIT_ROOT}{prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+
+    def to_json(self) -> bytes:
+        data = {
+            "user": self.user,
+            "host": self.host,
+            "time": round(self.time, 3),
+            "command": self.command,
+            "message": self.message,
+            "keys": list(self.keys),
+        }
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AuditRecord:
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            message = data.get("message")
+            return cls(
+                user=str(data["user"]),
+                host=str(data.get("host", "")),
+                time=float(data["time"]),
+                command=str(data.get("command", "")),
+                message=None if message is None else str(message),
+                keys=tuple(str(k) for k in data.get("keys") or ()),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not an audit record: {exc!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.to_json())  # type: ignore[no-any-return]
+
+    def describe(self) -> str:
+        """``2026-12-06 18:20:01 UTC by alice@host (set): "raise the limit"``."""
+        when = datetime.datetime.fromtimestamp(self.time, datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"
+        )
+        why = "" if not self.message else f": {json.dumps(self.message, ensure_ascii=False)}"
+        return f"{when} by {self.user}@{self.host} ({self.command}){why}"

@@ -1,0 +1,163 @@
+"""Reporter: keeps a LiveSettings' instance records in etcd, bound to one lease.
+
+One task per LiveSettings (in its task group). It grants a lease, puts one record per layer prefix
+in one transaction bound to it, refreshes the lease every TTL/3, and writes again when something
+changed (coalesced by ``_records.WriteSchedule``: at most one write per 0.25 s) or when freshness
+flips. A lease etcd no longer holds (expired during a partition, etcd restarted empty) is granted
+again and the records re-put under the same keys. Reporting never blocks or fails the settings:
+errors are logged (``fleet.*``) and retried with backoff. On a clean exit the lease is revoked, so
+the records disappear at once instead of after the TTL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from ._backoff import Backoff
+from ._grpc_errors import LeaseNotFound
+from ._log import Logger
+from ._records import InstanceRecord, WriteSchedule, record_key
+from .client import EtcdClient
+from .errors import AetcdcfgError, PermissionDenied
+from .status import ReportStatus
+
+__all__ = ["DEFAULT_TTL", "Reporter"]
+
+#: Seconds a record outlives its process (the lease's TTL).
+DEFAULT_TTL = 10
+#: How often freshness is looked at between writes (a flip is written within this).
+FRESHNESS_CHECK = 1.0
+
+
+class Reporter:
+    """Writes ``build()``'s record under every prefix in ``prefixes`` while :meth:`run` runs."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        instance: str,
+        prefixes: Sequence[str],
+        build: Callable[[], InstanceRecord],
+        fresh: Callable[[], bool],
+        log: Logger,
+        *,
+        ttl: int = DEFAULT_TTL,
+        interval: float = 0.25,
+    ) -> None:
+        self._client = client
+        self._keys = [record_key(prefix, instance) for prefix in prefixes]
+        self._build = build
+        self._fresh = fresh
+        self._instance = instance
+        self._log = log.bind(instance=instance)
+        self._ttl = ttl
+        self._schedule = WriteSchedule(interval=interval)
+        self._wake = anyio.Event()
+        self.lease: int | None = None
+        self.writes = 0
+        self.last_fresh: bool | None = None
+        #: What the metrics show: whether the records are in etcd as of the last write or refresh.
+        self.in_etcd = False
+        self.last_error: str | None = None
+        self.leases_lost = 0
+        self.failures = 0
+        self.refreshes = 0
+
+    def status(self, labels: tuple[tuple[str, str], ...] = ()) -> ReportStatus:
+        return ReportStatus(
+            instance=self._instance,
+            labels=labels,
+            in_etcd=self.in_etcd,
+            lease=self.lease,
+            writes=self.writes,
+            leases_lost=self.leases_lost,
+            failures=self.failures,
+            last_error=self.last_error,
+        )
+
+    def changed(self) -> None:
+        """Something in the record changed: write it soon (coalesced)."""
+        self._schedule.changed()
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        refresh_at = math.inf
+        while True:
+            try:
+                if self.lease is None:
+                    self.lease, granted = await self._client.grant_lease(self._ttl)
+                    self._schedule.changed()
+                    refresh_at = anyio.current_time() + granted / 3
+                    self._log.info("fleet.lease_granted", lease=self.lease, ttl=granted)
+                now = anyio.current_time()
+                if self._schedule.should_write(now):
+                    await self._write(now)
+                if anyio.current_time() >= refresh_at:
+                    ttl = await self._client.keepalive_lease(self.lease)
+                    if ttl <= 0:
+                        raise LeaseNotFound("etcd no longer holds the lease")
+                    refresh_at = anyio.current_time() + ttl / 3
+                    self.refreshes += 1
+                backoff.reset()
+                self.last_error = None
+            except LeaseNotFound:
+                self._log.warning("fleet.lease_lost", lease=self.lease)
+                self.leases_lost += 1
+                self.lease = None
+                self.in_etcd = False
+                continue
+            except PermissionDenied as exc:
+                # Retrying cannot fix it: say so once (the role, README "Fleet rollout") and stop.
+                self.last_error = str(exc)
+                self.failures += 1
+                self._log.error("fleet.report_denied", error=str(exc))
+                return
+            except AetcdcfgError as exc:
+                self.last_error = str(exc)
+                self.failures += 1
+                self._log.warning("fleet.report_failed", error=str(exc), lease=self.lease)
+                await anyio.sleep(backoff.next_delay())
+                continue
+            due = self._schedule.due_at()
+            wake_at = min(refresh_at, due if due is not None else math.inf)
+            with anyio.move_on_after(max(0.0, min(wake_at - anyio.current_time(), FRESHNESS_CHECK))):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            self._check_freshness()
+
+    def _check_freshness(self) -> None:
+        fresh = self._fresh()
+        if self.last_fresh is not None and fresh != self.last_fresh:
+            self._schedule.changed()
+
+    async def _write(self, now: float) -> None:
+        assert self.lease is not None
+        self._schedule.wrote(now)  # a change during the put dirties it again
+        record = self._build()
+        value = record.to_json()
+        try:
+            await self._client.put_leased(dict.fromkeys(self._keys, value), self.lease)
+        except BaseException:
+            self._schedule.changed()
+            raise
+        self.writes += 1
+        self.in_etcd = True
+        if record.fresh != self.last_fresh:
+            self._log.info("fleet.reported", applied_revision=record.applied_revision, fresh=record.fresh)
+        self.last_fresh = record.fresh
+
+    async def aclose(self) -> None:
+        """Revoke the lease (the records go with it); errors logged, bounded by a short timeout."""
+        lease, self.lease = self.lease, None
+        self.in_etcd = False
+        if lease is None:
+            return
+        with anyio.move_on_after(2.0, shield=True):
+            try:
+                await self._client.revoke_lease(lease)
+            except AetcdcfgError as exc:
+                self._log.warning("fleet.revoke_failed", lease=lease, error=str(exc))

@@ -1,0 +1,166 @@
+"""Who changed it, and why: aetcdcfg's writes leave an audit record in the same transaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aetcdcfg import AuditRecord, EtcdClient, audit_log, wait_applied
+from aetcdcfg._records import AUDIT_ROOT
+from aetcdcfg.testing import EtcdServer
+
+pytestmark = pytest.mark.anyio
+
+SCRIPT = shutil.which("aetcdcfg", path=str(Path(sys.executable).parent)) or "aetcdcfg"
+SECRET = "hunter2-do-not-leak"
+
+MODEL = """
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class Database(BaseModel):
+    url: str = "sqlite://"
+    password: SecretStr = SecretStr("")
+
+
+class Settings(BaseSettings):
+    rate_limit: int = Field(default=100, ge=1)
+    flag: bool = False
+    db: Database = Database()
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "svc_settings.py").write_text(MODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ETCD_ENDPOINTS", etcd_server.endpoint)
+    monkeypatch.setenv("AETCDCFG_USER", "alice")
+    return tmp_path
+
+
+async def run(*args: str) -> tuple[int, str, str]:
+    result = await anyio.run_process([SCRIPT, *args], check=False, env=dict(os.environ))
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def written_at(out: str) -> int:
+    return int(out.rsplit("at revision ", 1)[1].split()[0])
+
+
+def test_an_audit_record_round_trips_and_describes_itself() -> None:
+    record = AuditRecord("alice", "host1", 0.0, "set", 'raise "the" limit', ("/p/rate_limit",))
+    assert AuditRecord.from_json(record.to_json()) == record
+    assert record.describe() == '1970-01-01 00:00:00 UTC by alice@host1 (set): "raise \\"the\\" limit"'
+    assert record.key("/p/").startswith(f"{AUDIT_ROOT}/p/")
+    assert record.key("/p/") != record.key("/p/")  # never derived from a revision
+
+
+async def test_set_records_who_when_and_why_at_the_revision_of_the_change(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    code, out, err = await run(
+        "set",
+        etcd_prefix,
+        "rate_limit=7",
+        "--model",
+        "svc_settings:Settings",
+        "-m",
+        "more headroom for the sale",
+    )
+    assert code == 0, err
+    revision = written_at(out)
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        audits = await audit_log(client, etcd_prefix)
+    assert list(audits) == [revision]
+    record = audits[revision]
+    assert (record.user, record.command, record.message) == ("alice", "set", "more headroom for the sale")
+    assert record.keys == (etcd_prefix + "rate_limit",) and record.host
+
+
+async def test_history_shows_who_changed_it_and_why(workdir: Path, etcd_prefix: str) -> None:
+    await run("set", etcd_prefix, "rate_limit=7", "--model", "svc_settings:Settings", "-m", "first")
+    (workdir / "cfg.yaml").write_text("rate_limit: 9\nflag: true\n")
+    code, out, _ = await run("push", "cfg.yaml", "--prefix", etcd_prefix, "--model", "svc_settings:Settings")
+    assert code == 0
+    pushed = written_at(out)
+    code, out, _ = await run(
+        "rollback",
+        etcd_prefix,
+        "--to-revision",
+        str(pushed - 1),
+        "--model",
+        "svc_settings:Settings",
+        "-m",
+        "undo",
+    )
+    assert code == 0, out
+    code, out, _ = await run("history", etcd_prefix)
+    lines = [line for line in out.splitlines() if line.startswith("revision ")]
+    assert len(lines) == 3
+    assert "by alice@" in lines[0] and '(rollback): "undo"' in lines[0]
+    assert "(push)" in lines[1] and '(set): "first"' in lines[2]
+    assert "time unknown" not in out
+    code, out, _ = await run("history", etcd_prefix, "--json")
+    entries = json.loads(out)["entries"]
+    assert [e["audit"]["command"] for e in entries] == ["rollback", "push", "set"]
+    assert all(isinstance(e["time"], float) for e in entries)
+
+
+async def test_a_change_made_without_aetcdcfg_still_says_time_unknown(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "rate_limit", "3")
+    code, out, _ = await run("history", etcd_prefix)
+    assert code == 0 and "(time unknown)" in out
+
+
+async def test_audit_records_never_hold_a_value_not_even_a_secret(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    code, _, err = await run(
+        "set", etcd_prefix, f"db/password={SECRET}", "rate_limit=12345", "--model", "svc_settings:Settings"
+    )
+    assert code == 0, err
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        stored = await client.get_prefix(AUDIT_ROOT + etcd_prefix)
+    raw = b"".join(stored.items.values())
+    assert len(stored.items) == 1 and SECRET.encode() not in raw and b"12345" not in raw
+    assert etcd_prefix.encode() + b"db/password" in raw  # the name is there
+
+
+async def test_a_refused_write_leaves_no_audit_record(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        old = await client.put(etcd_prefix + "rate_limit", "3")
+        await client.put(etcd_prefix + "rate_limit", "4")  # changed after the reviewed revision
+        code, _, err = await run(
+            "set", etcd_prefix, "flag=true", "--model", "svc_settings:Settings", "--expect-revision", str(old)
+        )
+        assert code == 1 and "TxnConflict" in err
+        assert (await client.get_prefix(AUDIT_ROOT + etcd_prefix)).items == {}
+
+
+async def test_wait_defaults_to_a_change_that_only_deleted_keys(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "cfg.yaml").write_text("rate_limit: 9\n")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        before = await client.put_many({etcd_prefix + "rate_limit": "9", etcd_prefix + "flag": "true"})
+        code, out, _ = await run(
+            "push", "cfg.yaml", "--prefix", etcd_prefix, "--model", "svc_settings:Settings", "--prune"
+        )
+        assert code == 0 and f"- {etcd_prefix}flag" in out and "+ " not in out and "~ " not in out
+        pruned = written_at(out)
+        assert pruned > before
+        result = await wait_applied(client, etcd_prefix, timeout=1)
+    assert result.revision == pruned  # not `before`, the newest key's revision
