@@ -2,7 +2,7 @@
 service (a uvicorn process) and two more real instances, against real etcd; a canary, a rejection
 and an instance leaving reach the open page over its event stream.
 
-``AETCDCFG_SCREENSHOT=docs/fleet-view.png`` saves a screenshot (``docs/status-page.png`` is the
+``AETCDCFG_SCREENSHOT=docs/fleet-view.png`` saves a screenshot (``docs/img/status.png`` is the
 other browser test's).
 """
 
