@@ -90,7 +90,7 @@ async def shoot(endpoint: str) -> None:
                     row = page.locator(f'#history-0 tr[data-revision="{rejected}"]')
                     await expect(row).to_contain_text("rejected", timeout=10_000)
                     await anyio.sleep(1)  # let the staleness counter tick
-                    await page.screenshot(path=str(OUT))
+                    await page.screenshot(path=str(OUT), full_page=True)
                 finally:
                     await browser.close()
         finally:
