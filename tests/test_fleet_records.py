@@ -381,3 +381,14 @@ async def test_records_outlive_their_ttl_through_etcds_grpc_proxy(
                 await anyio.sleep(0.1)
         assert reporter.leases_lost == 0 and reporter.failures == 0
         assert await read_record(client, etcd_prefix, "pod-x") is not None
+
+
+def test_every_fleet_log_event_is_in_the_readmes_log_table() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = "".join(p.read_text() for p in (root / "aetcdcfg").rglob("*.py"))
+    events = set(re.findall(r'"(fleet\.[a-z_]+)"', source))
+    table = (root / "README.md").read_text().split("## Log events", 1)[1]
+    assert events and not {e for e in events if f"`{e}`" not in table}

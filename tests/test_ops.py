@@ -244,6 +244,7 @@ async def test_history_command_prints_each_revision_with_secrets_masked(
     assert data["entries"][1] == {
         "revision": r2,
         "time": None,
+        "audit": None,  # written with etcdctl: no audit record (see test_fleet_audit.py)
         "added": {},
         "changed": {
             p + "db/password": {"old": "**********", "new": "**********"},
