@@ -280,7 +280,7 @@ async def test_records_come_back_once_not_twice_after_etcd_restarts_empty(etcd_p
 async def test_least_privilege_role_reads_the_config_and_writes_only_the_records(
     etcd_auth_server: EtcdServer,
 ) -> None:
-    """The role README documents: read the config prefix, readwrite its records prefix, nothing else."""
+    """The role docs/fleet.md documents: read the config prefix, readwrite its records prefix, nothing else."""
     name = f"svc{uuid.uuid4().hex[:6]}"
     prefix = f"/{name}/"
     root = "root:rootpw"
@@ -383,12 +383,12 @@ async def test_records_outlive_their_ttl_through_etcds_grpc_proxy(
         assert await read_record(client, etcd_prefix, "pod-x") is not None
 
 
-def test_every_fleet_log_event_is_in_the_readmes_log_table() -> None:
+def test_every_fleet_log_event_is_in_the_docs_log_table() -> None:
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     source = "".join(p.read_text() for p in (root / "aetcdcfg").rglob("*.py"))
     events = set(re.findall(r'"(fleet\.[a-z_]+)"', source))
-    table = (root / "README.md").read_text().split("## Log events", 1)[1]
+    table = (root / "docs" / "production.md").read_text().split("## Logging", 1)[1]
     assert events and not {e for e in events if f"`{e}`" not in table}
