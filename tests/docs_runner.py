@@ -10,8 +10,8 @@ What a page's fenced blocks mean (in document order, in one project directory pe
 - ```` ```console ````: ``$ command`` lines run by bash in the project directory, each followed by the
   output it must print (stdout and stderr together). In expected output, a line ``...`` stands for
   any lines and ``...`` inside a line for any text. A command may exit non-zero only where its expected
-  output shows the CLI's error or refusal (a line ``aetcdcfg: ...`` or ``REFUSED...``). ``curl`` is retried until its output matches
-  (the service applies a change milliseconds after the write returns). Long-running commands run in the
+  output shows the CLI's error or refusal (a line ``aetcdcfg: ...`` or ``REFUSED...``). ``curl`` and ``aetcdcfg instances`` are retried until their output matches
+  (a service applies a change, and writes its instance record, milliseconds after the write). Long-running commands run in the
   background: ``aetcdcfg dev`` (its first lines are checked, then it serves the rest of the page),
   ``uvicorn`` (until the page ends, or the next ``uvicorn`` line restarts it) and ``aetcdcfg watch`` (its lines are checked, then Ctrl-C, exit 0). A trailing ``&`` is
   allowed on these, as in a terminal.
@@ -256,7 +256,8 @@ class Project:
         if words[:2] in (["aetcdcfg", "dev"], ["aetcdcfg", "watch"]):
             self.run_background(where, line, expected, interrupt=words[1] == "watch")
             return
-        deadline = time.monotonic() + (10.0 if words[0] == "curl" else 0.0)
+        read_only = words[0] == "curl" or words[:2] == ["aetcdcfg", "instances"]
+        deadline = time.monotonic() + (10.0 if read_only else 0.0)
         while True:
             result = subprocess.run(
                 ["bash", "-c", line],
