@@ -231,3 +231,22 @@ async def stall_detected(logs: list[dict[str, Any]], prefix: str, *, hold: float
     detected = anyio.current_time() - began
     await anyio.sleep(max(hold - detected, 0))
     return detected
+
+
+#: A process with one reporting LiveSettings (argv: endpoint, prefix, instance id); prints "up".
+INSTANCE_SCRIPT = """
+import anyio, sys
+from pydantic_settings import BaseSettings
+from aetcdcfg import EtcdClient, LiveSettings
+
+class S(BaseSettings):
+    rate_limit: int = 1
+
+async def main():
+    async with EtcdClient(endpoints=[sys.argv[1]]) as client:
+        async with LiveSettings(S, prefix=sys.argv[2], client=client, instance=sys.argv[3], report_ttl=3):
+            print("up", flush=True)
+            await anyio.sleep_forever()
+
+anyio.run(main)
+"""

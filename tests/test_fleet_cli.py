@@ -20,6 +20,8 @@ from aetcdcfg import EtcdClient, LiveSettings, instances, wait_applied
 from aetcdcfg._records import InstanceRecord, WaitTally
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
+from .harness import INSTANCE_SCRIPT
+
 pytestmark = pytest.mark.anyio
 
 SCRIPT = shutil.which("aetcdcfg", path=str(Path(sys.executable).parent)) or "aetcdcfg"
@@ -158,30 +160,12 @@ async def test_wait_names_the_instance_that_rejected_it_with_its_problems(
         assert "FAILED: 1/2" in out and "50" not in out.split("wrote", 1)[1].replace("revision", "")
 
 
-INSTANCE = """
-import anyio, sys
-from pydantic_settings import BaseSettings
-from aetcdcfg import EtcdClient, LiveSettings
-
-class S(BaseSettings):
-    rate_limit: int = 1
-
-async def main():
-    async with EtcdClient(endpoints=[sys.argv[1]]) as client:
-        async with LiveSettings(S, prefix=sys.argv[2], client=client, instance=sys.argv[3], report_ttl=3):
-            print("up", flush=True)
-            await anyio.sleep_forever()
-
-anyio.run(main)
-"""
-
-
 async def test_an_instance_killed_during_the_wait_is_named_gone_and_blocks_it_at_most_its_ttl(
     workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:
     async with fleet(etcd_server.endpoint, etcd_prefix, ("alive", Settings, {})):
         process = await anyio.open_process(
-            [sys.executable, "-c", INSTANCE, etcd_server.endpoint, etcd_prefix, "doomed"]
+            [sys.executable, "-c", INSTANCE_SCRIPT, etcd_server.endpoint, etcd_prefix, "doomed"]
         )
         try:
             async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:

@@ -27,7 +27,7 @@ from aetcdcfg._records import (
 )
 from aetcdcfg.testing import EtcdServer
 
-from .harness import MEMBER_OPTIONS, WATCHER_OPTIONS
+from .harness import INSTANCE_SCRIPT, MEMBER_OPTIONS, WATCHER_OPTIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -218,24 +218,6 @@ async def test_a_service_can_opt_out_of_reporting(
         # the change was applied, and a later revision shows no record was written meanwhile
         assert (await client.get_prefix(records_prefix(etcd_prefix))).items == {}
         assert revision == live.revision
-
-
-INSTANCE_SCRIPT = """
-import anyio, sys
-from pydantic_settings import BaseSettings
-from aetcdcfg import EtcdClient, LiveSettings
-
-class S(BaseSettings):
-    rate_limit: int = 1
-
-async def main():
-    async with EtcdClient(endpoints=[sys.argv[1]]) as client:
-        async with LiveSettings(S, prefix=sys.argv[2], client=client, instance=sys.argv[3], report_ttl=3):
-            print("up", flush=True)
-            await anyio.sleep_forever()
-
-anyio.run(main)
-"""
 
 
 async def test_the_record_of_a_killed_process_disappears_within_its_ttl(
