@@ -9,6 +9,7 @@ tested in-process as well as through the console script.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -91,28 +92,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The width :func:`reference` formats help at, whatever the terminal.
 REFERENCE_WIDTH = 100
+#: Where the top-level help's summaries start in :func:`reference`: CPython 3.13 measures the
+#: indented command names when placing that column and earlier versions do not, so the column is
+#: fixed (the widest of both, "-h, --help" and its padding) instead of left to argparse.
+TOP_HELP_POSITION = 14
+
+
+class _StableHelp(argparse.HelpFormatter):
+    """argparse's help at a fixed width, laid out alike on CPython 3.10 to 3.13 (3.13 writes an
+    option with a value as ``-m, --message MESSAGE``; here it is ``-m MESSAGE, --message MESSAGE``
+    everywhere, as before 3.13)."""
+
+    def __init__(self, prog: str, max_help_position: int = 24) -> None:
+        super().__init__(prog, max_help_position=max_help_position, width=REFERENCE_WIDTH)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(f"{option} {value}" for option in action.option_strings)
 
 
 def reference() -> str:
     """The command's reference as Markdown: ``aetcdcfg --help`` and each command's ``--help``.
 
     Generated from the parser, so it says what the parser does (``tests/test_cli_reference.py``
-    checks every command and option has help, and a checked-in ``docs/cli.md`` equals this).
+    checks every command and option has help, and a checked-in ``docs/cli.md`` equals this), and
+    the same on every supported CPython, whichever one generates the page.
     """
     parser, sub = _parsers()
 
-    def fixed_width(prog: str) -> argparse.HelpFormatter:
-        return argparse.HelpFormatter(prog, width=REFERENCE_WIDTH)
-
-    def block(command: argparse.ArgumentParser) -> str:
-        command.formatter_class = fixed_width
+    def block(command: argparse.ArgumentParser, help_position: int = 24) -> str:
+        command.formatter_class = functools.partial(_StableHelp, max_help_position=help_position)
         return "```text\n" + command.format_help().rstrip() + "\n```\n"
 
     parts = [
         "# The `aetcdcfg` command\n",
         "<!-- Generated from the parser by aetcdcfg.cli.reference(); do not edit by hand:\n"
         "     python -c 'import aetcdcfg.cli as c; print(c.reference(), end=\"\")' > docs/cli.md -->\n",
-        block(parser),
+        block(parser, TOP_HELP_POSITION),
     ]
     for name, command in sub.choices.items():
         parts += [f"## `aetcdcfg {name}`\n", block(command)]
