@@ -2,11 +2,15 @@
 
 ::
 
-    from prometheus_client import REGISTRY, make_asgi_app
+    from fastapi import Response
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
     from aetcdcfg.metrics import AetcdcfgCollector
 
     REGISTRY.register(AetcdcfgCollector(live, clients=[client]))
-    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:  # a route: a mounted app would answer /metrics with a 307
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 Why ``prometheus_client`` and a custom collector rather than the OpenTelemetry metrics API: it is what
 a Python service exposing ``/metrics`` already has, and a collector computes every value from

@@ -101,7 +101,7 @@ async def show_operations(http: httpx.AsyncClient, port: int) -> None:
     for field in report["settings"]["fields"]:
         origin = f" ({field['origin']})" if field["origin"] else ""
         print(f"    {field['field']:<12} = {json.dumps(field['value']):<32} from {field['source']}{origin}")
-    scraped = (await http.get(base + "/metrics/")).text
+    scraped = (await http.get(base + "/metrics")).text
     samples = [
         line for line in scraped.splitlines() if line.startswith("aetcdcfg_") and "_created" not in line
     ]

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, FastAPI, HTTPException
-from prometheus_client import CollectorRegistry, make_asgi_app
+from fastapi import Depends, FastAPI, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -75,8 +75,13 @@ app.include_router(probes_router(live, max_staleness=30))  # GET /livez, GET /re
 app.include_router(status_router(live, path="/status"))  # operators only: keep it off the public ingress
 metrics = CollectorRegistry()  # a registry of its own, so importing this module twice never clashes
 metrics.register(AetcdcfgCollector(live))
-app.mount("/metrics", make_asgi_app(metrics))  # computed when scraped: nothing per event
 Settings = Annotated[ServiceSettings, Depends(settings_dependency(live))]
+
+
+@app.get("/metrics", include_in_schema=False)
+async def scrape() -> Response:
+    """Prometheus: computed when scraped, nothing per event (a route, so /metrics answers 200, no 307)."""
+    return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 class _Window:

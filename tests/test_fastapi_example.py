@@ -103,6 +103,13 @@ async def test_probes_and_status_page(service: tuple[httpx.AsyncClient, EtcdClie
     page = await http.get("/status", headers={"accept": "text/html"})
     assert page.headers["content-type"].startswith("text/html")
     assert "hunter2-example" not in page.text + json.dumps(status)
+    scraped = await http.get("/metrics")  # what a plain curl gets: no redirect to follow
+    assert scraped.status_code == 200, scraped.status_code
+    revision = (await http.get("/config")).json()["revision"]
+    assert (
+        f'aetcdcfg_settings_revision{{model="ServiceSettings",prefix="{prefix}"}} {float(revision)}'
+        in scraped.text
+    )
 
 
 def test_rate_limit_holds_for_any_one_second_span() -> None:
