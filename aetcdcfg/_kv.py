@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aetcd.rpc import rpc_pb2
 from pydantic import BaseModel
 
-from ._connection import Connection
+from ._connection import Connection, LeaseKeeper
 from ._diff import ConfigDiff, History
 from ._grpc_errors import LeaseNotFound
 from ._history import scan_history, snapshot_at
@@ -120,9 +120,10 @@ class KV:
         response = await self._conn.unary("lease", "LeaseGrant", request, idempotent=False)
         return int(response.ID), int(response.TTL)
 
-    async def keepalive_lease(self, lease_id: int) -> int:
-        """Refresh a lease once; returns its TTL again, 0 if etcd no longer holds it."""
-        return await self._conn.keepalive(lease_id)
+    def lease_keeper(self, lease_id: int) -> LeaseKeeper:
+        """What refreshes a lease (``await keeper.refresh()``: its TTL again, 0 if etcd no longer
+        holds it) over one stream kept open between refreshes; ``keeper.close()`` ends it."""
+        return self._conn.lease_keeper(lease_id)
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Revoke a lease: every key bound to it is deleted (no error if it is already gone)."""

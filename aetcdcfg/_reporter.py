@@ -1,7 +1,8 @@
 """Reporter: keeps a LiveSettings' instance records in etcd, bound to one lease.
 
 One task per LiveSettings (in its task group). It grants a lease, puts one record per layer prefix
-in one transaction bound to it, refreshes the lease every TTL/3, and writes again when something
+in one transaction bound to it, refreshes the lease every TTL/3 (over one LeaseKeepAlive stream
+kept open), and writes again when something
 changed (coalesced by ``_records.WriteSchedule``: at most one write per 0.25 s) or when freshness
 flips. A lease etcd no longer holds (expired during a partition, etcd restarted empty) is granted
 again and the records re-put under the same keys. Reporting never blocks or fails the settings:
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from ._backoff import Backoff
+from ._connection import LeaseKeeper
 from ._grpc_errors import LeaseNotFound
 from ._log import Logger
 from ._records import InstanceRecord, WriteSchedule, record_key
@@ -57,6 +59,7 @@ class Reporter:
         self._schedule = WriteSchedule(interval=interval)
         self._wake = anyio.Event()
         self.lease: int | None = None
+        self._keeper: LeaseKeeper | None = None
         self.writes = 0
         self.last_fresh: bool | None = None
         #: What the metrics show: whether the records are in etcd as of the last write or refresh.
@@ -90,6 +93,7 @@ class Reporter:
             try:
                 if self.lease is None:
                     self.lease, granted = await self._client.grant_lease(self._ttl)
+                    self._keeper = self._client.lease_keeper(self.lease)
                     self._schedule.changed()
                     refresh_at = anyio.current_time() + granted / 3
                     self._log.info("fleet.lease_granted", lease=self.lease, ttl=granted)
@@ -97,7 +101,8 @@ class Reporter:
                 if self._schedule.should_write(now):
                     await self._write(now)
                 if anyio.current_time() >= refresh_at:
-                    ttl = await self._client.keepalive_lease(self.lease)
+                    assert self._keeper is not None
+                    ttl = await self._keeper.refresh()
                     if ttl <= 0:
                         raise LeaseNotFound("etcd no longer holds the lease")
                     refresh_at = anyio.current_time() + ttl / 3
@@ -107,8 +112,7 @@ class Reporter:
             except LeaseNotFound:
                 self._log.warning("fleet.lease_lost", lease=self.lease)
                 self.leases_lost += 1
-                self.lease = None
-                self.in_etcd = False
+                self._drop_lease()
                 continue
             except PermissionDenied as exc:
                 # Retrying cannot fix it: say so once (the role, README "Fleet rollout") and stop.
@@ -128,6 +132,13 @@ class Reporter:
                 await self._wake.wait()
             self._wake = anyio.Event()
             self._check_freshness()
+
+    def _drop_lease(self) -> None:
+        self.lease = None
+        self.in_etcd = False
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
 
     def _check_freshness(self) -> None:
         fresh = self._fresh()
@@ -152,8 +163,8 @@ class Reporter:
 
     async def aclose(self) -> None:
         """Revoke the lease (the records go with it); errors logged, bounded by a short timeout."""
-        lease, self.lease = self.lease, None
-        self.in_etcd = False
+        lease = self.lease
+        self._drop_lease()
         if lease is None:
             return
         with anyio.move_on_after(2.0, shield=True):
