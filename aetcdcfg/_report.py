@@ -36,6 +36,7 @@ from pydantic_settings import (
     SecretsSettingsSource,
 )
 
+from ._names import field_path, names_of
 from ._validate import lists_etcd_source
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
 from .source import MASK, EtcdSettingsSource, is_secret, leaf_paths
@@ -148,14 +149,10 @@ def _leaves(value: Any, secret: bool, path: Path_ = ()) -> list[tuple[Path_, Any
 # -- sources ---------------------------------------------------------------------------------------
 
 
-def _by_field_name(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level keys of a source's data turned into field names (sources may key by alias)."""
-    names: dict[str, str] = {}
-    for name, info in model.model_fields.items():
-        for alias in (info.alias, info.validation_alias):
-            if isinstance(alias, str):
-                names[alias] = name
-    return {names.get(key, key): value for key, value in data.items()}
+def _by_field(model: type[BaseModel], data: Mapping[str, Any]) -> list[tuple[Path_, Path_]]:
+    """(field path, path in ``data``) for the leaves of a source's data, which is keyed by the
+    names pydantic reads (aliases, as the environment source puts them)."""
+    return [(field_path(model, path), path) for path in leaf_paths(data)]
 
 
 class _EnvNames:
@@ -169,6 +166,10 @@ class _EnvNames:
     ) -> None:
         self.model = model
         self.prefix = source.env_prefix
+        # env_prefix goes before a field's name; before an alias only if env_prefix_target says
+        target = getattr(source, "env_prefix_target", "variable")
+        self.alias_prefix = self.prefix if target in ("alias", "all") else ""
+        self.name_prefix = self.prefix if target in ("variable", "all") else ""
         self.delimiter: str | None = getattr(source, "env_nested_delimiter", None)
         self.case_sensitive = bool(source.case_sensitive)
         self.names = {self._norm(n): n for n in names if n is not None}
@@ -177,16 +178,20 @@ class _EnvNames:
         return name if self.case_sensitive else name.lower()
 
     def find(self, path: Path_) -> str | None:
-        info = self.model.model_fields.get(path[0])
-        tops = [path[0]]
-        if info is not None:
-            tops = [a for a in (info.validation_alias, info.alias) if isinstance(a, str)] + tops
-        for top in tops:
+        """The variable ``path`` (a path in the source's data) was read from: any spelling of its
+        field (the source puts each under the field's preferred one), its path below as it is."""
+        spelling = names_of(self.model).match(path[0])
+        tops = [(path[0], spelling is None or path[0] != spelling.field)]
+        if spelling is not None and not spelling.head:
+            spelled = names_of(self.model).spelled[spelling.field]
+            tops = [(top, top != spelling.field) for top in spelled] + tops
+        for top, is_alias in tops:
+            prefix = self.alias_prefix if is_alias else self.name_prefix
             for depth in range(len(path), 0, -1):
                 if depth > 1 and not self.delimiter:
                     continue
                 tail = [*path[1:depth]]
-                name = self.prefix + (self.delimiter or "").join([top, *tail])
+                name = prefix + (self.delimiter or "").join([top, *tail])
                 found = self.names.get(self._norm(name))
                 if found is not None:
                     return found
@@ -201,9 +206,8 @@ def _read(source: PydanticBaseSettingsSource) -> dict[str, Any]:
 
 
 def _env_layer(model: type[BaseModel], source: EnvSettingsSource) -> _Layer:
-    data = _by_field_name(model, _read(source))
     names = _EnvNames(model, source, os.environ)
-    return _Layer("env", {p: names.find(p) for p in leaf_paths(data)})
+    return _Layer("env", {field: names.find(path) for field, path in _by_field(model, _read(source))})
 
 
 def _dotenv_files(source: DotEnvSettingsSource) -> list[Path]:
@@ -215,33 +219,31 @@ def _dotenv_files(source: DotEnvSettingsSource) -> list[Path]:
 
 
 def _dotenv_layer(model: type[BaseModel], source: DotEnvSettingsSource) -> _Layer:
-    data = _by_field_name(model, _read(source))
     paths: dict[Path_, str | None] = {}
     files = [f for f in _dotenv_files(source) if f.is_file()]
     per_file = [(f, _EnvNames(model, source, dotenv_values(f))) for f in files]
-    for path in leaf_paths(data):
+    for field, path in _by_field(model, _read(source)):
         origin = None
         for file, names in reversed(per_file):  # later files override earlier ones
             name = names.find(path)
             if name is not None:
                 origin = f"{file}: {name}"
                 break
-        paths[path] = origin
+        paths[field] = origin
     return _Layer("dotenv", paths)
 
 
 def _secrets_layer(model: type[BaseModel], source: SecretsSettingsSource) -> _Layer:
-    data = _by_field_name(model, _read(source))
     where = source.secrets_dir
     dirs = [] if where is None else [where] if isinstance(where, (str, os.PathLike)) else list(where)
     paths: dict[Path_, str | None] = {}
-    for path in leaf_paths(data):
-        paths[path] = None
+    for field, path in _by_field(model, _read(source)):
+        paths[field] = None
         for directory in reversed(dirs):
             names = _EnvNames(model, source, os.listdir(directory) if os.path.isdir(directory) else [])
             name = names.find(path[:1])
             if name is not None:
-                paths[path] = str(Path(directory) / name)
+                paths[field] = str(Path(directory) / name)
                 break
     return _Layer("secrets", paths)
 

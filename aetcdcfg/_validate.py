@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources import DefaultSettingsSource
 
+from ._names import field_path, input_keyed
 from .errors import ConfigRejected
 from .source import DecodedConfig, EtcdSettingsSource, Origins, current_config, decode_items, fresh
 
@@ -152,14 +153,16 @@ def validate_layered(
     token = current_config.set(DecodedConfig(data, origins, {}))
     try:
         if not source_listed:
-            kwargs = merge(data, kwargs)
+            # The keys' values are under the names pydantic reads (aliases): init kwargs, which
+            # may spell a field by its name, are put under the same, so that they still win.
+            kwargs = merge(data, input_keyed(model, kwargs) if kwargs else kwargs)
         if sources is not None:
             return sources.construct(model, kwargs)
         if issubclass(model, BaseSettings):
             return model(**kwargs)  # init kwargs outrank env/dotenv/secrets in pydantic-settings
         return model.model_validate(kwargs)
     except ValidationError as exc:
-        keys, found = explain(exc, origins, changed)
+        keys, found = explain(exc, model, origins, changed)
         raise ConfigRejected(prefix=label, revision=revision, keys=keys, problems=found) from None
     except Exception as exc:  # user code raised what pydantic does not wrap: a rejection all the same
         keys, found = explain_raised(exc, model, origins, changed)
@@ -339,16 +342,23 @@ def _shown(context: Mapping[str, Any], name: str) -> str:
 
 
 def explain(
-    exc: ValidationError, origins: Mapping[tuple[str, ...], str], changed: Sequence[str]
+    exc: ValidationError,
+    model: type[BaseModel],
+    origins: Mapping[tuple[str, ...], str],
+    changed: Sequence[str],
 ) -> tuple[list[str], list[str]]:
-    """(keys, problems) for a validation error: each problem names its etcd key, never its value."""
+    """(keys, problems) for a validation error: each problem names its etcd key, never its value.
+
+    An error's location names fields as pydantic read them (by alias, unless ``loc_by_alias`` is
+    off); ``origins`` are by field name: the location is turned into names to find the key."""
     keys: list[str] = []
     problems: list[str] = []
     for error in exc.errors(include_input=False, include_url=False, include_context=True):
         loc = tuple(str(part) for part in error["loc"])
+        path = field_path(model, error["loc"])
         origin = None
-        for depth in range(len(loc), 0, -1):
-            origin = origins.get(loc[:depth])
+        for depth in range(len(path), 0, -1):
+            origin = origins.get(path[:depth])
             if origin is not None:
                 break
         where = origin if origin is not None else ".".join(loc) + " (not from etcd)"

@@ -37,6 +37,7 @@ from ._canary import canary_prefix, overlay_of
 from ._fanout import Subscription
 from ._fleetview import FleetView
 from ._log import get_logger
+from ._names import field_path
 from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
 from ._reporter import DEFAULT_TTL, Reporter
 from ._validate import ReadSources, lists_etcd_source, validate_layered
@@ -239,12 +240,21 @@ class LiveSettings(Generic[ModelT]):
         for layer in self._layers:  # a later layer's key wins, as its value does
             label, items = self._effective(layer)
             decoded = layer.decoder.decode(items)
-            for path in leaf_paths(decoded.data):
+            found: dict[tuple[str, ...], str] = {}
+            for leaf in leaf_paths(decoded.data):  # as pydantic reads them: aliases
+                path = field_path(self.model, leaf)
                 for depth in range(len(path), 0, -1):
                     key = decoded.origins.get(path[:depth])
                     if key is not None:
-                        fields[path] = label + key
+                        found[path] = label + key
                         break
+            # A field read inside a structure under another name (an AliasPath) has no leaf of
+            # its own: named by its origin, unless a leaf below it is named already.
+            named = {path[:depth] for path in found for depth in range(1, len(path) + 1)}
+            for path, key in decoded.origins.items():
+                if path not in named:
+                    found[path] = label + key
+            fields.update(found)
         return fields
 
     def _effective(self, layer: _Layer) -> tuple[str, dict[str, bytes]]:
@@ -259,8 +269,8 @@ class LiveSettings(Generic[ModelT]):
         return any(overlay_of(layer.items, self.identity)[1] for layer in self._layers if layer.canary)
 
     def init_fields(self) -> list[tuple[str, ...]]:
-        """The field paths given as ``init_kwargs`` (names, never values)."""
-        return leaf_paths(self._init_kwargs)
+        """The field paths given as ``init_kwargs`` (names, never values; an alias as its field)."""
+        return [field_path(self.model, path) for path in leaf_paths(self._init_kwargs)]
 
     def is_fresh(self, max_staleness: float = DEFAULT_MAX_STALENESS) -> bool:
         """Loaded, and its watch confirmed current within the last ``max_staleness`` seconds."""

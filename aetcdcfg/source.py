@@ -3,7 +3,9 @@
 Mapping: the key ``<prefix>rate_limit`` fills field ``rate_limit``; ``<prefix>db/url`` fills
 ``db.url`` of a nested model (and ``<prefix>db`` may hold the whole nested model as JSON; deeper
 keys override the values inside it they name, and keep the rest); ``<prefix>limits/eu`` fills key
-``eu`` of a ``dict`` field. Field names match exactly, then by alias, then case-insensitively.
+``eu`` of a ``dict`` field. A key spells a field as the environment does: by its aliases, and by
+its name when pydantic reads it by name, then case-insensitively (see ``_names``); the value is
+passed to pydantic under the name it validates the field with (its alias, when it has one).
 Values are decoded by the type of the field they fill, as pydantic-settings' environment source
 decodes the same text (see ``_values``): JSON for structured fields, the text as it is for the rest,
 and pydantic validates as usual.
@@ -16,17 +18,17 @@ from __future__ import annotations
 import bisect
 import contextvars
 import dataclasses
-import types
 import typing
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from ._log import get_logger
+from ._names import alternatives, names_of, nested_model
 from ._values import ABSENT, TEXT, UNTYPED, ModelSettings, decode_value, decoding_for
 
 __all__ = [
@@ -64,38 +66,9 @@ current_config: contextvars.ContextVar[DecodedConfig | None] = contextvars.Conte
 )
 
 
-def _unwrap(annotation: Any) -> list[Any]:
-    """The alternatives of an annotation with Optional/Union/Annotated peeled off."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin is Union or origin is types.UnionType:
-        out: list[Any] = []
-        for arg in typing.get_args(annotation):
-            if arg is not type(None):
-                out.extend(_unwrap(arg))
-        return out
-    return [annotation]
-
-
 def _is_mapping(tp: Any) -> bool:
     origin = typing.get_origin(tp) or tp
     return isinstance(origin, type) and issubclass(origin, (dict, Mapping))
-
-
-def _match_field(model: type[BaseModel], part: str) -> str | None:
-    fields = model.model_fields
-    if part in fields:
-        return part
-    for name, info in fields.items():
-        if info.alias == part or info.validation_alias == part:
-            return name
-    if not model.model_config.get("case_sensitive", False):
-        lowered = part.lower()
-        for name, info in fields.items():
-            if name.lower() == lowered or (info.alias or "").lower() == lowered:
-                return name
-    return None
 
 
 def _forbids_extra(model: type[BaseModel]) -> bool:
@@ -151,10 +124,25 @@ class _Field(typing.NamedTuple):
     """What one part of a key resolves to on one model: a field, and where the next part goes."""
 
     name: str
-    info: FieldInfo
+    info: FieldInfo  # an AliasPath head: the structure its value is (see ModelNames.structure)
     nested: type[BaseModel] | None  # the next part names a field of this model
     mapping: bool  # the rest of the key is a key of this dict field
     mapping_value: Any  # ... whose values have this type (UNTYPED: the dict does not say)
+    key: str  # the name pydantic reads it under: its value goes there in the input
+    rank: int  # how this part spells the field (0: preferred, which wins over other spellings)
+    fills: tuple[str, ...]  # the fields its value fills: itself, or those read inside a head
+
+
+class _Target(typing.NamedTuple):
+    """Where a relative key goes: its field path (names), the same path in the input pydantic
+    validates (the names it reads them under), what decides how its value decodes, the spellings'
+    ranks, and every field path it fills (more than one for an AliasPath head)."""
+
+    path: tuple[str, ...]
+    keys: tuple[str, ...]
+    target: FieldInfo | Any
+    rank: tuple[int, ...]
+    fills: tuple[tuple[str, ...], ...]
 
 
 #: model -> key part -> _Field, for parts that name a field (so bounded by the models' fields).
@@ -169,55 +157,82 @@ def _resolve_part(model: type[BaseModel], part: str) -> _Field | None:
     found = known.get(part)
     if found is not None:
         return found
-    name = _match_field(model, part)
-    if name is None:
+    names = names_of(model)
+    spelling = names.match(part)
+    if spelling is None:
         return None
-    info = model.model_fields[name]
-    options = _unwrap(info.annotation)
-    nested = next((tp for tp in options if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
-    mapping = next((tp for tp in options if _is_mapping(tp)), None)
+    if spelling.head:  # JSON under an AliasPath head: nothing deeper is a key of its own
+        info = names.structure(spelling.key)
+        found = known[part] = _Field(
+            spelling.field, info, None, False, UNTYPED, spelling.key, spelling.rank, spelling.head
+        )
+        return found
+    info = model.model_fields[spelling.field]
+    mapping = next((tp for tp in alternatives(info.annotation) if _is_mapping(tp)), None)
     args = typing.get_args(mapping) if mapping is not None else ()
     value = args[1] if len(args) == 2 else UNTYPED
-    found = known[part] = _Field(name, info, nested, mapping is not None, value)
+    nested = nested_model(info.annotation)
+    found = known[part] = _Field(
+        spelling.field,
+        info,
+        nested,
+        mapping is not None,
+        value,
+        spelling.key,
+        spelling.rank,
+        (spelling.field,),
+    )
     return found
 
 
 def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any] | None:
-    """The field path and annotation a relative key fills, or None if it matches no field."""
+    """The field path and annotation a relative key fills, or None if it matches no field.
+
+    A key naming an AliasPath head fills the first field read inside it; its annotation is the
+    structure its JSON has (the fields read inside it at their paths)."""
     resolved = _resolve(model, key)
     if resolved is None:
         return None
-    path, target = resolved
+    path, target = resolved.path, resolved.target
     if isinstance(target, FieldInfo):
         return path, target.annotation
     return path, Any if target is UNTYPED else target
 
 
-def _resolve(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], FieldInfo | Any] | None:
-    """The field path a relative key fills and what decides how its value decodes: the field's
-    FieldInfo, or a dict's value type (None: a key pydantic itself will reject as extra)."""
+def _resolve(model: type[BaseModel], key: str) -> _Target | None:
+    """Where a relative key goes (its target: the field's FieldInfo, or a dict's value type, or
+    None for a key pydantic itself will reject as extra); None if it matches no field."""
     parts = [p for p in key.split("/") if p]
     if not parts:
         return None
     target: type[BaseModel] = model
     path: list[str] = []
+    keys: list[str] = []
+    rank: list[int] = []
     index = 0
     while index < len(parts):
         part = parts[index]
         field = _resolve_part(target, part)
         if field is None:
             if _forbids_extra(target) and index == len(parts) - 1:
-                return (*path, part), None  # pydantic will say "extra inputs are not permitted"
+                # pydantic will say "extra inputs are not permitted"
+                here = (*path, part)
+                return _Target(here, (*keys, part), None, tuple(rank), (here,))
             return None
         path.append(field.name)
+        keys.append(field.key)
+        rank.append(field.rank)
         index += 1
         if index == len(parts):
-            return tuple(path), field.info
+            fills = tuple((*path[:-1], name) for name in field.fills)
+            return _Target(tuple(path), tuple(keys), field.info, tuple(rank), fills)
         if field.nested is not None:
             target = field.nested
             continue
         if field.mapping:
-            return (*path, "/".join(parts[index:])), field.mapping_value
+            rest = "/".join(parts[index:])
+            here = (*path, rest)
+            return _Target(here, (*keys, rest), field.mapping_value, tuple(rank), (here,))
         return None
     return None
 
@@ -225,7 +240,9 @@ def _resolve(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], FieldIn
 def is_secret(annotation: Any) -> bool:
     """Whether a field holds a secret (SecretStr/SecretBytes): never print its value."""
     return (
-        any(tp in (SecretStr, SecretBytes) for tp in _unwrap(annotation)) if annotation is not None else False
+        any(tp in (SecretStr, SecretBytes) for tp in alternatives(annotation))
+        if annotation is not None
+        else False
     )
 
 
@@ -260,7 +277,7 @@ class KeyDecoder:
     """``decode_items`` for one model, remembering its results for keys that change a few at a time.
 
     Keys are decoded a group at a time, a group being the keys that fill one top-level field (its
-    name, its alias and case variants: ``db/url``, ``db/pool``, ``DB``); a group no key of which
+    spellings and case variants: ``db/url``, ``db/pool``, ``DB``); a group no key of which
     changed since the last call is not decoded again. LiveSettings keeps one per layer, so a revision
     of a 200-field model re-decodes the one section it touched, not 200 keys. Decoded values are
     handed out as fresh containers every time (:func:`fresh`): a validator may change its input.
@@ -306,7 +323,7 @@ class KeyDecoder:
             else:
                 data.update({field: fresh(value) for field, value in group.data.items()})
             problems.update(group.problems)
-        if len(problems) > 1:  # in the order keys are applied, across groups too
+        if len(problems) > 1:  # deeper keys first, then by name, across groups too
             problems = {key: problems[key] for key in sorted(problems, key=_depth_first)}
         # Each group's paths start with its own fields, so a lookup finds at most one.
         origins = Origins([group.origins for group in groups.values()])
@@ -361,25 +378,33 @@ class KeyDecoder:
         origins: dict[tuple[str, ...], str] = {}
         problems: dict[str, str] = {}
         made: set[int] = set()
-        # Deeper keys first, so that _set_path lets them win over a shallower whole-object value.
-        for key in sorted(items, key=_depth_first):
-            resolved = _resolve(self.model, key)
-            if resolved is None:
+        resolved: list[tuple[str, _Target]] = []
+        for key in items:
+            target = _resolve(self.model, key)
+            if target is None:
                 log.debug("config.unknown_key", key=key)
-                continue
-            path, target = resolved
-            decoding = decoding_for(target, self._settings)
-            value, problem = decode_value(items[key], decoding, top_level=len(path) == 1)
+            else:
+                resolved.append((key, target))
+        # Deeper keys first, so that _set_path lets them win over a shallower whole-object value;
+        # of keys spelling the same fields, the preferred spelling last, so that it wins.
+        resolved.sort(key=lambda found: (-found[0].count("/"), [-rank for rank in found[1].rank], found[0]))
+        fields_under: dict[str, set[str]] = {}  # a top-level input key -> the fields it fills
+        for key, target in resolved:
+            decoding = decoding_for(target.target, self._settings)
+            value, problem = decode_value(items[key], decoding, top_level=len(target.path) == 1)
             if problem is not None:
                 problems[key] = problem
                 continue
-            _set_path(data, path, value, made)
-            origins[path] = key
+            _set_path(data, target.keys, value, made)
+            fields_under.setdefault(target.keys[0], set()).update(path[0] for path in target.fills)
+            for path in target.fills:
+                origins[path] = key
         for name in [name for name, value in data.items() if value is ABSENT]:
             # A field's JSON null: no value, and its deeper keys are overridden by it (as a
             # whole-field value that is not an object overrides them), so nothing at all.
             del data[name]
-            origins = {path: key for path, key in origins.items() if path[0] != name}
+            gone = fields_under[name]
+            origins = {path: key for path, key in origins.items() if path[0] not in gone}
         return _Group(items, data, origins, problems)
 
     def _decode_table(self, items: dict[str, bytes]) -> _Group | None:
@@ -410,7 +435,7 @@ class KeyDecoder:
             table = {key[cut:]: raw.decode() for key, raw in items.items()}  # UTF-8
         except UnicodeDecodeError:
             return None
-        return _Group(items, {field.name: table}, _TableOrigins(field.name, head, items), {}, flat=True)
+        return _Group(items, {field.key: table}, _TableOrigins(field.name, head, items), {}, flat=True)
 
 
 class Origins(Mapping[tuple[str, ...], str]):
@@ -482,8 +507,8 @@ class EtcdSettingsSource(PydanticBaseSettingsSource):
         self._explicit = decode_items(settings_cls, items) if items is not None else None
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        data = self()
-        return data.get(field_name), field_name, False
+        key = names_of(self.settings_cls).keys.get(field_name, field_name)
+        return self().get(key), key, False
 
     def __call__(self) -> dict[str, Any]:
         config = self._explicit if self._explicit is not None else current_config.get()

@@ -505,6 +505,68 @@ def test_masked_fields_are_restored_from_etcds_value_or_refused_when_it_has_none
     assert Secrets(None).mask("db", current) == current
 
 
+ALIASED_MODEL = """
+from pydantic import AliasChoices, AliasPath, BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class Vault(BaseModel):
+    password: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("PASS", "pw"))
+    url: str = ""
+
+
+class Settings(BaseSettings):
+    rate_limit: int = Field(100, ge=1, alias="rps")
+    token: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("api_token", "TOKEN"))
+    vault: Vault = Field(Vault(), alias="secrets")
+    login: SecretStr = Field(SecretStr(""), validation_alias=AliasPath("account", "password"))
+"""
+
+
+def test_secrets_under_alias_keys_and_aliases_inside_json_values_are_masked() -> None:
+    """Keys spelled as pydantic reads the fields: a secret under an AliasChoices choice, a secret
+    named by a nested field's alias inside a whole-object value, and inside an AliasPath's head."""
+    namespace: dict[str, Any] = {}
+    exec(compile(ALIASED_MODEL, "aliased_settings", "exec", dont_inherit=True), namespace)  # as --model
+    secrets = Secrets(namespace["Settings"])
+    assert secrets.mask("api_token", b"tok") == b"**********"
+    assert secrets.mask("TOKEN", b"tok") == b"**********"
+    assert secrets.mask("secrets/pw", b"pw") == b"**********"
+    assert json.loads(secrets.mask("secrets", b'{"PASS": "pw", "url": "u"}')) == {
+        "PASS": "**********",
+        "url": "u",
+    }
+    assert json.loads(secrets.mask("account", b'{"password": "pw", "x": 1}')) == {
+        "password": "**********",
+        "x": 1,
+    }
+    assert secrets.restore(
+        "account", b'{"password": "**********", "x": 1}', b'{"password": "pw", "x": 1}'
+    ) == (b'{"password": "pw", "x": 1}')
+    assert secrets.mask("rps", b"5") == b"5"
+
+
+async def test_check_and_get_read_keys_by_the_names_pydantic_validates(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``--model`` reads alias keys as LiveSettings does: check accepts them and names the alias key
+    of a bad value; get masks a secret under an alias key; set refuses a key the model does not read."""
+    (workdir / "aliased_settings.py").write_text(ALIASED_MODEL)
+    m = ("--model", "aliased_settings:Settings")
+    p = etcd_prefix
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many({p + "rps": "5", p + "api_token": "hunter2", p + "secrets/PASS": "hunter3"})
+        _, out, _ = await run("check", p, *m)
+        assert out.startswith("OK:"), out
+        _, out, _ = await run("get", p, *m)
+        assert "hunter" not in out and f"{p}api_token = **********" in out and f"{p}rps = 5" in out
+        await client.put(p + "rps", "0")
+        code, out, _ = await run("check", p, *m, check=False)
+        assert code == 1 and f"{p}rps: Input should be greater than or equal to 1" in out, out
+        code, out, _ = await run("set", p, "rate_limit=5", *m, check=False)  # its name is not read
+        assert code != 0 and "REFUSED" in out and f"{p}rate_limit" in out, out
+
+
 DATED_MODEL = """
 import datetime
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aetcdcfg._validate import build_layered
 from aetcdcfg._values import ABSENT, ModelSettings, decode_value, decoding_for
@@ -35,26 +35,45 @@ class Strict(BaseModel):
     db: Db = Db()
 
 
+class AliasedDb(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    url: str = Field("", alias="URL")
+    pool: int = Field(5, validation_alias=AliasChoices("size", "POOL"))
+    options: dict[str, str] = {}
+
+
+class Aliased(BaseSettings):
+    """Every field spelled several ways at once (the preferred spelling wins), and an AliasPath."""
+
+    model_config = SettingsConfigDict(populate_by_name=True)
+    rate_limit: int = Field(default=100, alias="rateLimit")
+    db: AliasedDb = Field(AliasedDb(), validation_alias=AliasChoices("database", "DB"))
+    login: str = Field("", validation_alias=AliasPath("name", "user"))
+    flags: dict[str, str] = {}
+
+
 def decode_all(model: type[BaseModel], items: dict[str, bytes]) -> DecodedConfig:
-    """The reference: every key in one pass, deeper keys first (so they win over whole JSON objects)."""
+    """The reference: every key in one pass, deeper keys first (so they win over whole JSON objects),
+    and of keys spelling the same fields the preferred spelling last (so it wins)."""
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     problems: dict[str, str] = {}
-    for key in sorted(items, key=lambda k: (-k.count("/"), k)):
-        resolved = _resolve(model, key)
-        if resolved is None:
-            continue
-        path, target = resolved
-        decoding = decoding_for(target, ModelSettings.of(model))
-        value, problem = decode_value(items[key], decoding, top_level=len(path) == 1)
+    resolved = [(key, target) for key in items if (target := _resolve(model, key)) is not None]
+    resolved.sort(key=lambda found: (-found[0].count("/"), [-rank for rank in found[1].rank], found[0]))
+    fields: dict[str, set[str]] = {}
+    for key, target in resolved:
+        decoding = decoding_for(target.target, ModelSettings.of(model))
+        value, problem = decode_value(items[key], decoding, top_level=len(target.path) == 1)
         if problem is not None:
             problems[key] = problem
             continue
-        _set_path(data, path, value, set())
-        origins[path] = key
+        _set_path(data, target.keys, value, set())
+        fields.setdefault(target.keys[0], set()).update(path[0] for path in target.fills)
+        origins.update(dict.fromkeys(target.fills, key))
     for name in [name for name, value in data.items() if value is ABSENT]:  # a field's JSON null
         del data[name]
-        origins = {path: key for path, key in origins.items() if path[0] != name}
+        origins = {path: key for path, key in origins.items() if path[0] not in fields[name]}
+    problems = {key: problems[key] for key in sorted(problems, key=lambda k: (-k.count("/"), k))}
     return DecodedConfig(data, origins, problems)
 
 
@@ -62,6 +81,13 @@ KEYS = [
     "rate_limit",
     "rateLimit",
     "RATE_LIMIT",
+    "RATELIMIT",
+    "database",
+    "database/URL",
+    "database/url",
+    "database/size",
+    "DB/POOL",
+    "db/size",
     "name",
     "tags",
     "db",
@@ -119,7 +145,7 @@ def same(got: DecodedConfig, want: DecodedConfig) -> None:
 @settings(max_examples=400, deadline=None)
 @given(st.lists(layer, min_size=1, max_size=6))
 def test_incremental_decoding_matches_decoding_everything(revisions: list[dict[str, bytes]]) -> None:
-    for model in (Model, Strict):
+    for model in (Model, Strict, Aliased):
         decoder = KeyDecoder(model)
         for items in revisions:
             same(decoder.decode(items), decode_all(model, items))
@@ -130,7 +156,7 @@ def test_incremental_decoding_matches_decoding_everything(revisions: list[dict[s
 def test_decoding_only_the_changed_keys_matches_decoding_everything(
     revisions: list[dict[str, bytes]], extra: list[str]
 ) -> None:
-    for model in (Model, Strict):
+    for model in (Model, Strict, Aliased):
         decoder = KeyDecoder(model)
         before: dict[str, bytes] = {}  # a first call that names changed keys decodes everything anyway
         for items in revisions:

@@ -10,7 +10,7 @@ decoded for an earlier one.
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aetcdcfg import ConfigRejected
@@ -61,13 +61,101 @@ class Aliased(BaseSettings):
     url: str = Field("", alias="db_url")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source.py keys the input by field name: an aliased field of a model without "
-    "populate_by_name rejects its own alias key as an extra input (DB_URL=u in the environment works)",
-)
 def test_an_aliased_field_takes_its_alias_key_without_populate_by_name() -> None:
     assert build(Aliased, {"db_url": b"u"}) == Aliased(db_url="u")
+
+
+class ValidationAliased(BaseSettings):
+    host: str = Field("", validation_alias="DB_HOST")
+    port: int = Field(0, validation_alias=AliasChoices("db_port", "PORT"))
+    # Reached through an AliasPath: as in the environment, its head holds the JSON it is read from.
+    user: str = Field("", validation_alias=AliasPath("login", "user"))
+    first: str = Field("", validation_alias=AliasPath("hosts", 0))
+
+
+def test_validation_aliases_and_every_string_choice_fill_their_field() -> None:
+    assert build(ValidationAliased, {"DB_HOST": b"h", "PORT": b"5"}) == ValidationAliased(DB_HOST="h", PORT=5)
+    assert build(ValidationAliased, {"db_host": b"h", "DB_PORT": b"6"}).port == 6  # any case, as env
+    built = build(ValidationAliased, {"login": b'{"user": "u"}', "hosts": b'["a", "b"]'})
+    assert (built.user, built.first) == ("u", "a")  # type: ignore[attr-defined]
+    with pytest.raises(ConfigRejected) as info:  # a head holds JSON, as LOGIN='{...}' must
+        build(ValidationAliased, {"login": b"s3cr3t"})
+    assert info.value.keys == ("/p/login",) and "s3cr3t" not in str(info.value)
+
+
+def test_a_field_name_without_populate_by_name_is_an_unknown_key_as_in_the_environment() -> None:
+    """pydantic reads an aliased field only by its alias here: ``URL=u`` in the environment fills
+    nothing, and neither does the key ``url`` (it used to reject the whole revision as extra input)."""
+    assert build(Aliased, {"url": b"u"}) == Aliased()
+    assert build(ValidationAliased, {"host": b"h", "user": b"u"}) == ValidationAliased()
+    assert build(ValidationAliased, {"port": b"5"}).port == 5  # a case variant of PORT, as in env
+
+
+def test_with_populate_by_name_both_names_fill_the_field_and_the_alias_wins() -> None:
+    """Both spellings at once: the alias wins whatever the keys sort like, as pydantic-settings
+    prefers it in the environment and in init kwargs."""
+    assert build(Named, {"url": b"by-name", "db_url": b"by-alias"}) == Named(url="by-alias")
+
+    class Late(BaseSettings):  # an alias that sorts after the name
+        model_config = SettingsConfigDict(populate_by_name=True)
+        url: str = Field("", alias="z_url")
+
+    assert build(Late, {"url": b"by-name", "z_url": b"by-alias"}) == Late(url="by-alias")
+    assert build(Late, {"url": b"by-name"}) == Late(url="by-name")
+
+
+class AliasedDb(BaseModel):
+    url: str = Field("", alias="URL")
+    pool: int = Field(1, validation_alias=AliasChoices("POOL_SIZE", "size"))
+
+
+class WithAliasedDb(BaseSettings):
+    db: AliasedDb = Field(AliasedDb(), alias="database")
+
+
+def test_a_nested_aliased_field_takes_its_alias_key_and_its_alias_inside_json() -> None:
+    want = WithAliasedDb(database=AliasedDb(URL="u", POOL_SIZE=3))
+    assert build(WithAliasedDb, {"database/URL": b"u", "database/size": b"3"}) == want
+    assert build(WithAliasedDb, {"database": b'{"URL": "u"}', "database/pool_size": b"3"}) == want
+    # the field names are not what pydantic reads: the keys fill nothing
+    assert build(WithAliasedDb, {"database/pool": b"3", "db/URL": b"v"}) == WithAliasedDb()
+
+
+def test_a_bad_value_under_an_alias_key_names_that_key() -> None:
+    with pytest.raises(ConfigRejected) as info:
+        build(WithAliasedDb, {"database/URL": b"u", "database/POOL_SIZE": b"s3cr3t"})
+    assert info.value.keys == ("/p/database/POOL_SIZE",)
+    assert "s3cr3t" not in str(info.value)
+    with pytest.raises(ConfigRejected) as info:
+        build(ValidationAliased, {"db_port": b"s3cr3t"})
+    assert info.value.keys == ("/p/db_port",)
+    with pytest.raises(ConfigRejected) as info:  # inside an AliasPath head's JSON
+        build(ValidationAliased, {"hosts": b"[5]"})
+    assert info.value.keys == ("/p/hosts",)
+
+
+class NamesInErrors(BaseSettings):
+    model_config = SettingsConfigDict(loc_by_alias=False)
+    pool: int = Field(1, alias="POOL_SIZE")
+
+
+def test_a_bad_value_names_its_key_when_errors_locate_fields_by_name() -> None:
+    with pytest.raises(ConfigRejected) as info:
+        build(NamesInErrors, {"POOL_SIZE": b"s3cr3t"})
+    assert info.value.keys == ("/p/POOL_SIZE",)
+    assert info.value.problems == (
+        "/p/POOL_SIZE: Input should be a valid integer, unable to parse string as an integer",
+    )
+
+
+def test_init_kwargs_outrank_etcd_under_either_name_of_a_field() -> None:
+    """``init_kwargs={"url": ...}`` (populate_by_name) against the key ``db_url``: two names of one
+    field, and the init kwarg still wins, as it does over every source."""
+    built = build_layered(Named, [("/p/", {"db_url": b"from-etcd"})], 1, init_kwargs={"url": "init"})
+    assert built == Named(url="init")
+    items = {"database/URL": b"etcd", "database/POOL_SIZE": b"3"}
+    built = build_layered(WithAliasedDb, [("/p/", items)], 1, init_kwargs={"database": {"size": 4}})
+    assert built == WithAliasedDb(database=AliasedDb(URL="etcd", POOL_SIZE=4))
 
 
 class Strict(BaseModel):

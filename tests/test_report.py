@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from pydantic import BaseModel, Field, SecretBytes, SecretStr
+from pydantic import AliasChoices, AliasPath, BaseModel, Field, SecretBytes, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aetcdcfg import EtcdClient, EtcdSettingsSource, LiveSettings, settings_report, status_report
@@ -255,3 +255,65 @@ async def test_status_report_of_a_live_watch(etcd_server: EtcdServer, etcd_prefi
     assert report["history"] == [] and report["last_rejected"] is None
     assert by_field(report["settings"])["rate_limit"]["value"] == 9
     json.dumps(report, allow_nan=False)
+
+
+class AliasedVault(BaseModel):
+    password: SecretStr = Field(SecretStr(""), alias="PASS")
+    host: str = Field("", validation_alias=AliasChoices("HOST", "server"))
+
+
+class AliasedReported(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIASED_", env_nested_delimiter="__")
+
+    rate_limit: int = Field(100, alias="rps")
+    token: SecretStr = Field(SecretStr(""), validation_alias=AliasChoices("api_token", "TOKEN"))
+    region: str = Field("eu", validation_alias=AliasChoices("zone_name", "where"))
+    name: str = Field("svc", alias="service")
+    vault: AliasedVault = Field(AliasedVault(), alias="secrets")
+    login: str = Field("", validation_alias=AliasPath("account", "user"))
+
+
+async def test_aliased_fields_name_their_alias_keys_and_their_secrets_stay_masked(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys spelled as pydantic reads the fields (aliases, a choice, an AliasPath's head): each
+    leaf names the key it came from under its field name; the secrets are masked everywhere."""
+    p = etcd_prefix
+    monkeypatch.setenv("where", "from-env")  # AliasChoices' second choice, without env_prefix
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put_many(
+            {
+                p + "rps": "150",
+                p + "api_token": SECRET,
+                p + "secrets/PASS": SECRET + "-p",
+                p + "secrets": '{"server": "vault.local"}',
+                p + "account": '{"user": "alice"}',
+            }
+        )
+        async with LiveSettings(
+            AliasedReported, prefix=p, client=client, init_kwargs={"service": "init-name"}
+        ) as live:
+            assert live.current.vault.password.get_secret_value() == SECRET + "-p"
+            report = settings_report(live)
+            bad = await client.put(p + "rps", "-" + SECRET)
+            with anyio.fail_after(5):
+                while live.last_error is None:
+                    await anyio.sleep(0.01)
+            status = status_report(live, max_staleness=5)
+    fields = by_field(report)
+    sources = {name: (f["value"], f["source"], f["origin"]) for name, f in fields.items()}
+    assert sources == {
+        "rate_limit": (150, "etcd", p + "rps"),
+        "token": ("**********", "etcd", p + "api_token"),
+        "region": ("from-env", "env", "where"),
+        "name": ("init-name", "init", None),
+        "vault.password": ("**********", "etcd", p + "secrets/PASS"),
+        "vault.host": ("vault.local", "etcd", p + "secrets"),
+        "login": ("alice", "etcd", p + "account"),
+    }
+    assert fields["token"]["secret"] and fields["vault.password"]["secret"]
+    assert report["values"]["vault"] == {"password": "**********", "host": "vault.local"}
+    assert status["last_rejected"]["revision"] == bad
+    assert status["last_rejected"]["keys"] == [p + "rps"]
+    assert by_field(status["settings"])["rate_limit"]["pending_rejected"]
+    assert SECRET not in json.dumps(report) + json.dumps(status)

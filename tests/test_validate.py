@@ -186,7 +186,7 @@ def test_problems_are_built_from_the_error_type_and_model_context_never_the_inpu
     with pytest.raises(ValidationError) as info:
         Leaky.model_validate(LEAKY_VALUES)
     assert {e["loc"][0] for e in info.value.errors()} == set(LEAKY_VALUES)  # every field fails
-    keys, problems = explain(info.value, origins, [])
+    keys, problems = explain(info.value, Leaky, origins, [])
     text = "\n".join(problems)
     assert SECRET not in text
     assert "`z`" not in text and "1" not in text.replace("/app/", "")  # the UUID's char, the list's length

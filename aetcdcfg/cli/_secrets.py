@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Secret, SecretBytes, SecretStr
 
+from .._names import names_of
 from ..source import MASK, resolve_key
 
 __all__ = ["MaskedSecretMissing", "Secrets", "contains_secret"]
@@ -67,15 +68,11 @@ def _is_secret_type(tp: Any) -> bool:
 
 
 def _fields(tp: Any) -> dict[str, Any] | None:
-    """Field name (and alias) -> annotation of a model, TypedDict or dataclass; None for other types."""
+    """Key in a JSON object -> annotation of its value, for a model (every name pydantic may read
+    a field under: its name, each string alias, an AliasPath's head), TypedDict or dataclass;
+    None for other types."""
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        out: dict[str, Any] = {}
-        for name, info in tp.model_fields.items():
-            out[name] = info.annotation
-            for alias in (info.alias, info.validation_alias):
-                if isinstance(alias, str):
-                    out[alias] = info.annotation
-        return out
+        return names_of(tp).readable()
     if typing.is_typeddict(tp) or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
         try:
             return dict(typing.get_type_hints(tp))
