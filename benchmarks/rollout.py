@@ -5,7 +5,8 @@ EtcdClient), so their CPU is neither this process's nor etcd's. For each topolog
 etcd, and through one etcd gRPC proxy) and each mode (records on, records off: ``report=False``):
 
 - idle: etcd's CPU per second over 10 s with nothing written (lease refreshes: 200 / (TTL/3));
-- steady: 20 changes, one every 0.5 s; etcd CPU per change over that window. With records, each
+- steady: 20 changes, one every 0.5 s; etcd CPU per change over that window, and what records add
+  per instance per change (records on minus records off, over the instances). With records, each
   change is followed by ``wait_applied`` (what ``set --wait`` runs after its write): the time from
   the write's answer until every one of the 200 instances reported it (p50/p99), plus three runs
   of the real ``aetcdcfg set --wait`` command (wall time, Python's start-up included);
@@ -190,12 +191,19 @@ async def burst(opts: Options, etcd: str) -> tuple[int, float, int, float, str]:
     return max(counts), statistics.fmean(counts), len(counts), counted, outcome
 
 
-def report_text(runs: list[Run], burst_result: tuple[int, float, int, float, str] | None, load: str) -> str:
+def report_text(
+    runs: list[Run], burst_result: tuple[int, float, int, float, str] | None, load: str, instances: int
+) -> str:
     rows = []
     base = {(r.topology, r.report): r for r in runs}
     for r in runs:
         off = base.get((r.topology, False))
         etcd_ratio = f"{r.cpu_per_change[0] / off.cpu_per_change[0]:.2f}x" if r.report and off else "—"
+        extra = (
+            f"{(r.cpu_per_change[0] - off.cpu_per_change[0]) / instances * 1e6:.0f} µs"
+            if r.report and off
+            else "—"
+        )
         rows.append(
             [
                 r.topology,
@@ -204,6 +212,7 @@ def report_text(runs: list[Run], burst_result: tuple[int, float, int, float, str
                 f"{r.idle_cpu[1] * 100:.1f} %" if len(r.idle_cpu) > 1 else "—",
                 f"{r.cpu_per_change[0] * 1000:.1f} ms",
                 etcd_ratio,
+                extra,
                 f"{r.cpu_per_change[1] * 1000:.1f} ms" if len(r.cpu_per_change) > 1 else "—",
                 f"{percentile(r.wait_s, 50) * 1000:.0f} / {percentile(r.wait_s, 99) * 1000:.0f} ms"
                 if r.wait_s
@@ -219,6 +228,7 @@ def report_text(runs: list[Run], burst_result: tuple[int, float, int, float, str
             "proxy CPU idle",
             "etcd CPU / change",
             "vs records off",
+            "etcd CPU added per instance per change",
             "proxy CPU / change",
             "wait after write p50/p99",
             "CLI set --wait (s)",
@@ -248,10 +258,10 @@ async def main(opts: Options) -> str:
             pids = [server.pid, proxy.pid]
             runs.append(await measure(opts, "proxy", proxy.endpoint, pids, server.endpoint, report))
         if runs:
-            print(report_text(runs, None, ""), flush=True)
+            print(report_text(runs, None, "", opts.processes * opts.per_process), flush=True)
         burst_result = await burst(opts, server.endpoint)
     load = "load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return report_text(runs, burst_result, load)
+    return report_text(runs, burst_result, load, opts.processes * opts.per_process)
 
 
 def parse(argv: Sequence[str]) -> Options:
