@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"_fanout"},
     {"client"},
     {"_reporter", "_fleetview"},
+    {"_layers", "_presence"},
     {"live"},
     {"_report", "_fleet", "_rollout"},
     {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
