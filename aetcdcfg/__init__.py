@@ -3,6 +3,7 @@
 Users import from here; submodules are private except ``aetcdcfg.fastapi`` and ``aetcdcfg.testing``.
 """
 
+from ._audit import audit_log as audit_log
 from ._canary import CanarySpec as CanarySpec
 from ._canary import Selector as Selector
 from ._diff import ConfigDiff as ConfigDiff
@@ -12,7 +13,6 @@ from ._fanout import Subscription as Subscription
 from ._fleet import Fleet as Fleet
 from ._fleet import InstanceView as InstanceView
 from ._fleet import WaitResult as WaitResult
-from ._fleet import audit_log as audit_log
 from ._fleet import instances as instances
 from ._fleet import wait_applied as wait_applied
 from ._kv import unchanged_keys as unchanged_keys

@@ -16,7 +16,6 @@ import anyio
 from ._log import get_logger
 from ._records import (
     AUDIT_ROOT,
-    AuditRecord,
     InstanceRecord,
     InstanceState,
     WaitTally,
@@ -32,7 +31,6 @@ __all__ = [
     "Fleet",
     "InstanceView",
     "WaitResult",
-    "audit_log",
     "instances",
     "newest_change",
     "wait_applied",
@@ -111,22 +109,6 @@ async def newest_change(client: EtcdClient, prefix: str) -> tuple[int, int]:
     current, newest = await client.newest_revision(prefix)
     _, audited = await client.newest_revision(AUDIT_ROOT + prefix)
     return current, max(newest, audited)
-
-
-async def audit_log(client: EtcdClient, prefix: str) -> dict[int, AuditRecord]:
-    """Who made each change to ``prefix`` that aetcdcfg wrote: {revision: record} (see AuditRecord)."""
-    prefix = _norm(prefix)
-    root = AUDIT_ROOT + prefix
-    _, stored = await client.get_stored(root)
-    found: dict[int, AuditRecord] = {}
-    for item in stored:
-        if "/" in item.key[len(root) :]:
-            continue  # a nested prefix's record
-        try:
-            found[item.mod_revision] = AuditRecord.from_json(item.value)
-        except ValueError:
-            log.warning("fleet.bad_record", key=item.key)
-    return found
 
 
 async def _renewed(client: EtcdClient, leases: Iterable[int]) -> dict[int, bool]:

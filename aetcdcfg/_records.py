@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -34,6 +35,7 @@ __all__ = [
     "InstanceState",
     "WaitTally",
     "WriteSchedule",
+    "audit_time",
     "current_user",
     "instance_state",
     "library_version",
@@ -320,6 +322,16 @@ def current_user(environ: Mapping[str, str] = os.environ) -> str:
         return getpass.getuser()
     except (OSError, KeyError):  # no login name (a container without a passwd entry)
         return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+#: An audit record's id: the time it was made (ns, 20 digits: ids sort as times) and a random part.
+_AUDIT_ID = re.compile(r"(\d{20})-[0-9a-f]{8}")
+
+
+def audit_time(record_id: str) -> int | None:
+    """The time (ns) an audit record's id (its key after the prefix) holds; None if not an id."""
+    matched = _AUDIT_ID.fullmatch(record_id)
+    return None if matched is None else int(matched[1])
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from ._audit import audit_write
 from ._canary import SPEC, VALUES, CanarySpec, Selector, canary_prefix
 from ._fleet import instances
 from ._records import AuditRecord, Identity, InstanceRecord
@@ -94,11 +95,15 @@ async def open_canary(
     model: type[BaseModel] | None = None,
     message: str | None = None,
     command: str = "canary",
+    audit_keep: int | None = None,
 ) -> int:
     """Open a canary: ``values`` (keys relative to ``prefix``) for the instances ``selector``
     matches. Returns the revision that opened it. Raises :class:`CanaryRefused` (another canary is
     open; the selector matches no live instance), :class:`ConfigRejected` (base + overlay does not
-    validate as ``model``) or :class:`TxnConflict` (the prefix changed while this was decided)."""
+    validate as ``model``) or :class:`TxnConflict` (the prefix changed while this was decided).
+
+    Each step writes an audit record with the change and prunes the prefix's oldest beyond
+    ``audit_keep`` (default ``AETCDCFG_AUDIT_KEEP``, else 1000; 0 keeps all)."""
     prefix = _norm(prefix)
     if not values:
         raise ValueError("a canary needs at least one KEY=VALUE")
@@ -120,14 +125,15 @@ async def open_canary(
         items = {k[len(prefix) :]: v for k, v in base.items.items()} | dict(values)
         build_model(model, prefix, items, base.revision)
     keys = tuple(prefix + k for k in values)
-    audit = AuditRecord.now(command, keys, message)
-    spec = CanarySpec(selector, base.revision, keys, audit.user, audit.time)
+    record = AuditRecord.now(command, keys, message)
+    spec = CanarySpec(selector, base.revision, keys, record.user, record.time)
     root = canary_prefix(prefix)
-    writes = {root + SPEC: spec.to_json(), audit.key(prefix): audit.to_json()}
+    audit = await audit_write(client, prefix, record, keep=audit_keep)
+    writes = {root + SPEC: spec.to_json(), **audit.puts}
     writes |= {root + VALUES + k: v for k, v in values.items()}
     try:
         return await client.apply_if_unchanged(
-            prefix, {}, since_revision=base.revision, also=writes, absent=[root + SPEC]
+            prefix, {}, since_revision=base.revision, also=writes, absent=[root + SPEC], prune=audit.prune
         )
     except TxnConflict:
         opened = await _read(client, prefix)
@@ -143,36 +149,44 @@ async def _the_open_one(client: EtcdClient, prefix: str, doing: str) -> Canary:
     return canary
 
 
-async def promote_canary(client: EtcdClient, prefix: str, *, message: str | None = None) -> int:
+async def promote_canary(
+    client: EtcdClient, prefix: str, *, message: str | None = None, audit_keep: int | None = None
+) -> int:
     """Write the canary's overlay into ``prefix`` and delete the canary, in one transaction guarded
     on the canary's base revision; returns the new revision. :class:`TxnConflict` if the prefix
     changed since the canary was opened (nothing written: abort, and open a canary again)."""
     prefix = _norm(prefix)
     canary = await _the_open_one(client, prefix, "promote")
     root = canary_prefix(prefix)
-    audit = AuditRecord.now("canary promote", canary.spec.keys, message)
+    record = AuditRecord.now("canary promote", canary.spec.keys, message)
+    audit = await audit_write(client, prefix, record, keep=audit_keep)
     return await client.apply_if_unchanged(
         prefix,
         {prefix + k: v for k, v in canary.overlay.items()},
         since_revision=canary.spec.base_revision,
-        also={audit.key(prefix): audit.to_json()},
+        also=audit.puts,
         mod_revisions={root + SPEC: canary.revision},
         delete_prefixes=[root],
+        prune=audit.prune,
     )
 
 
-async def abort_canary(client: EtcdClient, prefix: str, *, message: str | None = None) -> int:
+async def abort_canary(
+    client: EtcdClient, prefix: str, *, message: str | None = None, audit_keep: int | None = None
+) -> int:
     """Delete the canary of ``prefix`` (every instance goes back to the prefix alone); returns the
     revision of the deletion."""
     prefix = _norm(prefix)
     canary = await _the_open_one(client, prefix, "abort")
     root = canary_prefix(prefix)
-    audit = AuditRecord.now("canary abort", canary.spec.keys, message)
+    record = AuditRecord.now("canary abort", canary.spec.keys, message)
+    audit = await audit_write(client, prefix, record, keep=audit_keep)
     return await client.apply_if_unchanged(
         root,
         {},
         since_revision=canary.revision,
-        also={audit.key(prefix): audit.to_json()},
+        also=audit.puts,
         mod_revisions={root + SPEC: canary.revision},
         delete_prefixes=[root],
+        prune=audit.prune,
     )

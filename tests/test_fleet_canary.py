@@ -263,3 +263,25 @@ async def test_a_canary_survives_a_leader_change_and_a_killed_member(
         assert result.ok and not result.gone, result
         assert [live.current.rate_limit for live in lives] == [50, 50, 50]
     assert seen["pod-b"] == seen["pod-c"] == [50, 50] and seen["pod-a"] == [100, 50]
+
+
+async def test_canary_steps_prune_the_audit_log_like_every_write(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    from aetcdcfg import abort_canary, open_canary
+
+    from .test_fleet_audit import records, seed_audit
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Settings, prefix=etcd_prefix, client=client, instance="pod-a", labels={"zone": "b"}),
+    ):
+        seeded = await seed_audit(client, etcd_prefix, 3)
+        with anyio.fail_after(10):
+            while not (await client.get_prefix(RECORDS_ROOT + etcd_prefix)).items:
+                await anyio.sleep(0.02)
+        await open_canary(client, etcd_prefix, {"rate_limit": b"50"}, Selector.parse("zone=b"), audit_keep=2)
+        kept = await records(client, etcd_prefix)
+        assert len(kept) == 2 and kept[0] == seeded[-1]
+        await abort_canary(client, etcd_prefix, audit_keep=0)
+        assert len(await records(client, etcd_prefix)) == 3

@@ -20,7 +20,7 @@ from ._common import (
     out,
     show,
 )
-from ._fleet import add_wait_options, wait_and_report
+from ._fleet import add_wait_options, audit_keep_of, wait_and_report
 
 __all__ = ["cmd_canary", "canary_set", "register"]
 
@@ -39,7 +39,14 @@ async def canary_set(
     async with make_client(args) as client:
         try:
             revision = await open_canary(
-                client, prefix, values, selector, model=model, message=args.message, command="set --canary"
+                client,
+                prefix,
+                values,
+                selector,
+                model=model,
+                message=args.message,
+                command="set --canary",
+                audit_keep=audit_keep_of(args),
             )
         except ConfigRejected as exc:
             out(f"REFUSED: the canary's result would not validate as {model.__name__}:")
@@ -80,10 +87,14 @@ async def cmd_canary(args: argparse.Namespace) -> int:
             return 0
         try:
             if args.action == "promote":
-                revision = await promote_canary(client, prefix, message=args.message)
+                revision = await promote_canary(
+                    client, prefix, message=args.message, audit_keep=audit_keep_of(args)
+                )
                 out(f"promoted: the canary's keys written into {prefix}, canary closed, revision {revision}")
             else:
-                revision = await abort_canary(client, prefix, message=args.message)
+                revision = await abort_canary(
+                    client, prefix, message=args.message, audit_keep=audit_keep_of(args)
+                )
                 out(f"aborted: canary of {prefix} deleted at revision {revision}")
         except TxnConflict:
             out(

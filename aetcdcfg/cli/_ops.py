@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .._fleet import audit_log
+from .._audit import audit_log
 from ._canary import canary_set
 from ._common import (
     PREFIX_HELP,
