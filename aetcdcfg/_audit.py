@@ -63,12 +63,18 @@ class AuditWrite:
 
 
 async def audit_write(
-    client: EtcdClient, prefix: str, record: AuditRecord, *, keep: int | None = None
+    client: EtcdClient,
+    prefix: str,
+    record: AuditRecord,
+    *,
+    keep: int | None = None,
+    canary_only: bool = False,
 ) -> AuditWrite:
     """``record`` as a key of ``prefix``'s audit log, and its oldest records beyond the newest
-    ``keep`` counting this one (see :func:`audit_keep`), at most ``PRUNE_BATCH``."""
+    ``keep`` counting this one (see :func:`audit_keep`), at most ``PRUNE_BATCH``. ``canary_only``:
+    the change opens or aborts a canary and writes no config key (see ``AuditRecord.key``)."""
     keep = audit_keep(keep)
-    puts = {record.key(prefix): record.to_json()}
+    puts = {record.key(prefix, canary_only=canary_only): record.to_json()}
     if not keep:
         return AuditWrite(puts, ())
     return AuditWrite(puts, tuple(await _beyond(client, AUDIT_ROOT + prefix, keep)))

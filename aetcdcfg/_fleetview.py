@@ -13,14 +13,36 @@ import anyio
 
 from ._backoff import Backoff
 from ._log import get_logger
-from ._records import InstanceRecord, instance_state, record_id, records_prefix
+from ._records import (
+    AUDIT_ROOT,
+    InstanceRecord,
+    Newest,
+    config_audit_range,
+    instance_state,
+    record_id,
+    records_prefix,
+)
 from .client import EtcdClient
 from .errors import AetcdcfgError
 from .events import EventType
 
-__all__ = ["FleetView"]
+__all__ = ["FleetView", "newest_change"]
 
 log = get_logger()
+
+
+async def newest_change(client: EtcdClient, prefix: str) -> Newest:
+    """The revision of ``prefix``'s newest change that can be seen (``prefix`` ends with "/").
+
+    The newest modification among its keys, or the newest audit record aetcdcfg wrote with a change
+    to it (which also covers a change that only deleted keys); for ``config``, leaving out the
+    audit records of canaries opened or aborted.
+    """
+    current, keys = await client.newest_revision(prefix)
+    _, audited = await client.newest_revision(AUDIT_ROOT + prefix)
+    start, end = config_audit_range(prefix)
+    _, configured = await client.newest_revision(start, end=end)
+    return Newest(current, max(keys, audited), max(keys, configured))
 
 
 class FleetView:

@@ -103,16 +103,17 @@ class KV:
         response = await self._conn.unary("kv", "Range", request, idempotent=True, key=decode_key(raw))
         return int(response.count)
 
-    async def newest_revision(self, prefix: KeyLike) -> tuple[int, int]:
+    async def newest_revision(self, prefix: KeyLike, *, end: KeyLike | None = None) -> tuple[int, int]:
         """(etcd's revision, the newest mod revision among the keys under ``prefix``; 0 if none).
 
         A deletion is not a key: a prefix whose newest change deleted a key reports the change
         before it (aetcdcfg's own writes also leave an audit record, which callers may consult).
+        ``end``: the keys from ``prefix`` up to ``end`` (excluded) instead.
         """
         raw = as_bytes(prefix)
         request = rpc_pb2.RangeRequest(
             key=raw,
-            range_end=prefix_range_end(raw),
+            range_end=prefix_range_end(raw) if end is None else as_bytes(end),
             limit=1,
             keys_only=True,
             sort_order=rpc_pb2.RangeRequest.DESCEND,

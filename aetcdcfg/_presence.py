@@ -59,6 +59,7 @@ class Presence:
         last_rejected: AppliedChange | None,
         fresh: bool,
         canary: bool,
+        follows_canary: tuple[str, ...],
     ) -> InstanceRecord:
         """The record of this instance given what it applied (see ``_records.InstanceRecord``)."""
         if self._schema is None:
@@ -76,6 +77,7 @@ class Presence:
             problems=() if rejected is None else rejected.problems,
             fresh=fresh,
             canary=canary,
+            follows_canary=follows_canary,
             version=library_version(),
             started_at=self._started_at,
             updated_at=time.time(),

@@ -32,7 +32,9 @@ __all__ = ["Canary", "abort_canary", "canary_status", "open_canary", "promote_ca
 @dataclass(frozen=True, slots=True)
 class Canary:
     """An open canary of ``prefix``: its spec, overlay (relative keys; values: mask before showing)
-    and the revision that opened it; ``members``/``others`` are the live instances it selects or not."""
+    and the revision that opened it; ``members``/``others`` are the live instances it selects or not.
+    ``unreachable``: instances its selector matches that do not follow the prefix's canary
+    (``LiveSettings(canary=False)``, or a role that cannot read it): they keep the prefix alone."""
 
     prefix: str
     spec: CanarySpec
@@ -40,6 +42,7 @@ class Canary:
     revision: int
     members: tuple[InstanceRecord, ...] = ()
     others: tuple[InstanceRecord, ...] = ()
+    unreachable: tuple[InstanceRecord, ...] = ()
 
 
 def _norm(prefix: str) -> str:
@@ -59,9 +62,15 @@ async def _read(client: EtcdClient, prefix: str) -> Canary | None:
     return Canary(prefix, CanarySpec.from_json(spec.value), overlay, spec.mod_revision)
 
 
-def _split(records: tuple[InstanceRecord, ...], selector: Selector) -> tuple[list[InstanceRecord], ...]:
-    members = [r for r in records if selector.matches(Identity(r.id, r.labels))]
-    return members, [r for r in records if r not in members]
+def _split(
+    prefix: str, records: tuple[InstanceRecord, ...], selector: Selector
+) -> tuple[tuple[InstanceRecord, ...], tuple[InstanceRecord, ...], tuple[InstanceRecord, ...]]:
+    """(members, others, unreachable): selected and following the canary, not selected, selected
+    but not following it."""
+    matched = [r for r in records if selector.matches(Identity(r.id, r.labels))]
+    members = tuple(r for r in matched if prefix in r.follows_canary)
+    unreachable = tuple(r for r in matched if prefix not in r.follows_canary)
+    return members, tuple(r for r in records if r not in matched), unreachable
 
 
 async def canary_status(client: EtcdClient, prefix: str) -> Canary | None:
@@ -71,8 +80,8 @@ async def canary_status(client: EtcdClient, prefix: str) -> Canary | None:
     if canary is None:
         return None
     fleet = await instances(client, prefix, check_leases=False)
-    members, others = _split(tuple(v.record for v in fleet.instances), canary.spec.selector)
-    return Canary(prefix, canary.spec, canary.overlay, canary.revision, tuple(members), tuple(others))
+    split = _split(prefix, tuple(v.record for v in fleet.instances), canary.spec.selector)
+    return Canary(prefix, canary.spec, canary.overlay, canary.revision, *split)
 
 
 def _refuse_open(prefix: str, open_: Canary) -> CanaryRefused:
@@ -113,11 +122,18 @@ async def open_canary(
     base = await client.get_prefix(prefix)
     fleet = await instances(client, prefix, check_leases=False)
     records = tuple(v.record for v in fleet.instances)
-    members, _ = _split(records, selector)
+    members, _, unreachable = _split(prefix, records, selector)
     if not members:
         live = ", ".join(f"{r.id}({','.join(f'{k}={v}' for k, v in r.labels.items())})" for r in records)
+        deaf = ""
+        if unreachable:
+            deaf = (
+                f"; it matches {', '.join(r.id for r in unreachable)}, which do not follow canaries "
+                f"(LiveSettings(canary=False), or a role that cannot read {canary_prefix(prefix)})"
+            )
         raise CanaryRefused(
-            f"selector {selector} matches no live instance of {prefix!r} (live: {live or 'none'})",
+            f"selector {selector} matches no live instance of {prefix!r} that follows canaries "
+            f"(live: {live or 'none'}){deaf}",
             prefix=prefix,
             reason="no_match",
         )
@@ -128,7 +144,7 @@ async def open_canary(
     record = AuditRecord.now(command, keys, message)
     spec = CanarySpec(selector, base.revision, keys, record.user, record.time)
     root = canary_prefix(prefix)
-    audit = await audit_write(client, prefix, record, keep=audit_keep)
+    audit = await audit_write(client, prefix, record, keep=audit_keep, canary_only=True)
     writes = {root + SPEC: spec.to_json(), **audit.puts}
     writes |= {root + VALUES + k: v for k, v in values.items()}
     try:
@@ -180,7 +196,7 @@ async def abort_canary(
     canary = await _the_open_one(client, prefix, "abort")
     root = canary_prefix(prefix)
     record = AuditRecord.now("canary abort", canary.spec.keys, message)
-    audit = await audit_write(client, prefix, record, keep=audit_keep)
+    audit = await audit_write(client, prefix, record, keep=audit_keep, canary_only=True)
     return await client.apply_if_unchanged(
         root,
         {},

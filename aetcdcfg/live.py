@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from ._fanout import Subscription
 from ._fleetview import FleetView
-from ._layers import Layer, in_canary, layers_of, read_all, read_at, subscribe_all
+from ._layers import Layer, canaries_followed, in_canary, layers_of, read_all, read_at, subscribe_all
 from ._log import get_logger
 from ._presence import DEFAULT_TTL, Presence
 from ._records import Identity, InstanceRecord
@@ -91,6 +91,15 @@ class LiveSettings(Generic[ModelT]):
     ``hostname-pid``, and ``AETCDCFG_LABELS``, e.g. ``zone=b,version=1.4``), the revision applied, the
     last rejected one with its keys and problems (never values), freshness. ``report=False`` (or
     ``AETCDCFG_REPORT=0``) opts out. Reporting never blocks or fails the settings (``fleet.*`` logs).
+
+    ``canary`` (on by default, so that any instance can be given a canary without a redeploy): each
+    prefix also gets its canary layer, ``/aetcdcfg/canary<prefix>``, and so one more watch. It is
+    an ordinary watch of the client's registry: LiveSettings of one prefix on one client share it,
+    it is one more stream on the connection the client already has (and one etcd watcher), and idle
+    it costs what any idle watch costs (a progress request after ``keepalive_time`` of silence).
+    ``canary=False`` drops it, for an instance that must only ever run the prefix's config, or to
+    spare the watcher on a large fleet: its record says so, no canary selects it, and waits for a
+    canary's revision do not wait for it.
     """
 
     def __init__(
@@ -338,6 +347,7 @@ class LiveSettings(Generic[ModelT]):
             last_rejected=self._last_rejected,
             fresh=fresh,
             canary=self.in_canary,
+            follows_canary=canaries_followed(self._layers),
         )
 
     @property

@@ -285,3 +285,50 @@ async def test_canary_steps_prune_the_audit_log_like_every_write(
         assert len(kept) == 2 and kept[0] == seeded[-1]
         await abort_canary(client, etcd_prefix, audit_keep=0)
         assert len(await records(client, etcd_prefix)) == 3
+
+
+async def test_canary_false_watches_no_canary_is_never_selected_and_holds_no_wait_up(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    canary_root = CANARY_ROOT + etcd_prefix
+    async with contextlib.AsyncExitStack() as stack:
+        shared = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+        own = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+        lives = [
+            LiveSettings(Settings, prefix=etcd_prefix, client=shared, instance="pod-b", labels={"zone": "b"}),
+            LiveSettings(Settings, prefix=etcd_prefix, client=shared, instance="pod-c", labels={"zone": "c"}),
+            LiveSettings(
+                Settings, prefix=etcd_prefix, client=own, instance="pod-x", labels={"zone": "b"}, canary=False
+            ),
+        ]
+        for live in lives:
+            await stack.enter_async_context(live)
+        with anyio.fail_after(10):
+            while not all(live.reporter is not None and live.reporter.in_etcd for live in lives):
+                await anyio.sleep(0.02)
+        # the two instances on one client share its one watch of the canary; pod-x has none
+        assert [w.prefix for w in shared.watch_statuses()].count(canary_root) == 1
+        assert [w.prefix for w in own.watch_statuses()] == [etcd_prefix]
+        code, out, _ = await run("instances", etcd_prefix, "--json")
+        follows = {row["id"]: row["follows_canary"] for row in json.loads(out)}
+        assert follows == {"pod-b": [etcd_prefix], "pod-c": [etcd_prefix], "pod-x": []}
+
+        code, _, err = await run("set", etcd_prefix, "rate_limit=50", *SET, "--canary", "instance=pod-x")
+        assert code == 1 and "pod-x, which do not follow canaries" in err and "nothing was written" in err
+
+        with anyio.fail_after(40):
+            code, out, err = await run(
+                "set", etcd_prefix, "rate_limit=50", *SET, "--canary", "zone=b", "--wait", "--timeout", "15"
+            )
+        assert code == 0, out + err
+        assert "for zone=b: pod-b\n" in out and "not following canaries" in out and "OK: 3/3" in out
+        assert [live.current.rate_limit for live in lives] == [50, 100, 100]
+        assert [live.in_canary for live in lives] == [True, False, False]
+        # pod-x cannot see the canary's revision: it is current all the same, and wait agrees
+        code, out, _ = await run("instances", etcd_prefix, "--json")
+        assert {row["id"]: row["state"] for row in json.loads(out)} == dict.fromkeys(follows, "current")
+        code, out, _ = await run("wait", etcd_prefix, "--timeout", "15")
+        assert code == 0 and "OK: 3/3" in out, out
+        code, out, _ = await run("canary", "abort", etcd_prefix, "--wait", "--timeout", "15")
+        assert code == 0 and "OK: 3/3" in out, out
+        assert [live.current.rate_limit for live in lives] == [100, 100, 100]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from .._canary import Selector
+from .._canary import Selector, canary_prefix
+from .._records import InstanceRecord
 from .._rollout import abort_canary, canary_status, open_canary, promote_canary
 from ..errors import ConfigRejected, TxnConflict
 from ._common import (
@@ -59,9 +61,20 @@ async def canary_set(
         out(f"canary of {prefix} opened at revision {revision} for {selector}: {', '.join(members)}")
         for key, value in values.items():
             out(f"  ~ {prefix}{key} = {show(secrets.mask(key, value))}")
+        if canary is not None:
+            _say_unreachable(prefix, canary.unreachable)
         if args.wait:
             return await wait_and_report(client, prefix, revision, args.timeout)
     return 0
+
+
+def _say_unreachable(prefix: str, records: Sequence[InstanceRecord]) -> None:
+    if records:
+        out(
+            f"selected but not following canaries, so reading {prefix} alone: "
+            f"{', '.join(r.id for r in records)} (LiveSettings(canary=False), or no read access to "
+            f"{canary_prefix(prefix)})"
+        )
 
 
 async def cmd_canary(args: argparse.Namespace) -> int:
@@ -84,6 +97,7 @@ async def cmd_canary(args: argparse.Namespace) -> int:
                 done = "applied" if record.applied_revision >= canary.revision else "not yet applied"
                 out(f"member {record.id} ({done}, revision {record.applied_revision})")
             out(f"{len(canary.others)} other live instance(s) read {prefix} alone")
+            _say_unreachable(prefix, canary.unreachable)
             return 0
         try:
             if args.action == "promote":
