@@ -23,9 +23,11 @@ from ._report import SettingsReport as SettingsReport
 from ._report import settings_report as settings_report
 from ._report import status_report as status_report
 from ._rollout import Canary as Canary
+from ._rollout import CanaryPlan as CanaryPlan
 from ._rollout import abort_canary as abort_canary
 from ._rollout import canary_status as canary_status
 from ._rollout import open_canary as open_canary
+from ._rollout import plan_canary as plan_canary
 from ._rollout import promote_canary as promote_canary
 from ._version import __version__ as __version__
 from .client import EtcdClient as EtcdClient
@@ -61,6 +63,7 @@ __all__ = [
     "AuditRecord",
     "AuthenticationFailed",
     "Canary",
+    "CanaryPlan",
     "CanaryRefused",
     "CanarySpec",
     "ClientClosedError",
@@ -102,6 +105,7 @@ __all__ = [
     "canary_status",
     "instances",
     "open_canary",
+    "plan_canary",
     "promote_canary",
     "settings_report",
     "status_report",

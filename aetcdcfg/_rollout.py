@@ -4,7 +4,8 @@ Each step is one guarded transaction (see ``_canary`` for the layout), with an a
 
 * **open**: refused (``CanaryRefused``) if another canary is open (named) or the selector matches
   no live instance; validated first (base + overlay, with the model); written only if the prefix is
-  still as it was read and no canary appeared meanwhile.
+  still as it was read and no canary appeared meanwhile. ``plan_canary`` decides all of it and
+  writes nothing (a dry run); open it on the plan's revision to write exactly what was shown.
 * **promote**: writes the overlay into the prefix and deletes the canary, only if the prefix did not
   change since the canary's base revision (else :class:`TxnConflict`: the canary was tried on a
   state that no longer exists) and the canary is the one read.
@@ -20,13 +21,23 @@ from pydantic import BaseModel
 
 from ._audit import audit_write
 from ._canary import SPEC, VALUES, CanarySpec, Selector, canary_prefix
+from ._diff import ConfigDiff
 from ._fleet import instances
 from ._records import AuditRecord, Identity, InstanceRecord
 from ._validate import build_model
 from .client import EtcdClient
 from .errors import CanaryRefused, TxnConflict
+from .events import Snapshot
 
-__all__ = ["Canary", "abort_canary", "canary_status", "open_canary", "promote_canary"]
+__all__ = [
+    "Canary",
+    "CanaryPlan",
+    "abort_canary",
+    "canary_status",
+    "open_canary",
+    "plan_canary",
+    "promote_canary",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,34 +106,52 @@ def _refuse_open(prefix: str, open_: Canary) -> CanaryRefused:
     )
 
 
-async def open_canary(
+@dataclass(frozen=True, slots=True)
+class CanaryPlan:
+    """What :func:`open_canary` would write, decided and validated: the ``spec``, the ``values``
+    (relative keys; mask before showing) over ``base`` (the prefix as it is read), the live
+    instances it selects now (``members``), those it does not (``others``) and those it matches
+    that do not follow canaries (``unreachable``), and the audit record to write with it."""
+
+    prefix: str
+    spec: CanarySpec
+    values: Mapping[str, bytes]
+    base: Snapshot
+    members: tuple[InstanceRecord, ...]
+    others: tuple[InstanceRecord, ...]
+    unreachable: tuple[InstanceRecord, ...]
+    audit: AuditRecord
+
+    @property
+    def diff(self) -> ConfigDiff:
+        """How the config of a selected instance changes: ``base`` to base + overlay (full keys)."""
+        overlay = {self.prefix + k: v for k, v in self.values.items()}
+        return ConfigDiff.between(self.base, Snapshot(self.base.revision, {**self.base.items, **overlay}))
+
+
+async def plan_canary(
     client: EtcdClient,
     prefix: str,
     values: Mapping[str, bytes],
     selector: Selector,
     *,
     model: type[BaseModel] | None = None,
+    at_revision: int | None = None,
     message: str | None = None,
     command: str = "canary",
-    audit_keep: int | None = None,
-) -> int:
-    """Open a canary: ``values`` (keys relative to ``prefix``) for the instances ``selector``
-    matches. Returns the revision that opened it. Raises :class:`CanaryRefused` (another canary is
-    open; the selector matches no live instance), :class:`ConfigRejected` (base + overlay does not
-    validate as ``model``) or :class:`TxnConflict` (the prefix changed while this was decided).
-
-    Each step writes an audit record with the change and prunes the prefix's oldest beyond
-    ``audit_keep`` (default ``AETCDCFG_AUDIT_KEEP``, else 1000; 0 keeps all)."""
+) -> CanaryPlan:
+    """Decide a canary as :func:`open_canary` would, refusals included, and write nothing (a dry
+    run). ``at_revision``: on the prefix as of that revision (a reviewed plan's) instead of now."""
     prefix = _norm(prefix)
     if not values:
         raise ValueError("a canary needs at least one KEY=VALUE")
     existing = await _read(client, prefix)
     if existing is not None:
         raise _refuse_open(prefix, existing)
-    base = await client.get_prefix(prefix)
+    base = await client.get_prefix(prefix, revision=at_revision)
     fleet = await instances(client, prefix, check_leases=False)
     records = tuple(v.record for v in fleet.instances)
-    members, _, unreachable = _split(prefix, records, selector)
+    members, others, unreachable = _split(prefix, records, selector)
     if not members:
         live = ", ".join(f"{r.id}({','.join(f'{k}={v}' for k, v in r.labels.items())})" for r in records)
         deaf = ""
@@ -143,9 +172,43 @@ async def open_canary(
     keys = tuple(prefix + k for k in values)
     record = AuditRecord.now(command, keys, message)
     spec = CanarySpec(selector, base.revision, keys, record.user, record.time)
+    return CanaryPlan(prefix, spec, dict(values), base, members, others, unreachable, record)
+
+
+async def open_canary(
+    client: EtcdClient,
+    prefix: str,
+    values: Mapping[str, bytes],
+    selector: Selector,
+    *,
+    model: type[BaseModel] | None = None,
+    message: str | None = None,
+    command: str = "canary",
+    audit_keep: int | None = None,
+    at_revision: int | None = None,
+) -> int:
+    """Open a canary: ``values`` (keys relative to ``prefix``) for the instances ``selector``
+    matches. Returns the revision that opened it. Raises :class:`CanaryRefused` (another canary is
+    open; the selector matches no live instance), :class:`ConfigRejected` (base + overlay does not
+    validate as ``model``) or :class:`TxnConflict` (the prefix changed while this was decided, or
+    after ``at_revision``: see :func:`plan_canary`).
+
+    Each step writes an audit record with the change and prunes the prefix's oldest beyond
+    ``audit_keep`` (default ``AETCDCFG_AUDIT_KEEP``, else 1000; 0 keeps all)."""
+    plan = await plan_canary(
+        client,
+        prefix,
+        values,
+        selector,
+        model=model,
+        at_revision=at_revision,
+        message=message,
+        command=command,
+    )
+    prefix, base = plan.prefix, plan.base
     root = canary_prefix(prefix)
-    audit = await audit_write(client, prefix, record, keep=audit_keep, canary_only=True)
-    writes = {root + SPEC: spec.to_json(), **audit.puts}
+    audit = await audit_write(client, prefix, plan.audit, keep=audit_keep, canary_only=True)
+    writes = {root + SPEC: plan.spec.to_json(), **audit.puts}
     writes |= {root + VALUES + k: v for k, v in values.items()}
     try:
         return await client.apply_if_unchanged(
