@@ -453,3 +453,9 @@ async def test_canary_status_json_gives_each_instance_its_selection_and_progress
         and "less than or equal to 10" in rows["pod-c"]["problems"][0]
     )
     assert rows["pod-a"]["labels"] == {"zone": "a"} and rows["pod-a"]["problems"] == []
+    # the text hides values unless a model says which are secret (as get, history and diff do)
+    code, out, err = await run("canary", "status", etcd_prefix)
+    assert code == 0 and value not in out and f"~ {etcd_prefix}rate_limit = **********" in out, out + err
+    assert "values hidden" in err
+    code, out, _ = await run("canary", "status", etcd_prefix, *SET)
+    assert code == 0 and f"~ {etcd_prefix}rate_limit = {value}" in out

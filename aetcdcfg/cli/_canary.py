@@ -26,12 +26,14 @@ from ._common import (
     Secrets,
     Subparsers,
     UsageError,
+    add_value_options,
     diff_lines,
-    load_model,
     make_client,
     normalize_prefix,
     out,
+    say_if_hidden,
     show,
+    value_secrets,
 )
 from ._fleet import add_wait_options, audit_keep_of, wait_and_report
 
@@ -177,7 +179,7 @@ async def cmd_canary(args: argparse.Namespace) -> int:
     prefix = normalize_prefix(args.prefix)
     if args.json and args.action != "status":
         raise UsageError(f"--json is for canary status, not canary {args.action}")
-    secrets = Secrets(load_model(args.model) if getattr(args, "model", None) else None)
+    secrets = value_secrets(args)
     async with make_client(args) as client:
         if args.action == "status":
             canary = await canary_status(client, prefix)
@@ -187,6 +189,7 @@ async def cmd_canary(args: argparse.Namespace) -> int:
             if canary is None:
                 out(f"no canary of {prefix} is open")
                 return 0
+            say_if_hidden(secrets)
             spec = canary.spec
             out(
                 f"# canary of {prefix} opened at revision {canary.revision} by {spec.user}: selector "
@@ -235,7 +238,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     canary.add_argument("action", choices=["status", "promote", "abort"], help="status, promote or abort")
     canary.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
-    canary.add_argument("--model", help="module:Class, to mask its secret fields (status)")
+    add_value_options(canary)
     canary.add_argument(
         "--json",
         action="store_true",
