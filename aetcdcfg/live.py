@@ -355,16 +355,27 @@ class LiveSettings(Generic[ModelT]):
         """What keeps its records in etcd while it runs (None: not running, or ``report=False``)."""
         return self._presence.reporter
 
-    def fleet(self) -> FleetView:
-        """The live instances of its prefix (the last layer), followed from now on in its task group:
-        ``live.fleet().records``. The first call starts one watch of the records; later calls
-        return the same view. Raises ``RuntimeError`` outside ``async with live:``."""
-        return self._presence.fleet(self.prefix)
+    def fleet(self, prefix: str | None = None) -> FleetView:
+        """The live instances of one of its prefixes (default: the last layer), followed from now on
+        while it runs: ``live.fleet().records``. The first call for a prefix starts one watch of its
+        records; later calls return the same view. Raises ``RuntimeError`` outside ``async with
+        live:``, ``ValueError`` for a prefix it does not read."""
+        if prefix is None:
+            prefix = self.prefix
+        if prefix not in self.prefixes:
+            raise ValueError(f"{prefix!r} is not one of its prefixes {list(self.prefixes)}")
+        return self._presence.fleet(prefix)
+
+    def fleets(self) -> dict[str, FleetView]:
+        """:meth:`fleet` of every layer, by prefix in layer order: with layers, every service that
+        reads ``/shared/`` is an instance of it, and a change there is rolled out to them all."""
+        return {prefix: self.fleet(prefix) for prefix in self.prefixes}
 
     @property
-    def fleet_view(self) -> FleetView | None:
-        """The view :meth:`fleet` started, or None (no I/O, for status pages)."""
-        return self._presence.views.get(self.prefix)
+    def fleet_views(self) -> dict[str, FleetView]:
+        """The views :meth:`fleet` started, by prefix in layer order (no I/O, for status pages)."""
+        views = self._presence.views
+        return {prefix: views[prefix] for prefix in self.prefixes if prefix in views}
 
     def _detach(self) -> None:
         for layer in self._layers:
