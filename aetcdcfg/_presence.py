@@ -64,7 +64,7 @@ class Presence:
         """The record of this instance given what it applied (see ``_records.InstanceRecord``)."""
         if self._schema is None:
             self._schema = schema_fingerprint(self._model)
-        rejected = last_rejected
+        rejected = last_rejected  # names and problems only: an AppliedChange holds no value
         return InstanceRecord(
             id=self.identity.instance,
             labels=self.identity.labels,
