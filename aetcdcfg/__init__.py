@@ -3,6 +3,7 @@
 Users import from here; submodules are private except ``aetcdcfg.fastapi`` and ``aetcdcfg.testing``.
 """
 
+from ._audit import audit_log as audit_log
 from ._canary import CanarySpec as CanarySpec
 from ._canary import Selector as Selector
 from ._diff import ConfigDiff as ConfigDiff
@@ -12,7 +13,6 @@ from ._fanout import Subscription as Subscription
 from ._fleet import Fleet as Fleet
 from ._fleet import InstanceView as InstanceView
 from ._fleet import WaitResult as WaitResult
-from ._fleet import audit_log as audit_log
 from ._fleet import instances as instances
 from ._fleet import wait_applied as wait_applied
 from ._kv import unchanged_keys as unchanged_keys
@@ -23,9 +23,11 @@ from ._report import SettingsReport as SettingsReport
 from ._report import settings_report as settings_report
 from ._report import status_report as status_report
 from ._rollout import Canary as Canary
+from ._rollout import CanaryPlan as CanaryPlan
 from ._rollout import abort_canary as abort_canary
 from ._rollout import canary_status as canary_status
 from ._rollout import open_canary as open_canary
+from ._rollout import plan_canary as plan_canary
 from ._rollout import promote_canary as promote_canary
 from ._version import __version__ as __version__
 from .client import EtcdClient as EtcdClient
@@ -61,6 +63,7 @@ __all__ = [
     "AuditRecord",
     "AuthenticationFailed",
     "Canary",
+    "CanaryPlan",
     "CanaryRefused",
     "CanarySpec",
     "ClientClosedError",
@@ -102,6 +105,7 @@ __all__ = [
     "canary_status",
     "instances",
     "open_canary",
+    "plan_canary",
     "promote_canary",
     "settings_report",
     "status_report",

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import anyio
 
+from ._fleetview import newest_change
 from ._log import get_logger
 from ._records import (
-    AUDIT_ROOT,
-    AuditRecord,
     InstanceRecord,
     InstanceState,
     WaitTally,
@@ -32,9 +31,7 @@ __all__ = [
     "Fleet",
     "InstanceView",
     "WaitResult",
-    "audit_log",
     "instances",
-    "newest_change",
     "wait_applied",
 ]
 
@@ -56,12 +53,15 @@ class InstanceView:
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """Every live instance of ``prefix`` as of etcd ``revision``; ``newest``: the newest change."""
+    """Every live instance of ``prefix`` as of etcd ``revision``; ``newest``: the newest change,
+    ``newest_config``: the newest that was not a canary opened or aborted (what an instance that
+    does not follow canaries is compared with)."""
 
     prefix: str
     revision: int
     newest: int
     instances: tuple[InstanceView, ...]
+    newest_config: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,34 +101,6 @@ def _records(root: str, stored: Iterable[tuple[str, bytes]]) -> list[InstanceRec
     return found
 
 
-async def newest_change(client: EtcdClient, prefix: str) -> tuple[int, int]:
-    """(etcd's revision, the revision of ``prefix``'s newest change that can be seen).
-
-    The newest modification among its keys, or the newest audit record aetcdcfg wrote with a change
-    to it (which also covers a change that only deleted keys).
-    """
-    prefix = _norm(prefix)
-    current, newest = await client.newest_revision(prefix)
-    _, audited = await client.newest_revision(AUDIT_ROOT + prefix)
-    return current, max(newest, audited)
-
-
-async def audit_log(client: EtcdClient, prefix: str) -> dict[int, AuditRecord]:
-    """Who made each change to ``prefix`` that aetcdcfg wrote: {revision: record} (see AuditRecord)."""
-    prefix = _norm(prefix)
-    root = AUDIT_ROOT + prefix
-    _, stored = await client.get_stored(root)
-    found: dict[int, AuditRecord] = {}
-    for item in stored:
-        if "/" in item.key[len(root) :]:
-            continue  # a nested prefix's record
-        try:
-            found[item.mod_revision] = AuditRecord.from_json(item.value)
-        except ValueError:
-            log.warning("fleet.bad_record", key=item.key)
-    return found
-
-
 async def _renewed(client: EtcdClient, leases: Iterable[int]) -> dict[int, bool]:
     """Whether each lease was refreshed within one interval (TTL/3) plus slack; read concurrently."""
     result: dict[int, bool] = {}
@@ -156,7 +128,7 @@ async def instances(client: EtcdClient, prefix: str, *, check_leases: bool = Tru
     """
     prefix = _norm(prefix)
     root = records_prefix(prefix)
-    current, newest = await newest_change(client, prefix)
+    newest = await newest_change(client, prefix)
     _, stored = await client.get_stored(root)
     leases = {s.key: s.lease for s in stored}
     renewed = await _renewed(client, leases.values()) if check_leases else {}
@@ -170,9 +142,10 @@ async def instances(client: EtcdClient, prefix: str, *, check_leases: bool = Tru
             log.warning("fleet.bad_record", key=item.key)
             continue
         fine = renewed.get(item.lease, True)
-        views.append(InstanceView(record, instance_state(record, newest, renewed=fine), fine))
+        state = instance_state(record, newest.of(record, prefix), renewed=fine)
+        views.append(InstanceView(record, state, fine))
     views.sort(key=lambda v: v.record.id)
-    return Fleet(prefix, current, newest, tuple(views))
+    return Fleet(prefix, newest.revision, newest.change, tuple(views), newest.config)
 
 
 async def wait_applied(
@@ -191,10 +164,11 @@ async def wait_applied(
     ``on_progress`` gets a line such as ``"7/10 applied"`` each time the count changes.
     """
     prefix = _norm(prefix)
+    newest = await newest_change(client, prefix)
     if revision is None:
-        revision = (await newest_change(client, prefix))[1]
+        revision = newest.change
     root = records_prefix(prefix)
-    tally = WaitTally(revision)
+    tally = WaitTally(revision, prefix=prefix, config_revision=newest.config)
     shown = ""
 
     def progress() -> None:
@@ -235,7 +209,8 @@ async def wait_applied(
         renewed = await _renewed(client, [leases.get(r.id, 0) for r in tally.pending()])
         for record in tally.pending():
             fine = renewed.get(leases.get(record.id, 0), True)
-            pending.append(InstanceView(record, instance_state(record, revision, renewed=fine), fine))
+            state = instance_state(record, tally.target(record), renewed=fine)
+            pending.append(InstanceView(record, state, fine))
     return WaitResult(
         prefix=prefix,
         revision=revision,

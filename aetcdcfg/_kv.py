@@ -83,9 +83,12 @@ class KV:
         items = {kv.key.decode("utf-8", "surrogateescape"): kv.value for page in pages for kv in page}
         return Snapshot(revision=current, items=items)
 
-    async def get_stored(self, prefix: KeyLike) -> tuple[int, list[StoredKey]]:
-        """(revision, every key under ``prefix`` with its mod revision and lease), at one revision."""
-        pages, current = await range_pages(self._conn, as_bytes(prefix))
+    async def get_stored(self, prefix: KeyLike, *, keys_only: bool = False) -> tuple[int, list[StoredKey]]:
+        """(revision, every key under ``prefix`` with its mod revision and lease), at one revision.
+
+        ``keys_only``: without the values (each ``value`` is empty).
+        """
+        pages, current = await range_pages(self._conn, as_bytes(prefix), keys_only=keys_only)
         stored = [
             StoredKey(decode_key(kv.key), bytes(kv.value), int(kv.mod_revision), int(kv.lease))
             for page in pages
@@ -93,16 +96,24 @@ class KV:
         ]
         return current, stored
 
-    async def newest_revision(self, prefix: KeyLike) -> tuple[int, int]:
+    async def count(self, prefix: KeyLike) -> int:
+        """How many keys are under ``prefix`` (etcd counts them; no key is sent)."""
+        raw = as_bytes(prefix)
+        request = rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw), count_only=True)
+        response = await self._conn.unary("kv", "Range", request, idempotent=True, key=decode_key(raw))
+        return int(response.count)
+
+    async def newest_revision(self, prefix: KeyLike, *, end: KeyLike | None = None) -> tuple[int, int]:
         """(etcd's revision, the newest mod revision among the keys under ``prefix``; 0 if none).
 
         A deletion is not a key: a prefix whose newest change deleted a key reports the change
         before it (aetcdcfg's own writes also leave an audit record, which callers may consult).
+        ``end``: the keys from ``prefix`` up to ``end`` (excluded) instead.
         """
         raw = as_bytes(prefix)
         request = rpc_pb2.RangeRequest(
             key=raw,
-            range_end=prefix_range_end(raw),
+            range_end=prefix_range_end(raw) if end is None else as_bytes(end),
             limit=1,
             keys_only=True,
             sort_order=rpc_pb2.RangeRequest.DESCEND,
@@ -209,6 +220,7 @@ class KV:
         unchanged: Iterable[KeyLike] = (),
         max_txn_ops: int = MAX_TXN_OPS,
         also: Items | None = None,
+        prune: Iterable[KeyLike] = (),
     ) -> int:
         """Write ``diff`` (its puts and deletes) in one transaction, only if ``prefix`` is still as it
         was at ``diff.old_revision``, so that what is written is exactly the diff that was shown.
@@ -220,7 +232,8 @@ class KV:
         must be ``diff.old_revision``: a diff computed from one state and guarded at another
         revision could write what was never shown (``ValueError``). Returns the new revision (the
         current one, with nothing written, for an empty diff). ``also``: keys outside ``prefix``
-        put in the same transaction, unguarded (e.g. an audit record of who made the change).
+        put in the same transaction, unguarded (e.g. an audit record of who made the change);
+        ``prune``: keys outside ``prefix`` deleted in it, unguarded, as many as fit (old audit records).
         """
         if since_revision is not None and since_revision != diff.old_revision:
             raise ValueError(
@@ -237,6 +250,7 @@ class KV:
             existing=[*diff.changed, *unchanged],
             max_txn_ops=max_txn_ops,
             also=also,
+            prune=prune,
         )
 
     async def rollback(
@@ -292,6 +306,7 @@ class KV:
         absent: Iterable[KeyLike] = (),
         mod_revisions: Mapping[str, int] | None = None,
         delete_prefixes: Iterable[KeyLike] = (),
+        prune: Iterable[KeyLike] = (),
     ) -> int:
         """Write ``puts`` and ``deletes`` in one transaction, only if ``prefix`` is as it was.
 
@@ -304,7 +319,9 @@ class KV:
         anything is sent. ``also``: more puts in the same transaction, outside the guard (keys
         elsewhere, such as an audit record; written only if the guarded change is). Further
         guards: keys of ``absent`` must not exist, keys of ``mod_revisions`` must still have been
-        last modified at the revision given; ``delete_prefixes`` are deleted whole.
+        last modified at the revision given; ``delete_prefixes`` are deleted whole. ``prune``: keys
+        elsewhere deleted in the same transaction, unguarded and best effort: as many as fit in
+        ``max_txn_ops`` beside the rest (the others are left for a later write).
         """
         raw = as_bytes(prefix)
         delete_keys = [as_bytes(k) for k in deletes]
@@ -315,6 +332,7 @@ class KV:
         wiped = [as_bytes(p) for p in delete_prefixes]
         operations = len(puts) + len(delete_keys) + len(extra) + len(wiped)
         guards = 1 + len(must_exist) + len(absent_keys) + len(at_revisions)
+        pruned = [as_bytes(k) for k in prune][: max(0, max_txn_ops - operations)]
         if max(operations, guards) > max_txn_ops:
             raise RequestTooLarge(
                 f"{len(puts)} put(s) and {len(delete_keys)} delete(s) under {decode_key(raw)!r}, with "
@@ -355,6 +373,7 @@ class KV:
             )
             for p in wiped
         ]
+        ops += [rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)) for k in pruned]
         request = rpc_pb2.TxnRequest(compare=compare, success=ops)
         response = await self._conn.unary("kv", "Txn", request, idempotent=False, key=decode_key(raw))
         if not response.succeeded:

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -32,8 +33,11 @@ __all__ = [
     "Identity",
     "InstanceRecord",
     "InstanceState",
+    "Newest",
     "WaitTally",
     "WriteSchedule",
+    "audit_time",
+    "config_audit_range",
     "current_user",
     "instance_state",
     "library_version",
@@ -43,6 +47,7 @@ __all__ = [
     "records_prefix",
     "report_enabled",
     "schema_fingerprint",
+    "wait_target",
 ]
 
 RECORDS_ROOT = "/aetcdcfg/instances"
@@ -151,6 +156,9 @@ class InstanceRecord:
     updated_at: float
     #: A canary is open on its prefix and selects it: it applies the canary's overlay.
     canary: bool = False
+    #: The prefixes whose canary it follows (all of ``prefixes`` unless it runs with
+    #: ``canary=False`` or its role cannot read them): only those can select it.
+    follows_canary: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         data = {
@@ -165,6 +173,7 @@ class InstanceRecord:
             "problems": list(self.problems),
             "fresh": self.fresh,
             "canary": self.canary,
+            "follows_canary": list(self.follows_canary),
             "version": self.version,
             "started_at": round(self.started_at, 3),
             "updated_at": round(self.updated_at, 3),
@@ -177,18 +186,21 @@ class InstanceRecord:
         try:
             data: dict[str, Any] = json.loads(raw)
             rejected = data.get("rejected_revision")
+            prefixes = tuple(str(p) for p in data.get("prefixes") or ())
+            follows = data.get("follows_canary")  # absent: a record of a build that always followed
             return cls(
                 id=str(data["id"]),
                 labels={str(k): str(v) for k, v in dict(data.get("labels") or {}).items()},
                 model=str(data.get("model", "")),
                 schema=str(data.get("schema", "")),
-                prefixes=tuple(str(p) for p in data.get("prefixes") or ()),
+                prefixes=prefixes,
                 applied_revision=int(data["applied_revision"]),
                 rejected_revision=None if rejected is None else int(rejected),
                 rejected_keys=tuple(str(k) for k in data.get("rejected_keys") or ()),
                 problems=tuple(str(p) for p in data.get("problems") or ()),
                 fresh=bool(data.get("fresh", False)),
                 canary=bool(data.get("canary", False)),
+                follows_canary=prefixes if follows is None else tuple(str(p) for p in follows),
                 version=str(data.get("version", "")),
                 started_at=float(data.get("started_at", 0.0)),
                 updated_at=float(data.get("updated_at", 0.0)),
@@ -203,6 +215,33 @@ class InstanceRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.to_json())  # type: ignore[no-any-return]
+
+
+def wait_target(record: InstanceRecord, prefix: str, revision: int, config_revision: int | None) -> int:
+    """The revision ``record``'s instance must apply to reflect ``prefix`` as of ``revision``.
+
+    ``revision`` itself, except for an instance that does not follow the prefix's canary: it never
+    sees a canary opened or aborted, so for it the prefix as of ``revision`` is as of the newest
+    change to the config itself up to then, ``config_revision`` (None: not known, ``revision``).
+    """
+    if config_revision is None or prefix in record.follows_canary:
+        return revision
+    return min(revision, config_revision)
+
+
+@dataclass(frozen=True, slots=True)
+class Newest:
+    """A prefix's newest change as of etcd's ``revision``: ``change``, anything an instance of it
+    applies (a canary opened or aborted included), and ``config``, the newest change to the config
+    itself (its keys, or a change that only deleted some)."""
+
+    revision: int
+    change: int
+    config: int
+
+    def of(self, record: InstanceRecord, prefix: str) -> int:
+        """The newest change of ``prefix`` that ``record``'s instance can apply (see wait_target)."""
+        return wait_target(record, prefix, self.change, self.config)
 
 
 def instance_state(record: InstanceRecord, newest: int, *, renewed: bool = True) -> InstanceState:
@@ -265,12 +304,18 @@ class WaitTally:
     An instance has *applied* it when its ``applied_revision`` is ``revision`` or later, has
     *rejected* it when it serves an older one and rejected ``revision`` or a later one, and is
     *pending* otherwise. An instance whose record disappears (its process ended, its lease expired)
-    is *gone*: named, but no longer waited for.
+    is *gone*: named, but no longer waited for. An instance that does not follow ``prefix``'s
+    canary waits for ``config_revision`` instead when that is older (see :func:`wait_target`).
     """
 
     revision: int
     records: dict[str, InstanceRecord] = field(default_factory=dict)
     gone: list[str] = field(default_factory=list)
+    prefix: str = ""
+    config_revision: int | None = None
+
+    def target(self, record: InstanceRecord) -> int:
+        return wait_target(record, self.prefix, self.revision, self.config_revision)
 
     def put(self, record: InstanceRecord) -> None:
         self.records[record.id] = record
@@ -282,15 +327,15 @@ class WaitTally:
             self.gone.append(instance)
 
     def applied(self) -> list[InstanceRecord]:
-        return [r for r in self.records.values() if r.applied_revision >= self.revision]
+        return [r for r in self.records.values() if r.applied_revision >= self.target(r)]
 
     def rejected(self) -> list[InstanceRecord]:
         return [
             r
             for r in self.records.values()
-            if r.applied_revision < self.revision
+            if r.applied_revision < self.target(r)
             and r.rejected_revision is not None
-            and r.rejected_revision >= self.revision
+            and r.rejected_revision >= self.target(r)
         ]
 
     def pending(self) -> list[InstanceRecord]:
@@ -322,6 +367,23 @@ def current_user(environ: Mapping[str, str] = os.environ) -> str:
         return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
+#: An audit record's id: the time it was made (ns, 20 digits) and a random part; ``c`` first for a
+#: canary opened or aborted (a change to no config key: ``config_audit_range`` leaves those out).
+_AUDIT_ID = re.compile(r"c?(\d{20})-[0-9a-f]{8}")
+
+
+def config_audit_range(prefix: str) -> tuple[str, str]:
+    """[start, end) of the ids of ``prefix``'s audit records of changes to the config itself."""
+    root = AUDIT_ROOT + prefix
+    return root + "0", root + ":"  # the ids that begin with a digit
+
+
+def audit_time(record_id: str) -> int | None:
+    """The time (ns) an audit record's id (its key after the prefix) holds; None if not an id."""
+    matched = _AUDIT_ID.fullmatch(record_id)
+    return None if matched is None else int(matched[1])
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     """Who changed a prefix, when and why, written in the same transaction as the change.
@@ -341,9 +403,11 @@ class AuditRecord:
     def now(cls, command: str, keys: Sequence[str], message: str | None = None) -> AuditRecord:
         return cls(current_user(), socket.gethostname(), time.time(), command, message, tuple(keys))
 
-    def key(self, prefix: str) -> str:
-        """A new key for this record (time-ordered, unique: never derived from a revision)."""
-        return f"{AUDIT_ROOT}{prefix}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    def key(self, prefix: str, *, canary_only: bool = False) -> str:
+        """A new key for this record (time-ordered, unique: never derived from a revision).
+        ``canary_only``: its change opened or aborted a canary, and wrote no config key."""
+        mark = "c" if canary_only else ""
+        return f"{AUDIT_ROOT}{prefix}{mark}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
 
     def to_json(self) -> bytes:
         data = {

@@ -413,9 +413,8 @@ def status_report(
         "history": [change_data(c) for c in status.history],
         "instance": None if status.report is None else _instance_data(status.report),
     }
-    view = live.fleet_view
-    if view is not None:
-        report["fleet"] = view.rows()
+    if views := live.fleet_views:
+        report["fleet"] = [view.report() for view in views.values()]
     if settings and status.loaded:
         report["settings"] = settings_report(live)
     return report

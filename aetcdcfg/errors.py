@@ -183,8 +183,8 @@ class ConfigRejected(AetcdcfgError, ValueError):
 
 class CanaryRefused(AetcdcfgError, ValueError):
     """A canary of ``prefix`` was refused, nothing written: ``reason`` is ``"no_match"`` (its
-    selector matches no live instance), ``"open"`` (another canary is open: ``open_selector``
-    names it) or ``"none"`` (no canary is open to promote or abort)."""
+    selector matches no live instance that follows canaries), ``"open"`` (another canary is open:
+    ``open_selector`` names it) or ``"none"`` (no canary is open to promote or abort)."""
 
     def __init__(self, message: str, *, prefix: str, reason: str, open_selector: str | None = None) -> None:
         self.prefix = prefix

@@ -246,17 +246,16 @@ def _signature(lives: Sequence[LiveSettings[Any]]) -> tuple[tuple[int, int, int,
         except RuntimeError:
             out.append((live.revision, -1, -1, False, 0))
             continue
-        view = live.fleet_view
-        fleet = 0 if view is None else view.version
+        fleet = sum(view.version for view in live.fleet_views.values())  # each only grows
         out.append((status.revision, status.applied, status.rejected, status.loaded, fleet))
     return tuple(out)
 
 
 def _follow_fleets(lives: Sequence[LiveSettings[Any]]) -> None:
-    """Start each started LiveSettings' fleet view (one watch of its records), once."""
+    """Start each started LiveSettings' fleet views (one watch of records per layer), once."""
     for live in lives:
         with contextlib.suppress(RuntimeError):  # not started yet: its next request starts it
-            live.fleet()
+            live.fleets()
 
 
 def _dumps(body: Any) -> str:
@@ -377,9 +376,10 @@ def status_router(
     reading; what the server already buffered for such a client it drops only after its own
     graceful-shutdown timeout (uvicorn: ``timeout_graceful_shutdown``, unlimited by default).
 
-    With ``fleet`` (the default) the first request starts each LiveSettings' fleet view (one watch
-    of its prefix's instance records): the JSON gains ``fleet``, the page a table of every live
-    instance, updated over the event stream within ``heartbeat`` of a record's change.
+    With ``fleet`` (the default) the first request starts each LiveSettings' fleet views (one watch
+    of instance records per prefix it reads, layers included): the JSON gains ``fleet``, a list of
+    ``{"prefix", "following", "instances"}``, and the page a table of every live instance of each
+    prefix, updated over the event stream within ``heartbeat`` of a record's change.
     """
     lives = (live, *more)
     router = APIRouter()

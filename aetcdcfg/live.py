@@ -20,42 +20,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
-import anyio.abc
 from pydantic import BaseModel
 
-from ._backoff import Backoff
-from ._canary import canary_prefix, overlay_of
 from ._fanout import Subscription
 from ._fleetview import FleetView
+from ._layers import Layer, canaries_followed, in_canary, layers_of, read_all, read_at, subscribe_all
 from ._log import get_logger
 from ._names import field_path
-from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
-from ._reporter import DEFAULT_TTL, Reporter
+from ._presence import DEFAULT_TTL, Presence
+from ._records import Identity, InstanceRecord
+from ._reporter import Reporter
 from ._validate import ReadSources, lists_etcd_source, validate_layered
 from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
 from .errors import (
     AetcdcfgError,
     ConfigRejected,
-    EtcdUnavailable,
     FutureRevision,
-    PermissionDenied,
     RevisionCompacted,
     SettingsClosed,
     SubscriberLagged,
 )
 from .events import Event, EventType
 from .settings import EtcdSettings
-from .source import KeyDecoder, leaf_paths
+from .source import leaf_paths
 from .status import AppliedChange, SettingsStatus
 
 __all__ = ["LiveSettings"]
@@ -68,24 +63,6 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 HISTORY = 50
 #: The readiness bound used when none is given: older confirmation means not fresh.
 DEFAULT_MAX_STALENESS = 30.0
-
-
-@dataclass(eq=False)
-class _Layer:
-    """One prefix of a LiveSettings: its keys (relative to the prefix) and its subscription."""
-
-    prefix: str
-    decoder: KeyDecoder
-    items: dict[str, bytes] = field(default_factory=dict)
-    sub: Subscription | None = None
-    #: A canary layer (``/aetcdcfg/canary<prefix>``): its keys are a spec and an overlay, which
-    #: apply only to instances the spec's selector matches (see ``_canary``).
-    canary: bool = False
-
-    def relative(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
-        # {key[cut:]: value for ...} in C: 3.4 % of a 40,000-key start (callgrind), for one line.
-        cut = itemgetter(slice(len(self.prefix), None))
-        return dict(zip(map(cut, items), items.values(), strict=True))
 
 
 @dataclass(eq=False)
@@ -115,6 +92,15 @@ class LiveSettings(Generic[ModelT]):
     ``hostname-pid``, and ``AETCDCFG_LABELS``, e.g. ``zone=b,version=1.4``), the revision applied, the
     last rejected one with its keys and problems (never values), freshness. ``report=False`` (or
     ``AETCDCFG_REPORT=0``) opts out. Reporting never blocks or fails the settings (``fleet.*`` logs).
+
+    ``canary`` (on by default, so that any instance can be given a canary without a redeploy): each
+    prefix also gets its canary layer, ``/aetcdcfg/canary<prefix>``, and so one more watch. It is
+    an ordinary watch of the client's registry: LiveSettings of one prefix on one client share it,
+    it is one more stream on the connection the client already has (and one etcd watcher), and idle
+    it costs what any idle watch costs (a progress request after ``keepalive_time`` of silence).
+    ``canary=False`` drops it, for an instance that must only ever run the prefix's config, or to
+    spare the watcher on a large fleet: its record says so, no canary selects it, and waits for a
+    canary's revision do not wait for it.
     """
 
     def __init__(
@@ -146,11 +132,7 @@ class LiveSettings(Generic[ModelT]):
         self._on_change = on_change
         self._init_kwargs = dict(init_kwargs or {})
         self._source_listed = lists_etcd_source(model)
-        self._layers = []
-        for p in self.prefixes:  # each prefix's canary overlays it, right above it
-            self._layers.append(_Layer(p, KeyDecoder(model)))
-            if canary:
-                self._layers.append(_Layer(canary_prefix(p), KeyDecoder(model), canary=True))
+        self._layers = layers_of(model, self.prefixes, canary=canary)
         self._sources: ReadSources | None = None  # env, dotenv and secrets, read at each load
         self._known = 0  # every layer's items reflect this revision (it may be a rejected one)
         self._apply_lock = anyio.Lock()
@@ -173,16 +155,11 @@ class LiveSettings(Generic[ModelT]):
         self._last_rejected: AppliedChange | None = None
         self._history: deque[AppliedChange] = deque(maxlen=HISTORY)
         self._loaded_without_etcd = False
-        self.identity = Identity.resolve(instance, labels)
-        self._report = report_enabled(report)
-        if report_ttl < 2:
-            raise ValueError(f"report_ttl must be at least 2 seconds, got {report_ttl}")
-        self._report_ttl = report_ttl
-        self.reporter: Reporter | None = None
-        self._fleet: FleetView | None = None
-        self._running: tuple[EtcdClient, anyio.abc.TaskGroup] | None = None
-        self._schema: str | None = None
-        self._started_at = time.time()
+        self._presence = Presence(
+            model, self.prefixes, instance=instance, labels=labels, report=report, report_ttl=report_ttl
+        )
+        #: Who this instance is among the fleet (its id and labels; see the class docstring).
+        self.identity: Identity = self._presence.identity
 
     def __repr__(self) -> str:
         return f"<LiveSettings {self.model.__name__} from {self._where!r} @ revision {self._revision}>"
@@ -221,9 +198,7 @@ class LiveSettings(Generic[ModelT]):
             rejected=self._rejected,
             last_rejected=self._last_rejected,
             history=tuple(self._history),
-            report=None
-            if self.reporter is None
-            else self.reporter.status(tuple(self.identity.labels.items())),
+            report=self._presence.status(),
         )
 
     def etcd_fields(self) -> dict[tuple[str, ...], str]:
@@ -238,7 +213,7 @@ class LiveSettings(Generic[ModelT]):
             return {}
         fields: dict[tuple[str, ...], str] = {}
         for layer in self._layers:  # a later layer's key wins, as its value does
-            label, items = self._effective(layer)
+            label, items = layer.effective(self.identity)
             decoded = layer.decoder.decode(items)
             found: dict[tuple[str, ...], str] = {}
             for leaf in leaf_paths(decoded.data):  # as pydantic reads them: aliases
@@ -257,16 +232,10 @@ class LiveSettings(Generic[ModelT]):
             fields.update(found)
         return fields
 
-    def _effective(self, layer: _Layer) -> tuple[str, dict[str, bytes]]:
-        """(the prefix its keys are named under, the keys this instance applies) of a layer."""
-        if not layer.canary:
-            return layer.prefix, layer.items
-        return layer.prefix + "values/", overlay_of(layer.items, self.identity)[0]
-
     @property
     def in_canary(self) -> bool:
         """A canary is open on one of its prefixes and its selector matches this instance."""
-        return any(overlay_of(layer.items, self.identity)[1] for layer in self._layers if layer.canary)
+        return in_canary(self._layers, self.identity)
 
     def init_fields(self) -> list[tuple[str, ...]]:
         """The field paths given as ``init_kwargs`` (names, never values; an alias as its field)."""
@@ -352,56 +321,25 @@ class LiveSettings(Generic[ModelT]):
             client = self._client
             if client is None:
                 client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
-            revisions = []
-            for layer in list(self._layers):
-                try:
-                    sub = await stack.enter_async_context(client.watch(layer.prefix, with_snapshot=True))
-                except PermissionDenied:
-                    if not layer.canary:
-                        raise
-                    # A role made before canaries existed: run without them rather than not at all.
-                    self._log.warning("fleet.canary_unreadable", layer=layer.prefix)
-                    self._layers.remove(layer)
-                    continue
-                assert sub.snapshot is not None
-                layer.sub = sub
-                layer.items = layer.relative(sub.snapshot.items)
-                revisions.append(sub.snapshot.revision)
+            revisions = await subscribe_all(stack, client, self._layers, self._log)
             stack.callback(self._detach)
             revision = max(revisions)
             try:
                 for layer, listed in zip(self._layers, revisions, strict=True):
                     if listed < revision:  # one state, at one revision, for every layer
-                        layer.items = await self._read_layer(client, layer, revision)
+                        layer.items = await read_at(client, layer, revision, self._log)
             except (RevisionCompacted, FutureRevision):  # compacted at once: all at a newer one
-                revision, states = await self._read_all(client)
+                revision, states = await read_all(client, self._layers, self._log)
                 for layer in self._layers:
                     layer.items = states[layer.prefix]
             self._known = revision
             self._load(revision)
-            reporter = None
-            if self._report:
-                reporter = Reporter(
-                    client,
-                    self.identity.instance,
-                    self.prefixes,
-                    self.instance_record,
-                    self.is_fresh,
-                    self._log,
-                    ttl=self._report_ttl,
-                )
-                stack.push_async_callback(reporter.aclose)  # after the task group ends: revoke
+            # Its records and fleet views: their task group stops after the layers' (LIFO).
+            await self._presence.start(stack, client, self.instance_record, self.is_fresh, self._log)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             for layer in self._layers:
                 task_group.start_soon(self._follow, client, layer)
-            if reporter is not None:
-                self.reporter = reporter
-                stack.callback(setattr, self, "reporter", None)
-                task_group.start_soon(reporter.run)
-            self._running = (client, task_group)
-            stack.callback(setattr, self, "_running", None)
-            stack.callback(setattr, self, "_fleet", None)
         except BaseException:
             await stack.aclose()
             raise
@@ -410,46 +348,44 @@ class LiveSettings(Generic[ModelT]):
 
     def instance_record(self) -> InstanceRecord:
         """This instance's record as it would be written now (see the class docstring)."""
-        if self._schema is None:
-            self._schema = schema_fingerprint(self.model)
-        rejected = self._last_rejected
         try:
             fresh = self.is_fresh()
         except RuntimeError:
             fresh = False
-        return InstanceRecord(
-            id=self.identity.instance,
-            labels=self.identity.labels,
-            model=self.model.__name__,
-            schema=self._schema,
-            prefixes=self.prefixes,
+        return self._presence.record(
             applied_revision=self._revision,
-            rejected_revision=None if rejected is None else rejected.revision,
-            rejected_keys=() if rejected is None else rejected.keys,
-            problems=() if rejected is None else rejected.problems,
+            last_rejected=self._last_rejected,
             fresh=fresh,
             canary=self.in_canary,
-            version=library_version(),
-            started_at=self._started_at,
-            updated_at=time.time(),
+            follows_canary=canaries_followed(self._layers),
         )
 
-    def fleet(self) -> FleetView:
-        """The live instances of its prefix (the last layer), followed from now on in its task group:
-        ``live.fleet().records``. The first call starts one watch of the records; later calls
-        return the same view. Raises ``RuntimeError`` outside ``async with live:``."""
-        if self._running is None:
-            raise RuntimeError("LiveSettings is not started: use `async with live:` first")
-        if self._fleet is None:
-            client, task_group = self._running
-            self._fleet = FleetView(client, self.prefix)
-            task_group.start_soon(self._fleet.run)
-        return self._fleet
+    @property
+    def reporter(self) -> Reporter | None:
+        """What keeps its records in etcd while it runs (None: not running, or ``report=False``)."""
+        return self._presence.reporter
+
+    def fleet(self, prefix: str | None = None) -> FleetView:
+        """The live instances of one of its prefixes (default: the last layer), followed from now on
+        while it runs: ``live.fleet().records``. The first call for a prefix starts one watch of its
+        records; later calls return the same view. Raises ``RuntimeError`` outside ``async with
+        live:``, ``ValueError`` for a prefix it does not read."""
+        if prefix is None:
+            prefix = self.prefix
+        if prefix not in self.prefixes:
+            raise ValueError(f"{prefix!r} is not one of its prefixes {list(self.prefixes)}")
+        return self._presence.fleet(prefix)
+
+    def fleets(self) -> dict[str, FleetView]:
+        """:meth:`fleet` of every layer, by prefix in layer order: with layers, every service that
+        reads ``/shared/`` is an instance of it, and a change there is rolled out to them all."""
+        return {prefix: self.fleet(prefix) for prefix in self.prefixes}
 
     @property
-    def fleet_view(self) -> FleetView | None:
-        """The view :meth:`fleet` started, or None (no I/O, for status pages)."""
-        return self._fleet
+    def fleet_views(self) -> dict[str, FleetView]:
+        """The views :meth:`fleet` started, by prefix in layer order (no I/O, for status pages)."""
+        views = self._presence.views
+        return {prefix: views[prefix] for prefix in self.prefixes if prefix in views}
 
     def _detach(self) -> None:
         for layer in self._layers:
@@ -475,7 +411,7 @@ class LiveSettings(Generic[ModelT]):
         async with self:
             yield {"live_settings": self}
 
-    async def _follow(self, client: EtcdClient, layer: _Layer) -> None:
+    async def _follow(self, client: EtcdClient, layer: Layer) -> None:
         """Apply every revision of one layer; re-subscribes gap-free if it lags or the watch fails."""
         sub = layer.sub
         while True:
@@ -496,7 +432,7 @@ class LiveSettings(Generic[ModelT]):
                 await anyio.sleep(2.0)
             sub = None
 
-    async def _consume(self, client: EtcdClient, layer: _Layer, sub: Subscription) -> None:
+    async def _consume(self, client: EtcdClient, layer: Layer, sub: Subscription) -> None:
         if len(self._layers) == 1:
             async for batch in sub.batches():
                 self._apply(layer, batch, {})
@@ -514,11 +450,11 @@ class LiveSettings(Generic[ModelT]):
                     self._log.warning(
                         "config.layers_reread", layer=layer.prefix, reason="resync", revision=revision
                     )
-                    self._apply_state(*await self._read_all(client))
+                    self._apply_state(*await read_all(client, self._layers, self._log))
                     continue
                 try:
                     others = {
-                        other.prefix: await self._read_layer(client, other, revision)
+                        other.prefix: await read_at(client, other, revision, self._log)
                         for other in self._layers
                         if other is not layer
                     }
@@ -532,43 +468,9 @@ class LiveSettings(Generic[ModelT]):
                         else "config.layers_reread"
                     )
                     self._log.warning(event, layer=layer.prefix, reason=type(exc).__name__, revision=revision)
-                    self._apply_state(*await self._read_all(client))
+                    self._apply_state(*await read_all(client, self._layers, self._log))
                     continue
                 self._apply(layer, batch, others)
-
-    async def _read_layer(self, client: EtcdClient, layer: _Layer, revision: int) -> dict[str, bytes]:
-        """``layer``'s keys as of ``revision``, retried while etcd is unreachable.
-
-        Raises RevisionCompacted or FutureRevision when etcd no longer (or not yet) has ``revision``.
-        """
-        return (await self._read(client, layer, revision))[1]
-
-    async def _read(
-        self, client: EtcdClient, layer: _Layer, revision: int | None
-    ) -> tuple[int, dict[str, bytes]]:
-        """(revision, ``layer``'s keys) as of ``revision`` or now, retried while etcd is unreachable."""
-        backoff = Backoff(initial=0.1, maximum=2.0)
-        while True:
-            try:
-                snapshot = await client.get_prefix(layer.prefix, revision=revision)
-            except EtcdUnavailable as exc:
-                self._log.warning("config.layer_read_retry", layer=layer.prefix, cause=str(exc))
-                await anyio.sleep(backoff.next_delay())
-                continue
-            return snapshot.revision, layer.relative(snapshot.items)
-
-    async def _read_all(self, client: EtcdClient) -> tuple[int, dict[str, dict[str, bytes]]]:
-        """Every layer's keys at one revision, the current one: (revision, {prefix: keys})."""
-        while True:
-            first = self._layers[0]
-            revision, items = await self._read(client, first, None)
-            states = {first.prefix: items}
-            try:
-                for other in self._layers[1:]:
-                    states[other.prefix] = await self._read_layer(client, other, revision)
-            except (RevisionCompacted, FutureRevision):
-                continue  # compacted past it (or etcd replaced) between two reads: a newer one
-            return revision, states
 
     def _load(self, revision: int) -> None:
         """The first object: built by pydantic-settings itself, which reads env, dotenv and secrets
@@ -591,7 +493,7 @@ class LiveSettings(Generic[ModelT]):
         keys = sum(len(layer.items) for layer in self._layers)
         self._log.info("config.loaded", revision=revision, keys=keys)
 
-    def _apply(self, layer: _Layer, batch: Sequence[Event], others: Mapping[str, dict[str, bytes]]) -> None:
+    def _apply(self, layer: Layer, batch: Sequence[Event], others: Mapping[str, dict[str, bytes]]) -> None:
         """One revision: update the layers' keys, validate the whole model, swap it in or reject it.
 
         ``others`` holds the other layers' keys as of this revision (read by the caller).
@@ -666,8 +568,7 @@ class LiveSettings(Generic[ModelT]):
                 self._log.error("config.on_change_failed", revision=revision, error_type=type(exc).__name__)
 
     def _report_changed(self) -> None:
-        if self.reporter is not None:
-            self.reporter.changed()
+        self._presence.changed()
 
     def _record_rejection(self, exc: ConfigRejected, changed: Sequence[str]) -> None:
         self.last_error = exc
@@ -691,15 +592,7 @@ class LiveSettings(Generic[ModelT]):
         ``changed``: the full keys changed since the last build (None: decode every key). Each layer's
         keys go through its KeyDecoder, which decodes again only the fields those keys fill.
         """
-        decoded = []
-        for layer in self._layers if use_etcd else []:
-            if layer.canary:  # a small overlay, or none: decoded whole
-                label, overlay = self._effective(layer)
-                decoded.append((label, layer.decoder.decode(overlay)))
-                continue
-            cut = len(layer.prefix)
-            mine = None if changed is None else [k[cut:] for k in changed if k.startswith(layer.prefix)]
-            decoded.append((layer.prefix, layer.decoder.decode(layer.items, mine)))
+        decoded = [layer.decode(self.identity, changed) for layer in (self._layers if use_etcd else [])]
         return validate_layered(
             self.model,
             decoded,

@@ -25,8 +25,9 @@ LAYERS: list[set[str]] = [
     {"_fanout"},
     {"client"},
     {"_reporter", "_fleetview"},
+    {"_layers", "_presence"},
     {"live"},
-    {"_report", "_fleet", "_rollout"},
+    {"_report", "_fleet", "_rollout", "_audit"},
     {"fastapi", "metrics", "cli", "testing", "__init__", "__main__"},
 ]
 

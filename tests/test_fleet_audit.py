@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from aetcdcfg import AuditRecord, EtcdClient, audit_log, wait_applied
+from aetcdcfg._audit import DEFAULT_AUDIT_KEEP, PRUNE_BATCH, audit_keep
 from aetcdcfg._records import AUDIT_ROOT
 from aetcdcfg.testing import EtcdServer
 
@@ -164,3 +165,105 @@ async def test_wait_defaults_to_a_change_that_only_deleted_keys(
         assert pruned > before
         result = await wait_applied(client, etcd_prefix, timeout=1)
     assert result.revision == pruned  # not `before`, the newest key's revision
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+
+def test_audit_keep_comes_from_the_caller_then_the_environment_then_the_default() -> None:
+    assert audit_keep(5, {"AETCDCFG_AUDIT_KEEP": "7"}) == 5
+    assert audit_keep(None, {"AETCDCFG_AUDIT_KEEP": " 7 "}) == 7
+    assert audit_keep(None, {}) == DEFAULT_AUDIT_KEEP == 1000
+    assert audit_keep(0, {}) == 0  # keeps all
+    for bad in ("many", "-1"):
+        with pytest.raises(ValueError, match="AETCDCFG_AUDIT_KEEP|negative"):
+            audit_keep(None, {"AETCDCFG_AUDIT_KEEP": bad})
+
+
+async def records(client: EtcdClient, prefix: str) -> list[str]:
+    """The keys of ``prefix``'s own audit records, oldest first."""
+    root = AUDIT_ROOT + prefix
+    return sorted(k for k in (await client.get_prefix(root)).items if "/" not in k[len(root) :])
+
+
+async def seed_audit(client: EtcdClient, prefix: str, count: int) -> list[str]:
+    """``count`` old audit records of ``prefix`` (ids 1 ns apart, long ago), oldest first."""
+    record = AuditRecord("bob", "old-host", 1.0, "set", None, (prefix + "rate_limit",))
+    keys = [f"{AUDIT_ROOT}{prefix}{n:020d}-0000abcd" for n in range(1, count + 1)]
+    await client.put_many(dict.fromkeys(keys, record.to_json()))
+    return keys
+
+
+async def test_a_write_deletes_the_audit_records_beyond_audit_keep_in_its_own_transaction(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    root = AUDIT_ROOT + etcd_prefix
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        seeded = await seed_audit(client, etcd_prefix, 4)
+        # not records of this prefix: a nested prefix's (its name sorts among the ids) and a stray key
+        others = {root + "0/00000000000000000001-0000abcd": b"{}", root + "notes": b"kept"}
+        await client.put_many(others)
+        code, out, err = await run(
+            "set", etcd_prefix, "rate_limit=7", "--model", "svc_settings:Settings", "--audit-keep", "3"
+        )
+        assert code == 0, out + err
+        revision = written_at(out)
+        before = await client.get_prefix(root, revision=revision - 1)
+        after = await client.get_prefix(root, revision=revision)
+        kept = sorted(k for k in after.items if k not in others)
+        # the two oldest went in the write's own revision; the new record and the two newest stay
+        assert set(seeded) <= set(before.items) and kept[:2] == seeded[2:] and len(kept) == 3
+        assert all(after.items.get(k) == v for k, v in others.items())
+        assert list(await audit_log(client, etcd_prefix))[-1] == revision
+
+        # AETCDCFG_AUDIT_KEEP is the default: one more write keeps two
+        os.environ["AETCDCFG_AUDIT_KEEP"] = "2"
+        try:
+            code, out, _ = await run("set", etcd_prefix, "rate_limit=8", "--model", "svc_settings:Settings")
+        finally:
+            del os.environ["AETCDCFG_AUDIT_KEEP"]
+        assert code == 0
+        audits = await audit_log(client, etcd_prefix)
+        assert sorted(audits) == [revision, written_at(out)]
+        items = (await client.get_prefix(root)).items
+        assert all(k in items for k in others)
+
+
+async def test_lowering_audit_keep_prunes_a_bounded_batch_per_write(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await seed_audit(client, etcd_prefix, PRUNE_BATCH + 8)
+        counts = []
+        for value in ("7", "8"):
+            code, _, err = await run(
+                "set",
+                etcd_prefix,
+                f"rate_limit={value}",
+                "--model",
+                "svc_settings:Settings",
+                "--audit-keep",
+                "3",
+            )
+            assert code == 0, err
+            counts.append(len(await records(client, etcd_prefix)))
+    assert counts == [PRUNE_BATCH + 8 + 1 - PRUNE_BATCH, 3]
+
+
+async def test_a_refused_write_prunes_nothing_and_audit_keep_0_keeps_all(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        seeded = await seed_audit(client, etcd_prefix, 3)
+        old = await client.put(etcd_prefix + "rate_limit", "3")
+        await client.put(etcd_prefix + "rate_limit", "4")
+        code, _, _ = await run(
+            "set", etcd_prefix, "flag=true", "--model", "svc_settings:Settings", "--expect-revision", str(old),
+            "--audit-keep", "1",
+        )  # fmt: skip
+        assert code == 1
+        assert sorted((await client.get_prefix(AUDIT_ROOT + etcd_prefix)).items) == seeded
+        code, _, _ = await run(
+            "set", etcd_prefix, "flag=true", "--model", "svc_settings:Settings", "--audit-keep", "0"
+        )
+        assert code == 0 and len(await records(client, etcd_prefix)) == 4

@@ -16,7 +16,7 @@ from aetcdcfg._canary import CANARY_ROOT, overlay_of, share_bucket
 from aetcdcfg._records import AUDIT_ROOT, RECORDS_ROOT, Identity
 from aetcdcfg.testing import EtcdCluster, EtcdServer
 
-from .test_fleet_cli import Settings, fleet, run, workdir
+from .test_fleet_cli import Settings, Strict, fleet, run, workdir
 
 pytestmark = pytest.mark.anyio
 __all__ = ["workdir"]  # the fixture, shared with test_fleet_cli
@@ -263,3 +263,199 @@ async def test_a_canary_survives_a_leader_change_and_a_killed_member(
         assert result.ok and not result.gone, result
         assert [live.current.rate_limit for live in lives] == [50, 50, 50]
     assert seen["pod-b"] == seen["pod-c"] == [50, 50] and seen["pod-a"] == [100, 50]
+
+
+async def test_canary_steps_prune_the_audit_log_like_every_write(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    from aetcdcfg import abort_canary, open_canary
+
+    from .test_fleet_audit import records, seed_audit
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Settings, prefix=etcd_prefix, client=client, instance="pod-a", labels={"zone": "b"}),
+    ):
+        seeded = await seed_audit(client, etcd_prefix, 3)
+        with anyio.fail_after(10):
+            while not (await client.get_prefix(RECORDS_ROOT + etcd_prefix)).items:
+                await anyio.sleep(0.02)
+        await open_canary(client, etcd_prefix, {"rate_limit": b"50"}, Selector.parse("zone=b"), audit_keep=2)
+        kept = await records(client, etcd_prefix)
+        assert len(kept) == 2 and kept[0] == seeded[-1]
+        await abort_canary(client, etcd_prefix, audit_keep=0)
+        assert len(await records(client, etcd_prefix)) == 3
+
+
+async def test_canary_false_watches_no_canary_is_never_selected_and_holds_no_wait_up(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    canary_root = CANARY_ROOT + etcd_prefix
+    async with contextlib.AsyncExitStack() as stack:
+        shared = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+        own = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+        lives = [
+            LiveSettings(Settings, prefix=etcd_prefix, client=shared, instance="pod-b", labels={"zone": "b"}),
+            LiveSettings(Settings, prefix=etcd_prefix, client=shared, instance="pod-c", labels={"zone": "c"}),
+            LiveSettings(
+                Settings, prefix=etcd_prefix, client=own, instance="pod-x", labels={"zone": "b"}, canary=False
+            ),
+        ]
+        for live in lives:
+            await stack.enter_async_context(live)
+        with anyio.fail_after(10):
+            while not all(live.reporter is not None and live.reporter.in_etcd for live in lives):
+                await anyio.sleep(0.02)
+        # the two instances on one client share its one watch of the canary; pod-x has none
+        assert [w.prefix for w in shared.watch_statuses()].count(canary_root) == 1
+        assert [w.prefix for w in own.watch_statuses()] == [etcd_prefix]
+        code, out, _ = await run("instances", etcd_prefix, "--json")
+        follows = {row["id"]: row["follows_canary"] for row in json.loads(out)}
+        assert follows == {"pod-b": [etcd_prefix], "pod-c": [etcd_prefix], "pod-x": []}
+
+        code, _, err = await run("set", etcd_prefix, "rate_limit=50", *SET, "--canary", "instance=pod-x")
+        assert code == 1 and "pod-x, which do not follow canaries" in err and "nothing was written" in err
+
+        with anyio.fail_after(40):
+            code, out, err = await run(
+                "set", etcd_prefix, "rate_limit=50", *SET, "--canary", "zone=b", "--wait", "--timeout", "15"
+            )
+        assert code == 0, out + err
+        assert "for zone=b: pod-b\n" in out and "not following canaries" in out and "OK: 3/3" in out
+        assert [live.current.rate_limit for live in lives] == [50, 100, 100]
+        assert [live.in_canary for live in lives] == [True, False, False]
+        # pod-x cannot see the canary's revision: it is current all the same, and wait agrees
+        code, out, _ = await run("instances", etcd_prefix, "--json")
+        assert {row["id"]: row["state"] for row in json.loads(out)} == dict.fromkeys(follows, "current")
+        code, out, _ = await run("wait", etcd_prefix, "--timeout", "15")
+        assert code == 0 and "OK: 3/3" in out, out
+        code, out, _ = await run("canary", "abort", etcd_prefix, "--wait", "--timeout", "15")
+        assert code == 0 and "OK: 3/3" in out, out
+        assert [live.current.rate_limit for live in lives] == [100, 100, 100]
+
+
+SECRET_MODEL = """
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class Settings(BaseSettings):
+    rate_limit: int = Field(default=100, ge=1)
+    password: SecretStr = SecretStr("")
+"""
+
+
+async def test_set_canary_dry_run_shows_the_spec_the_selection_and_the_masked_diff_and_writes_nothing(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    (workdir / "secret_settings.py").write_text(SECRET_MODEL)
+    async with (
+        fleet(etcd_server.endpoint, etcd_prefix, *MEMBERS),
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+    ):
+        put = await client.put(etcd_prefix + "rate_limit", "100")
+        code, out, err = await run(
+            "set", etcd_prefix, "rate_limit=50", "password=hunter2-canary",
+            "--model", "secret_settings:Settings", "--canary", "zone=b", "--dry-run",
+        )  # fmt: skip
+        assert code == 0, out + err
+        base = int(out.rsplit("--expect-revision ", 1)[1])  # the revision the prefix was read at
+        assert base >= put and f"on {etcd_prefix} at revision {base}:" in out
+        assert f"  ~ {etcd_prefix}rate_limit: 100 -> 50" in out
+        assert f"  + {etcd_prefix}password = " in out and "hunter2" not in out
+        spec = json.loads(out.split(f"{CANARY_ROOT}{etcd_prefix}spec = ", 1)[1].splitlines()[0])
+        assert spec["selector"] == "zone=b" and spec["base_revision"] == base
+        assert sorted(spec["keys"]) == [etcd_prefix + "password", etcd_prefix + "rate_limit"]
+        assert "would select now: pod-b, pod-c" in out and "1 other live instance(s)" in out
+        assert f"dry run: nothing written; open it with --expect-revision {base}" in out
+        assert (await client.get_prefix(CANARY_ROOT + etcd_prefix)).items == {}
+        assert (await client.get_prefix(AUDIT_ROOT + etcd_prefix)).items == {}
+
+        # refused as the real thing would be, still writing nothing: a result that does not validate
+        code, out, _ = await run("set", etcd_prefix, "rate_limit=0", *SET, "--canary", "zone=b", "--dry-run")
+        assert code == 1 and "REFUSED" in out
+
+        # the reviewed plan, opened on its revision: refused once the prefix changed after it
+        await client.put(etcd_prefix + "rate_limit", "101")
+        code, _, err = await run(
+            "set", etcd_prefix, "rate_limit=50", *SET, "--canary", "zone=b", "--expect-revision", str(base)
+        )
+        assert code == 1 and "TxnConflict" in err
+        assert (await client.get_prefix(CANARY_ROOT + etcd_prefix)).items == {}
+        code, out, _ = await run("set", etcd_prefix, "rate_limit=50", *SET, "--canary", "zone=b", "--dry-run")
+        reviewed = int(out.rsplit("--expect-revision ", 1)[1])
+        code, out, err = await run(
+            "set",
+            etcd_prefix,
+            "rate_limit=50",
+            *SET,
+            "--canary",
+            "zone=b",
+            "--expect-revision",
+            str(reviewed),
+        )
+        assert code == 0, out + err
+        canary = await canary_status(client, etcd_prefix)
+        assert canary is not None and canary.spec.base_revision == reviewed
+
+
+async def test_canary_status_json_gives_each_instance_its_selection_and_progress_never_a_value(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    code, out, _ = await run("canary", "status", etcd_prefix, "--json")
+    assert code == 0 and json.loads(out) == {
+        "prefix": etcd_prefix,
+        "open": False,
+        "selector": None,
+        "revision": None,
+        "base_revision": None,
+        "user": None,
+        "created_at": None,
+        "keys": [],
+        "instances": [],
+    }
+    value = "987654321"  # a rate no revision reaches, so any appearance would be the value
+    async with contextlib.AsyncExitStack() as stack:
+        members = [("pod-a", Settings, "a", True), ("pod-b", Settings, "b", True)]
+        members += [("pod-c", Strict, "b", True), ("pod-x", Settings, "b", False)]
+        for name, model, zone, canary in members:
+            client = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+            await stack.enter_async_context(
+                LiveSettings(model, prefix=etcd_prefix, client=client, instance=name, labels={"zone": zone}, canary=canary)
+            )  # fmt: skip
+        with anyio.fail_after(10):
+            while len((await client.get_prefix(RECORDS_ROOT + etcd_prefix)).items) < 4:
+                await anyio.sleep(0.02)
+        code, out, err = await run("set", etcd_prefix, f"rate_limit={value}", *SET, "--canary", "zone=b")
+        assert code == 0, out + err
+        opened = written_at(out)
+        with anyio.fail_after(10):
+            while True:  # pod-b applied it, pod-c (at most 10) rejected it
+                code, out, _ = await run("canary", "status", etcd_prefix, "--json")
+                status = json.loads(out)
+                rows = {row["id"]: row for row in status["instances"]}
+                if rows["pod-b"]["progress"] == "applied" and rows["pod-c"]["progress"] == "rejected":
+                    break
+    assert value not in out
+    assert status["open"] is True and status["selector"] == "zone=b" and status["revision"] == opened
+    assert status["keys"] == [etcd_prefix + "rate_limit"] and status["base_revision"] < opened
+    assert [row["id"] for row in status["instances"]] == ["pod-a", "pod-b", "pod-c", "pod-x"]
+    assert {k: r["selected"] for k, r in rows.items()} == {
+        "pod-a": False,
+        "pod-b": True,
+        "pod-c": True,
+        "pod-x": False,
+    }
+    assert rows["pod-x"]["progress"] == "not_following" and rows["pod-x"]["follows_canary"] is False
+    assert rows["pod-b"]["applied_revision"] == opened and rows["pod-b"]["in_canary"] is True
+    assert (
+        rows["pod-c"]["rejected_revision"] == opened
+        and "less than or equal to 10" in rows["pod-c"]["problems"][0]
+    )
+    assert rows["pod-a"]["labels"] == {"zone": "a"} and rows["pod-a"]["problems"] == []
+    # the text hides values unless a model says which are secret (as get, history and diff do)
+    code, out, err = await run("canary", "status", etcd_prefix)
+    assert code == 0 and value not in out and f"~ {etcd_prefix}rate_limit = **********" in out, out + err
+    assert "values hidden" in err
+    code, out, _ = await run("canary", "status", etcd_prefix, *SET)
+    assert code == 0 and f"~ {etcd_prefix}rate_limit = {value}" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, LiveSettings, instances, wait_applied
-from aetcdcfg._records import InstanceRecord, WaitTally
+from aetcdcfg._records import InstanceRecord, WaitTally, wait_target
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
 from .harness import INSTANCE_SCRIPT
@@ -93,6 +94,22 @@ def test_the_tally_counts_applied_rejected_pending_and_gone() -> None:
     assert tally.progress() == "1/2 applied, 1 rejected, 1 gone" and tally.settled
     tally.put(record("b", 11, rejected=10))  # a later revision fixed it
     assert [r.id for r in tally.applied()] == ["a", "b"] and tally.rejected() == []
+
+
+def test_an_instance_without_canaries_is_waited_for_only_up_to_the_newest_config_change() -> None:
+    follower = dataclasses.replace(record("f", 8), follows_canary=("/p/",))
+    deaf = record("d", 8)  # follows no canary
+    # revision 10 opened a canary; the config itself last changed at 8
+    tally = WaitTally(10, prefix="/p/", config_revision=8)
+    tally.put(follower)
+    tally.put(deaf)
+    assert [r.id for r in tally.applied()] == ["d"] and [r.id for r in tally.pending()] == ["f"]
+    assert wait_target(deaf, "/p/", 7, 8) == 7  # an older revision: it must have applied that
+    assert wait_target(follower, "/p/", 10, 8) == 10
+    assert InstanceRecord.from_json(follower.to_json()) == follower
+    legacy = json.loads(deaf.to_json())
+    del legacy["follows_canary"]  # a record written before the field: it followed every prefix
+    assert InstanceRecord.from_json(json.dumps(legacy).encode()).follows_canary == ("/p/",)
 
 
 async def test_instances_lists_each_live_instance_and_whether_it_is_current_or_rejecting(

@@ -17,6 +17,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, LiveSettings, Selector, open_canary
+from aetcdcfg.testing import EtcdServer
 
 from .test_status_page_browser import CHROMIUM_ARGS, ROOT, SECRET, TIMEOUT_MS, chromium, example_service
 
@@ -109,3 +110,55 @@ async def test_the_status_page_shows_the_fleet_live(
         assert await page.evaluate("window.notReloaded") is True
         html = await page.content()
         assert SECRET not in html
+
+
+async def test_the_status_page_shows_the_fleet_of_every_layer(
+    chromium: Path, etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> None:
+    """Two services layer a shared prefix: each one's page shows its own prefix's fleet and the
+    shared prefix's (both services), each instance judged by the changes of that prefix."""
+    from fastapi import FastAPI
+    from playwright.async_api import async_playwright, expect
+
+    from aetcdcfg.fastapi import status_router
+
+    from .test_status_routes import serving
+
+    shared, mine, theirs = etcd_prefix + "shared/", etcd_prefix + "a/", etcd_prefix + "b/"
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+        live = LiveSettings(Service, prefix=[shared, mine], client=client, instance="svc-a")
+        await stack.enter_async_context(live)
+        other = await stack.enter_async_context(EtcdClient(endpoints=[etcd_server.endpoint]))
+        await stack.enter_async_context(
+            LiveSettings(Service, prefix=[shared, theirs], client=other, instance="svc-b")
+        )
+        app = FastAPI()
+        app.include_router(status_router(live))
+        url = await stack.enter_async_context(serving(app))
+        playwright = await stack.enter_async_context(async_playwright())
+        browser = await playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+        )
+        stack.push_async_callback(browser.close)
+        page = await browser.new_page()
+        await page.goto(url + "/status")
+        own, layer = page.locator("#fleet-0"), page.locator("#fleet-0-0")
+        await expect(own.locator("tr[data-instance]")).to_have_count(1, timeout=TIMEOUT_MS)
+        await expect(layer.locator("tr[data-instance]")).to_have_count(2, timeout=TIMEOUT_MS)
+        await expect(own).to_have_attribute("data-prefix", mine)
+        await expect(layer).to_have_attribute("data-prefix", shared)
+        await expect(page.locator("h3", has_text=f"Fleet: 2 live instance(s) of {shared}")).to_have_count(1)
+
+        # only svc-b reads b/: on the shared prefix svc-a is no less current for it
+        changed = await client.put(theirs + "rate_limit", "7")
+        row_b = layer.locator('tr[data-instance="svc-b"]')
+        await expect(row_b).to_contain_text(str(changed), timeout=TIMEOUT_MS)
+        await expect(layer.locator('tr[data-instance="svc-a"]')).to_have_attribute("data-state", "current")
+        await expect(row_b).to_have_attribute("data-state", "current")
+        # a change of the shared prefix reaches both rows, live
+        changed = await client.put(shared + "rate_limit", "9")
+        for name in ("svc-a", "svc-b"):
+            row = layer.locator(f'tr[data-instance="{name}"]')
+            await expect(row).to_contain_text(str(changed), timeout=TIMEOUT_MS)
+            await expect(row).to_have_attribute("data-state", "current")

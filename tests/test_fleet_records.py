@@ -432,3 +432,47 @@ async def test_an_unanswered_refresh_fails_in_time_and_the_next_one_opens_a_new_
                     except EtcdUnavailable:
                         await anyio.sleep(0.2)
             keeper.close()
+
+
+async def test_a_layered_instance_sees_the_fleet_of_every_prefix_it_reads_each_judged_by_its_own_changes(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    from aetcdcfg import status_report
+
+    shared, mine, theirs = etcd_prefix + "shared/", etcd_prefix + "a/", etcd_prefix + "b/"
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=[shared, mine], client=client, instance="svc-a") as a,
+        LiveSettings(Service, prefix=[shared, theirs], client=client, instance="svc-b") as b,
+    ):
+        views = a.fleets()
+        assert list(views) == [shared, mine] and a.fleet() is views[mine] and a.fleet(shared) is views[shared]
+        with pytest.raises(ValueError, match="not one of its prefixes"):
+            a.fleet(theirs)
+
+        def states(prefix: str) -> dict[str, str]:
+            return {row["id"]: row["state"] for row in views[prefix].rows()}
+
+        # a change only the other service reads: everyone is still current on /shared/ and on a/
+        changed = await client.put(theirs + "rate_limit", "7")
+        with anyio.fail_after(10):
+            while (
+                views[shared].records.get("svc-b") is None
+                or views[shared].records["svc-b"].applied_revision < changed
+            ):
+                await anyio.sleep(0.02)
+        assert states(shared) == {"svc-a": "current", "svc-b": "current"} and states(mine) == {
+            "svc-a": "current"
+        }
+        # a change of /shared/ is rolled out to both services: it shows who has it
+        changed = await client.put(shared + "rate_limit", "9")
+        with anyio.fail_after(10):
+            while states(shared) != {"svc-a": "current", "svc-b": "current"} or any(
+                r.applied_revision < changed for r in views[shared].records.values()
+            ):
+                await anyio.sleep(0.02)
+        assert a.current.rate_limit == 9 and b.current.rate_limit == 7
+        report = status_report(a)
+        assert [(f["prefix"], f["following"]) for f in report["fleet"]] == [(shared, True), (mine, True)]
+        assert [row["id"] for row in report["fleet"][0]["instances"]] == ["svc-a", "svc-b"]
+        assert [row["id"] for row in report["fleet"][1]["instances"]] == ["svc-a"]

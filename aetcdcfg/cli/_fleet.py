@@ -7,15 +7,26 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 
+from .._audit import DEFAULT_AUDIT_KEEP, AuditWrite, audit_keep, audit_write
 from .._fleet import WaitResult, instances, wait_applied
 from .._records import AuditRecord
 from ..client import EtcdClient
-from ._common import PREFIX_HELP, Subparsers, make_client, normalize_prefix, out, positive_float, revision
+from ._common import (
+    PREFIX_HELP,
+    Subparsers,
+    UsageError,
+    make_client,
+    normalize_prefix,
+    out,
+    positive_float,
+    revision,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "add_wait_options",
     "audit_entry",
+    "audit_keep_of",
     "cmd_instances",
     "cmd_wait",
     "register",
@@ -89,12 +100,30 @@ async def cmd_wait(args: argparse.Namespace) -> int:
         return await wait_and_report(client, prefix, args.revision, args.timeout)
 
 
+def _count(text: str) -> int:
+    """A number of records, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_wait_options(parser: argparse.ArgumentParser) -> None:
-    """``--message``, ``--wait`` and ``--timeout`` for the commands that write."""
+    """``--message``, ``--audit-keep``, ``--wait`` and ``--timeout`` for the commands that write."""
     parser.add_argument(
         "--message",
         "-m",
         help="why: kept with who and when in an audit record written in the same txn (history shows it)",
+    )
+    parser.add_argument(
+        "--audit-keep",
+        type=_count,
+        metavar="N",
+        help="keep the prefix's newest N audit records: the same txn deletes older ones, a few per "
+        f"write (default: $AETCDCFG_AUDIT_KEEP, else {DEFAULT_AUDIT_KEEP}; 0 keeps all)",
     )
     parser.add_argument(
         "--wait",
@@ -111,10 +140,21 @@ def add_wait_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def audit_entry(args: argparse.Namespace, prefix: str, keys: Sequence[str]) -> dict[str, bytes]:
-    """The audit record (as ``also=`` for the write) of who makes this change, when and why."""
+def audit_keep_of(args: argparse.Namespace) -> int:
+    """``--audit-keep``, else ``AETCDCFG_AUDIT_KEEP``, else the default (a bad variable: UsageError)."""
+    try:
+        return audit_keep(args.audit_keep)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def audit_entry(
+    args: argparse.Namespace, client: EtcdClient, prefix: str, keys: Sequence[str]
+) -> AuditWrite:
+    """The audit record of who makes this change, when and why, and the old ones beyond
+    ``--audit-keep`` to delete, for the change's transaction (``also=``, ``prune=``)."""
     record = AuditRecord.now(args.command, keys, args.message)
-    return {record.key(prefix): record.to_json()}
+    return await audit_write(client, prefix, record, keep=audit_keep_of(args))
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:

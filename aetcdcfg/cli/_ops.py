@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .._fleet import audit_log
+from .._audit import audit_log
 from ._canary import canary_set
 from ._common import (
     PREFIX_HELP,
@@ -267,6 +267,9 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     add_guard_options(set_)
     set_.add_argument(
-        "--canary", metavar="SELECTOR", help="only for the instances it selects: zone=b, instance=ID or 10%%"
+        "--canary",
+        metavar="SELECTOR",
+        help="only for the instances it selects: zone=b, instance=ID or 10%%; with --dry-run, show "
+        "the canary, whom it selects now and the diff they get, and write nothing",
     )
     set_.set_defaults(run=cmd_set)

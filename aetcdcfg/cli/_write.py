@@ -141,8 +141,8 @@ async def write_result(
     if args.dry_run:
         out(f"dry run: nothing written; apply with --expect-revision {current.revision}")
         return 0
-    also = audit_entry(args, prefix, diff.keys)
-    revision = await client.apply_diff(prefix, diff, unchanged=unchanged, also=also)
+    audit = await audit_entry(args, client, prefix, diff.keys)
+    revision = await client.apply_diff(prefix, diff, unchanged=unchanged, also=audit.puts, prune=audit.prune)
     out(f"wrote {len(diff.puts)} put(s) and {len(diff.deletes)} delete(s) at revision {revision}")
     if args.wait:
         return await wait_and_report(client, prefix, revision, args.timeout)
