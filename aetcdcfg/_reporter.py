@@ -60,6 +60,8 @@ class Reporter:
         self._wake = anyio.Event()
         self.lease: int | None = None
         self._keeper: LeaseKeeper | None = None
+        self._granted = float(ttl)  # the TTL etcd granted (again) last
+        self._leased = anyio.Event()  # set while there is a lease
         self.writes = 0
         self.last_fresh: bool | None = None
         #: What the metrics show: whether the records are in etcd as of the last write or refresh.
@@ -87,32 +89,30 @@ class Reporter:
         self._wake.set()
 
     async def run(self) -> None:
+        """Write the records (and keep the lease) until cancelled; returns if etcd denies it."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_lease)
+            await self._write_records()
+            tg.cancel_scope.cancel()
+
+    async def _write_records(self) -> None:
+        """Grant a lease when there is none, and write whenever the schedule says."""
         backoff = Backoff(initial=0.2, maximum=5.0)
-        refresh_at = math.inf
         while True:
             try:
                 if self.lease is None:
-                    self.lease, granted = await self._client.grant_lease(self._ttl)
+                    self.lease, self._granted = await self._client.grant_lease(self._ttl)
                     self._keeper = self._client.lease_keeper(self.lease)
+                    self._leased.set()
                     self._schedule.changed()
-                    refresh_at = anyio.current_time() + granted / 3
-                    self._log.info("fleet.lease_granted", lease=self.lease, ttl=granted)
+                    self._log.info("fleet.lease_granted", lease=self.lease, ttl=self._granted)
                 now = anyio.current_time()
                 if self._schedule.should_write(now):
                     await self._write(now)
-                if anyio.current_time() >= refresh_at:
-                    assert self._keeper is not None
-                    ttl = await self._keeper.refresh()
-                    if ttl <= 0:
-                        raise LeaseNotFound("etcd no longer holds the lease")
-                    refresh_at = anyio.current_time() + ttl / 3
-                    self.refreshes += 1
                 backoff.reset()
                 self.last_error = None
             except LeaseNotFound:
-                self._log.warning("fleet.lease_lost", lease=self.lease)
-                self.leases_lost += 1
-                self._drop_lease()
+                self._lost(self.lease)
                 continue
             except PermissionDenied as exc:
                 # Retrying cannot fix it: say so once (the role, README "Fleet rollout") and stop.
@@ -127,14 +127,52 @@ class Reporter:
                 await anyio.sleep(backoff.next_delay())
                 continue
             due = self._schedule.due_at()
-            wake_at = min(refresh_at, due if due is not None else math.inf)
+            wake_at = due if due is not None else math.inf
             with anyio.move_on_after(max(0.0, min(wake_at - anyio.current_time(), FRESHNESS_CHECK))):
                 await self._wake.wait()
             self._wake = anyio.Event()
             self._check_freshness()
 
+    async def _keep_lease(self) -> None:
+        """Refresh the lease every TTL/3, in a task of its own: a refresh may take seconds (etcd's
+        gRPC proxy answers a keepalive at its own next tick, up to TTL/3 later), and a record write
+        must never wait for it."""
+        backoff = Backoff(initial=0.2, maximum=2.0)
+        while True:
+            lease, keeper = self.lease, self._keeper
+            if lease is None or keeper is None:
+                await self._leased.wait()
+                continue
+            await anyio.sleep(self._granted / 3)
+            if self.lease != lease:
+                continue  # lost and granted again meanwhile: refresh the new one
+            try:
+                ttl = await keeper.refresh()
+            except AetcdcfgError as exc:
+                self.last_error = str(exc)
+                self.failures += 1
+                self._log.warning("fleet.lease_refresh_failed", error=str(exc), lease=lease)
+                await anyio.sleep(backoff.next_delay())  # then again, sooner than TTL/3
+                continue
+            if ttl <= 0:
+                self._lost(lease)
+                continue
+            backoff.reset()
+            self._granted = ttl
+            self.refreshes += 1
+
+    def _lost(self, lease: int | None) -> None:
+        """etcd no longer holds ``lease``: the writer grants another and writes the records again."""
+        if lease is None or self.lease != lease:
+            return  # already replaced
+        self._log.warning("fleet.lease_lost", lease=lease)
+        self.leases_lost += 1
+        self._drop_lease()
+        self._wake.set()
+
     def _drop_lease(self) -> None:
         self.lease = None
+        self._leased = anyio.Event()
         self.in_etcd = False
         if self._keeper is not None:
             self._keeper.close()
@@ -146,17 +184,22 @@ class Reporter:
             self._schedule.changed()
 
     async def _write(self, now: float) -> None:
-        assert self.lease is not None
+        lease = self.lease
+        assert lease is not None
         self._schedule.wrote(now)  # a change during the put dirties it again
         record = self._build()
         value = record.to_json()
         try:
-            await self._client.put_leased(dict.fromkeys(self._keys, value), self.lease)
+            await self._client.put_leased(dict.fromkeys(self._keys, value), lease)
+        except LeaseNotFound:
+            self._schedule.changed()
+            self._lost(lease)
+            raise
         except BaseException:
             self._schedule.changed()
             raise
         self.writes += 1
-        self.in_etcd = True
+        self.in_etcd = self.lease == lease
         if record.fresh != self.last_fresh:
             self._log.info("fleet.reported", applied_revision=record.applied_revision, fresh=record.fresh)
         self.last_fresh = record.fresh

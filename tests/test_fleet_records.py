@@ -476,3 +476,39 @@ async def test_a_layered_instance_sees_the_fleet_of_every_prefix_it_reads_each_j
         assert [(f["prefix"], f["following"]) for f in report["fleet"]] == [(shared, True), (mine, True)]
         assert [row["id"] for row in report["fleet"][0]["instances"]] == ["svc-a", "svc-b"]
         assert [row["id"] for row in report["fleet"][1]["instances"]] == ["svc-a"]
+
+
+async def test_a_record_write_never_waits_for_a_lease_refresh_in_flight(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through etcd's gRPC proxy a keepalive is answered at the proxy's own next tick, up to TTL/3
+    later (measured: 1-2.5 s with a 10 s TTL), and a refresh can hang on a dead link until its
+    timeout. The change applied meanwhile must be reported at once: here every refresh after the
+    first hangs, and the records still follow two changes."""
+    from aetcdcfg._connection import LeaseKeeper
+
+    refresh = LeaseKeeper.refresh
+    hanging = anyio.Event()
+    calls = 0
+
+    async def hangs_after_the_first(self: LeaseKeeper) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return await refresh(self)
+        hanging.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(LeaseKeeper, "refresh", hangs_after_the_first)
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-r", report_ttl=3),
+    ):
+        with anyio.fail_after(10):
+            await hanging.wait()  # the second refresh (at ~2 s) is in flight, and stays there
+        for limit in (7, 8):
+            revision = await client.put(etcd_prefix + "rate_limit", str(limit))
+            await until_record(
+                client, etcd_prefix, "pod-r", lambda r: r and r["applied_revision"] == revision
+            )
