@@ -175,7 +175,7 @@ async def test_push_validates_diffs_and_writes_one_revision(
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         await client.put(etcd_prefix + "rate_limit", "100")
         _, out, _ = await run(
-            "push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, "--dry-run"
+            "push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings", "--dry-run"
         )
         assert f"~ {etcd_prefix}rate_limit: 100 -> 200" in out
         assert f"+ {etcd_prefix}db/password = **********" in out
@@ -183,7 +183,7 @@ async def test_push_validates_diffs_and_writes_one_revision(
         assert (await client.get_prefix(etcd_prefix)).items == {etcd_prefix + "rate_limit": b"100"}
 
         before = (await client.get_prefix(etcd_prefix)).revision
-        _, out, _ = await run("push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        _, out, _ = await run("push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings")
         assert "wrote 5 put(s)" in out
         written = int(out.strip().rsplit(" ", 1)[1])
         snapshot = await client.get_prefix(etcd_prefix)
@@ -196,7 +196,7 @@ async def test_push_validates_diffs_and_writes_one_revision(
         }
         assert written == before + 1  # five keys, one transaction, one revision
 
-        _, out, _ = await run("push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        _, out, _ = await run("push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings")
         assert "no changes" in out
 
 
@@ -208,13 +208,13 @@ async def test_push_refuses_invalid_or_unknown_and_changes_nothing(
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         before = await client.put(etcd_prefix + "rate_limit", "100")
         code, out, _ = await run(
-            "push", "bad.json", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, check=False
+            "push", etcd_prefix, "bad.json", "--model", "svc_settings:Settings", check=False
         )
         assert code == 1
         assert f"{etcd_prefix}rate_limit: Input should be greater than or equal to 1" in out
         assert "nothing was written" in out
         code, out, _ = await run(
-            "push", "typo.toml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, check=False
+            "push", etcd_prefix, "typo.toml", "--model", "svc_settings:Settings", check=False
         )
         assert code == 1
         assert f"{etcd_prefix}rate_limt" in out
@@ -231,7 +231,7 @@ async def test_push_detects_a_change_made_after_the_reviewed_diff(
         reviewed = await client.put(etcd_prefix + "rate_limit", "100")
         await client.put(etcd_prefix + "maintenance", "true")  # someone else, after the review
         code, _, err = await run(
-            "push", "cfg.json", "--model", "svc_settings:Settings", "--prefix", etcd_prefix,
+            "push", etcd_prefix, "cfg.json", "--model", "svc_settings:Settings",
             "--expect-revision", str(reviewed), check=False,
         )  # fmt: skip
         assert code == 1
@@ -246,12 +246,10 @@ async def test_push_prune_deletes_keys_the_file_lacks(
     (workdir / "cfg.yaml").write_text("rate_limit: 5\n")
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         await client.put_many({etcd_prefix + "rate_limit": "1", etcd_prefix + "maintenance": "true"})
-        _, out, _ = await run("push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix)
+        _, out, _ = await run("push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings")
         assert "kept (use --prune" in out
         assert await client.get(etcd_prefix + "maintenance") == b"true"
-        _, out, _ = await run(
-            "push", "cfg.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix, "--prune"
-        )
+        _, out, _ = await run("push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings", "--prune")
         assert f"- {etcd_prefix}maintenance" in out
         assert (await client.get_prefix(etcd_prefix)).items == {etcd_prefix + "rate_limit": b"5"}
 
@@ -282,7 +280,7 @@ async def test_dump_then_push_round_trips_and_masked_secrets_keep_their_value(
                 "    rate_limit: str = ''\n    maintenance: str = ''\n    db: dict[str, str] = {}\n"
                 "    tags: str = ''\n    notes: str = ''\n"
             )
-            await run("push", f"dump.{fmt}", "--model", "loose:Loose", "--prefix", target)
+            await run("push", target, f"dump.{fmt}", "--model", "loose:Loose")
             copied = (await client.get_prefix(target)).items
             assert {k[len(target) :]: v.decode() for k, v in copied.items()} == source
 
@@ -293,7 +291,7 @@ async def test_dump_then_push_round_trips_and_masked_secrets_keep_their_value(
         _, out, _ = await run("dump", etcd_prefix + "svc/", "--model", "svc_settings:Settings")
         assert "s3cret" not in out
         (workdir / "masked.yaml").write_text(out.replace("'3'", "'4'"))
-        await run("push", "masked.yaml", "--model", "svc_settings:Settings", "--prefix", etcd_prefix + "svc/")
+        await run("push", etcd_prefix + "svc/", "masked.yaml", "--model", "svc_settings:Settings")
         assert await client.get(etcd_prefix + "svc/db/password") == b"s3cret"
         assert await client.get(etcd_prefix + "svc/rate_limit") == b"4"
 
@@ -471,7 +469,7 @@ async def test_secrets_inside_whole_object_values_are_masked_by_every_command(
         # a masked dump pushed back (YAML and JSON) writes nothing: etcd keeps every secret
         for fmt in ("yaml", "json"):
             (workdir / f"nested.{fmt}").write_text(outputs["dump" if fmt == "yaml" else "dump --json"])
-            _, out, _ = await run("push", f"nested.{fmt}", "--prefix", p, *m)
+            _, out, _ = await run("push", p, f"nested.{fmt}", *m)
             assert "no changes" in out, out
         snapshot = await client.get_prefix(p)
         assert snapshot.revision == written
@@ -595,7 +593,7 @@ async def test_bad_input_is_one_line_and_a_non_zero_exit_never_a_traceback(
         ("rollback", p, "--to-revision", "0", *m),
         ("rollback", p, "--to-revision", "x", *m),
         ("watch", p, "--from-revision", "0"),
-        ("push", "cfg.yaml", "--prefix", p, "--expect-revision", "0", *m),
+        ("push", p, "cfg.yaml", "--expect-revision", "0", *m),
         ("set", p, "rate_limit=caf\udce9", *m),  # a byte that is not UTF-8, as the shell passed it
         ("get", "/caf\udce9/"),
     ]
@@ -606,7 +604,7 @@ async def test_bad_input_is_one_line_and_a_non_zero_exit_never_a_traceback(
         assert "Traceback" not in err, (args, err)
         assert err.splitlines()[-1].startswith("aetcdcfg"), (args, err)
         assert "error:" in err.splitlines()[-1], (args, err)
-    code, out, err = await run("push", "odd.yaml", "--prefix", p, *m, check=False)
+    code, out, err = await run("push", p, "odd.yaml", *m, check=False)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("aetcdcfg: usage: 'odd.yaml': tags: a set"), err
 
@@ -623,9 +621,7 @@ async def test_dates_in_yaml_and_toml_files_are_written_as_iso_8601_text(
             ("dated.toml", {"day": b"2024-02-29", "at": b"2024-02-29T10:20:30+02:00"}),
         ):
             target = f"{etcd_prefix}{name}/"
-            code, out, err = await run(
-                "push", name, "--prefix", target, "--model", "dated:Settings", check=False
-            )
+            code, out, err = await run("push", target, name, "--model", "dated:Settings", check=False)
             assert code == 0, out + err
             items = (await client.get_prefix(target)).items
             assert {k[len(target) :]: v for k, v in items.items()} == expected
@@ -672,3 +668,25 @@ def test_dump_then_push_keeps_line_breaks_yaml_would_fold(value: str, suffix: st
     items = {"notes": value.encode(), "k\x85ey/nested": value.encode()}
     text = dumps(items, as_json=suffix == ".json") + "\n"
     assert flatten(loads(text.encode(), suffix, "dump" + suffix)) == items
+
+
+async def test_push_takes_the_prefix_first_and_the_old_spelling_still_works_with_a_note(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``push PREFIX FILE`` like every other command; ``push FILE --prefix PREFIX`` is deprecated."""
+    (workdir / "cfg.yaml").write_text("rate_limit: 7\n")
+    m = ("--model", "svc_settings:Settings")
+    code, out, err = await run("push", "cfg.yaml", "--prefix", etcd_prefix, *m)
+    assert code == 0 and "wrote 1 put(s)" in out
+    assert (
+        f"deprecated: give the prefix first, as other commands take it (aetcdcfg push {etcd_prefix} cfg.yaml"
+        in err
+    )
+    code, _, err = await run("push", etcd_prefix, *m, check=False)
+    assert code == 2 and err.strip() == (
+        "aetcdcfg: usage: push needs the prefix and the file: aetcdcfg push /myservice/ cfg.yaml --model ..."
+    )
+    code, _, err = await run("push", etcd_prefix, "cfg.yaml", "--prefix", "/other/", *m, check=False)
+    assert code == 2 and "two prefixes given" in err
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        assert (await client.get_prefix(etcd_prefix)).items == {etcd_prefix + "rate_limit": b"7"}

@@ -70,7 +70,7 @@ def test_dev_takes_no_connection_options_and_the_others_take_them_all() -> None:
 
 def test_every_command_takes_the_prefix_positionally() -> None:
     for name, parser in commands().items():
-        if name in ("dev", "push"):  # dev has none; push's positional is its file
+        if name == "dev":  # dev has none
             continue
         if name == "canary":  # canary status|promote|abort PREFIX, as the issue spells it
             assert [a.dest for a in parser._actions if not a.option_strings] == ["action", "prefix"]

@@ -89,7 +89,7 @@ async def test_set_records_who_when_and_why_at_the_revision_of_the_change(
 async def test_history_shows_who_changed_it_and_why(workdir: Path, etcd_prefix: str) -> None:
     await run("set", etcd_prefix, "rate_limit=7", "--model", "svc_settings:Settings", "-m", "first")
     (workdir / "cfg.yaml").write_text("rate_limit: 9\nflag: true\n")
-    code, out, _ = await run("push", "cfg.yaml", "--prefix", etcd_prefix, "--model", "svc_settings:Settings")
+    code, out, _ = await run("push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings")
     assert code == 0
     pushed = written_at(out)
     code, out, _ = await run(
@@ -158,7 +158,7 @@ async def test_wait_defaults_to_a_change_that_only_deleted_keys(
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
         before = await client.put_many({etcd_prefix + "rate_limit": "9", etcd_prefix + "flag": "true"})
         code, out, _ = await run(
-            "push", "cfg.yaml", "--prefix", etcd_prefix, "--model", "svc_settings:Settings", "--prune"
+            "push", etcd_prefix, "cfg.yaml", "--model", "svc_settings:Settings", "--prune"
         )
         assert code == 0 and f"- {etcd_prefix}flag" in out and "+ " not in out and "~ " not in out
         pruned = written_at(out)

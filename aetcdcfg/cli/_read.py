@@ -85,9 +85,7 @@ async def cmd_dump(args: argparse.Namespace) -> int:
         secrets = Secrets(load_model(args.model))
         # push keeps etcd's value for a masked secret, whole or inside a JSON value
         items = {key: secrets.mask(key, value) for key, value in items.items()}
-    header = (
-        f"# {prefix} at revision {snapshot.revision}; aetcdcfg push FILE --prefix {prefix} reads it back\n"
-    )
+    header = f"# {prefix} at revision {snapshot.revision}; aetcdcfg push {prefix} FILE reads it back\n"
     out(dumps(items, as_json=args.json, header=header))
     return 0
 

@@ -60,6 +60,25 @@ def _check_prefix(args: argparse.Namespace) -> str:
     return normalize_prefix(given.pop())
 
 
+def _push_target(args: argparse.Namespace) -> tuple[str, str]:
+    """``push``'s (prefix, file): ``push PREFIX FILE``, or the deprecated ``push FILE --prefix PREFIX``."""
+    if args.prefix_option is None:
+        if args.file is None:
+            raise UsageError(
+                "push needs the prefix and the file: aetcdcfg push /myservice/ cfg.yaml --model ..."
+            )
+        return normalize_prefix(args.prefix), args.file
+    if args.file is not None:
+        raise UsageError(f"two prefixes given ({args.prefix!r} and --prefix {args.prefix_option!r})")
+    print(
+        "aetcdcfg: push FILE --prefix is deprecated: give the prefix first, as other commands take it "
+        f"(aetcdcfg push {args.prefix_option} {args.prefix} --model ...)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return normalize_prefix(args.prefix_option), args.prefix
+
+
 async def _current(args: argparse.Namespace) -> tuple[type[BaseModel], str, dict[str, bytes], int]:
     model = load_model(args.model)
     prefix = _check_prefix(args)
@@ -158,14 +177,14 @@ async def base(args: argparse.Namespace, client: EtcdClient, prefix: str) -> Sna
 
 
 async def cmd_push(args: argparse.Namespace) -> int:
+    prefix, file = _push_target(args)
     model = load_model(args.model)
-    prefix = normalize_prefix(args.prefix)
-    data = load_file(Path(args.file))
+    data = load_file(Path(file))
     try:
         wanted = flatten(data)
     except UsageError as exc:
-        raise UsageError(f"{args.file!r}: {exc}") from None
-    if refuse_unknown(model, prefix, wanted, args.file):
+        raise UsageError(f"{file!r}: {exc}") from None
+    if refuse_unknown(model, prefix, wanted, file):
         return 1
     secrets = Secrets(model)
     async with make_client(args) as client:
@@ -177,7 +196,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
                 restored = secrets.restore(key, wanted[key], current.get(key))
             except MaskedSecretMissing as exc:
                 raise UsageError(
-                    f"{args.file}: {prefix}{key} has a masked secret at {'/'.join(exc.path)!r} that "
+                    f"{file}: {prefix}{key} has a masked secret at {'/'.join(exc.path)!r} that "
                     "etcd does not hold there to keep; write the real value (or dump with "
                     "--reveal-secrets)"
                 ) from None
@@ -200,7 +219,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
             prefix,
             snapshot,
             {prefix + k: v for k, v in result.items()},
-            header=f"# {prefix} at revision {snapshot.revision}, changes from {args.file}:",
+            header=f"# {prefix} at revision {snapshot.revision}, changes from {file}:",
             notes=notes,
         )
 
@@ -260,8 +279,14 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "transaction that is refused if the prefix changed meanwhile. Keys etcd has and the file "
         "lacks are kept unless --prune.",
     )
-    push.add_argument("file", help="a .yaml, .json or .toml file of settings")
-    push.add_argument("--prefix", required=True, help="the key prefix to write under, e.g. /myservice/")
+    push.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
+    push.add_argument("file", nargs="?", metavar="FILE", help="a .yaml, .json or .toml file of settings")
+    push.add_argument(
+        "--prefix",
+        dest="prefix_option",
+        metavar="PREFIX",
+        help="deprecated: give the prefix first (push PREFIX FILE), as every other command takes it",
+    )
     push.add_argument("--prune", action="store_true", help="delete keys under the prefix that the file lacks")
     add_guard_options(push)
     push.set_defaults(run=cmd_push)
