@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2
 
@@ -146,7 +147,7 @@ async def run_stream(data: list[bytes]) -> int:
 
     from aetcdcfg._fanout import PrefixWatch
     from aetcdcfg._resume import WatchState
-    from aetcdcfg._stream import WatchLoop, _StreamFailed
+    from aetcdcfg._stream import WatchLoop, _Session, _StreamFailed
 
     hub = PrefixWatch(None, PREFIX, lambda hub: None)  # type: ignore[arg-type]
     state = hub.state = WatchState(PREFIX, 100, {})
@@ -154,9 +155,11 @@ async def run_stream(data: list[bytes]) -> int:
     subscription, _ = hub.subscribe(None, len(data) + 1, with_snapshot=False)
     loop = WatchLoop(None, state, hub._publish, label=PREFIX.decode(), health=hub.health)  # type: ignore[arg-type]
     call = _FakeCall(data, subscription)
-    endpoint = SimpleNamespace(url="bench", answers_progress=True)
-    with contextlib.suppress(_StreamFailed):  # EOF after the last response
-        await loop._read_loop(call, endpoint, None)  # type: ignore[arg-type]
+    endpoint = SimpleNamespace(url="bench", answers_progress=True, closed=False)
+    async with anyio.create_task_group() as tg:  # the session's group: its watchdog is not started here
+        session = _Session(endpoint, call, tg, None, 0.0)  # type: ignore[arg-type]
+        with contextlib.suppress(_StreamFailed):  # EOF after the last response
+            await loop._read_loop(session)
     return call.seen
 
 
