@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test matrix lint dist bench soak clean chromium mutation
+.PHONY: run test matrix lint dist bench bench-check bench-baseline valgrind soak clean chromium mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,20 @@ dist: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# Instructions per unit of the hot paths, counted by callgrind (deterministic where clocks are not),
+# against benchmarks/instructions_baseline.json: fails past the tolerance (docs/benchmarks.md). ~40 s.
+bench-check: $(STAMP) valgrind
+	$(PY) -m benchmarks.instructions --check
+
+# After a deliberate change to the counts: rewrite the baseline, then commit it saying why.
+bench-baseline: $(STAMP) valgrind
+	$(PY) -m benchmarks.instructions --update-baseline
+
+# Debian's valgrind, installed here when missing and we can (root with apt-get, as on CI).
+valgrind:
+	@if ! command -v valgrind >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; fi
 
 soak: $(STAMP)
 	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),10)
