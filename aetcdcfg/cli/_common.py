@@ -28,6 +28,7 @@ __all__ = [
     "UsageError",
     "VALUES_HIDDEN",
     "add_value_options",
+    "count",
     "diff_json",
     "diff_lines",
     "json_value",
@@ -55,15 +56,26 @@ class UsageError(Exception):
 # -- argument types (argparse turns their ArgumentTypeError into a usage error, exit 2) --------------
 
 
-def positive_int(text: str) -> int:
-    """A count of 1 or more."""
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of {minimum} or more, got {text!r}"
+        ) from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A count of 1 or more."""
+    return _whole_number(text, 1)
+
+
+def count(text: str) -> int:
+    """A count of 0 or more (a number of records, where 0 means "all" or "none")."""
+    return _whole_number(text, 0)
 
 
 def revision(text: str) -> int:

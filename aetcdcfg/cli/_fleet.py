@@ -15,6 +15,7 @@ from ._common import (
     PREFIX_HELP,
     Subparsers,
     UsageError,
+    count,
     make_client,
     normalize_prefix,
     out,
@@ -100,17 +101,6 @@ async def cmd_wait(args: argparse.Namespace) -> int:
         return await wait_and_report(client, prefix, args.revision, args.timeout)
 
 
-def _count(text: str) -> int:
-    """A number of records, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_wait_options(parser: argparse.ArgumentParser) -> None:
     """``--message``, ``--audit-keep``, ``--wait`` and ``--timeout`` for the commands that write."""
     parser.add_argument(
@@ -120,7 +110,7 @@ def add_wait_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--audit-keep",
-        type=_count,
+        type=count,
         metavar="N",
         help="keep the prefix's newest N audit records: the same txn deletes older ones, a few per "
         f"write (default: $AETCDCFG_AUDIT_KEEP, else {DEFAULT_AUDIT_KEEP}; 0 keeps all)",
