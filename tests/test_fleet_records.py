@@ -510,5 +510,5 @@ async def test_a_record_write_never_waits_for_a_lease_refresh_in_flight(
         for limit in (7, 8):
             revision = await client.put(etcd_prefix + "rate_limit", str(limit))
             await until_record(
-                client, etcd_prefix, "pod-r", lambda r: r and r["applied_revision"] == revision
+                client, etcd_prefix, "pod-r", lambda r, at=revision: r and r["applied_revision"] == at
             )
