@@ -178,12 +178,14 @@ async def burst(opts: Options, etcd: str) -> tuple[int, float, int, float, str]:
             await anyio.sleep(max(0.0, started + (n + 1) * 0.01 - time.monotonic()))
         paced = time.monotonic() - started
         waited = time.monotonic()
-        result = await wait_applied(admin, prefix, last, timeout=30)
+        # 200 instances share this machine's 2 cores (a real fleet has a core per pod): give them
+        # time to work through 500 revisions each, and report how long it took.
+        result = await wait_applied(admin, prefix, last, timeout=180)
         outcome = (
             f"500 changes took {paced:.1f} s to write; all {len(result.applied)} instances applied the last "
             f"one {time.monotonic() - waited:.2f} s after it"
             if result.ok
-            else f"writing took {paced:.1f} s; {len(result.applied)} applied the last change within 30 s"
+            else f"writing took {paced:.1f} s; {len(result.applied)} applied the last change within 180 s"
         )
         tg.cancel_scope.cancel()
         counted = time.monotonic() - started  # the window the writes were counted over
