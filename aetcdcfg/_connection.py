@@ -17,7 +17,7 @@ from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
 from ._channel import Endpoint, EndpointPool
-from ._grpc_errors import Failure, classify, describe, is_stray_cancel, to_error
+from ._grpc_errors import Failure, classify, describe, is_stray_cancel, own_cancellation, to_error
 from ._log import get_logger
 from .errors import AetcdcfgError, ClientClosedError, EtcdError, EtcdUnavailable
 from .settings import EtcdSettings
@@ -138,6 +138,7 @@ class Connection:
             response = await endpoint.auth.Authenticate(request, timeout=self.settings.request_timeout)
         except asyncio.CancelledError:
             if not is_stray_cancel(channel_closed=endpoint.closed):
+                await own_cancellation()
                 raise
             raise self.cut_off("Authenticate", endpoint, [endpoint.url], write=False) from None
         except grpc.aio.AioRpcError as exc:
@@ -212,6 +213,7 @@ class Connection:
                 return await call(request, timeout=attempt, metadata=self.metadata())
             except asyncio.CancelledError:
                 if not is_stray_cancel(channel_closed=endpoint.closed):
+                    await own_cancellation()
                     raise
                 if idempotent and self._pool is not None:
                     cause = f"the channel to {endpoint.url} was closed during {method}"
@@ -295,6 +297,7 @@ class LeaseKeeper:
             await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=self.lease_id))
             response = await call.read()
         except asyncio.CancelledError:
+            closed = self._call is not call  # close() ran under this refresh (the lease was given up)
             self.close()
             if expired and is_stray_cancel(channel_closed=True):
                 conn.pool().mark_failed(endpoint, "LeaseKeepAlive unanswered")
@@ -302,7 +305,12 @@ class LeaseKeeper:
                     f"LeaseKeepAlive unanswered within {timeout:.3g}s (request_timeout)",
                     endpoints=[endpoint.url],
                 ) from None
+            if closed and is_stray_cancel(channel_closed=True):
+                raise EtcdUnavailable(
+                    "LeaseKeepAlive: the stream was closed during the refresh", endpoints=[endpoint.url]
+                ) from None
             if not is_stray_cancel(channel_closed=endpoint.closed):
+                await own_cancellation()
                 raise
             raise conn.cut_off("LeaseKeepAlive", endpoint, [endpoint.url], write=False) from None
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import sys
 
+import anyio.lowlevel
 import grpc
 
 from .errors import AuthenticationFailed, EtcdError, PermissionDenied, RequestTooLarge
@@ -18,6 +19,7 @@ __all__ = [
     "classify",
     "describe",
     "is_stray_cancel",
+    "own_cancellation",
     "to_error",
 ]
 
@@ -151,3 +153,16 @@ def is_stray_cancel(*, channel_closed: bool) -> bool:
         task = asyncio.current_task()
         return task is not None and task.cancelling() == 0
     return channel_closed  # pragma: no cover - Python 3.10
+
+
+async def own_cancellation() -> None:
+    """Before re-raising a real cancellation that came out of a grpc.aio call: let anyio raise its own.
+
+    grpc.aio swallows the ``CancelledError`` anyio threw into the call and raises a new, bare one.
+    anyio's cancel scope does not recognise that one as its own (it looks for its message), so it
+    would leave the scope uncaught, a stray cancellation: ``move_on_after`` around a call raised
+    ``CancelledError`` instead of returning, and a session's watchdog ending its task group during a
+    read took down the client's task group. With the scope still cancelled, this checkpoint raises
+    anyio's own cancellation in place of grpc's; a plain ``task.cancel()`` is left as it is.
+    """
+    await anyio.lowlevel.checkpoint_if_cancelled()

@@ -44,7 +44,15 @@ import grpc
 from aetcd.rpc import rpc_pb2
 
 from ._backoff import Backoff
-from ._grpc_errors import CompactedRead, Failure, classify, describe, is_stray_cancel, to_error
+from ._grpc_errors import (
+    CompactedRead,
+    Failure,
+    classify,
+    describe,
+    is_stray_cancel,
+    own_cancellation,
+    to_error,
+)
 from ._history import compact_revision
 from ._keys import prefix_range_end
 from ._log import Logger, get_logger
@@ -122,6 +130,7 @@ class _Session:
                 await task(self)
             except asyncio.CancelledError:
                 if not is_stray_cancel(channel_closed=self.endpoint.closed):
+                    await own_cancellation()
                     raise
                 self.fail(_StreamFailed(f"the channel to {self.endpoint.url} was closed"))
             except Exception as exc:  # a typed outcome (_Relist, PermissionDenied, ...) or a bug of ours
@@ -375,6 +384,7 @@ class WatchLoop:
             return
         except asyncio.CancelledError:
             if not is_stray_cancel(channel_closed=endpoint.closed):
+                await own_cancellation()
                 raise
         finally:
             call.cancel()
@@ -560,6 +570,7 @@ class WatchLoop:
                     await self._on_canceled(step.reason, endpoint, session.token)
         except asyncio.CancelledError:
             if not is_stray_cancel(channel_closed=endpoint.closed):
+                await own_cancellation()
                 raise
             raise _StreamFailed(f"the channel to {endpoint.url} was closed under the watch") from None
         except grpc.aio.AioRpcError as exc:

@@ -5,6 +5,7 @@ Each test here failed before the fix it names (issue 17)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 
 import anyio
@@ -159,3 +160,26 @@ async def test_closing_a_client_under_calls_raises_our_errors_not_cancelled(
     for name, exc in outcomes.items():
         assert isinstance(exc, ClientClosedError | EtcdUnavailable), (name, repr(exc))
     assert "may or may not have been applied" in str(outcomes["put"])
+
+
+async def test_an_anyio_timeout_around_a_call_to_a_silent_etcd_is_a_timeout_not_a_stray_cancel(
+    fault_proxy: FaultProxy, etcd_prefix: str
+) -> None:
+    """grpc.aio swallows the cancellation anyio throws into a call and raises a bare one, which
+    anyio's scope does not take for its own: move_on_after raised CancelledError out of the block,
+    and fail_after CancelledError instead of TimeoutError (a stray cancellation in user code)."""
+    async with EtcdClient(endpoints=[fault_proxy.endpoint], request_timeout=30) as client:
+        lease, _ = await client.grant_lease(30)
+        fault_proxy.blackhole()
+        with anyio.move_on_after(0.3) as scope:
+            await client.get(etcd_prefix + "k")
+        assert scope.cancelled_caught
+        with pytest.raises(TimeoutError), anyio.fail_after(0.3):
+            await client.put(etcd_prefix + "k", "v")
+        keeper = client.lease_keeper(lease)
+        with anyio.move_on_after(0.3) as scope:
+            await keeper.refresh()
+        assert scope.cancelled_caught
+        keeper.close()
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        fault_proxy.blackhole(False)
