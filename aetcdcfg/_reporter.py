@@ -138,22 +138,30 @@ class Reporter:
         gRPC proxy answers a keepalive at its own next tick, up to TTL/3 later), and a record write
         must never wait for it."""
         backoff = Backoff(initial=0.2, maximum=2.0)
+        retrying = False  # the last refresh failed: try again after the backoff, not after TTL/3
         while True:
             lease, keeper = self.lease, self._keeper
             if lease is None or keeper is None:
+                retrying = False
                 await self._leased.wait()
                 continue
-            await anyio.sleep(self._granted / 3)
-            if self.lease != lease:
-                continue  # lost and granted again meanwhile: refresh the new one
+            if not retrying:
+                await anyio.sleep(self._granted / 3)
+                if self.lease != lease:
+                    continue  # lost and granted again meanwhile: refresh the new one
             try:
                 ttl = await keeper.refresh()
+            except LeaseNotFound:
+                self._lost(lease)
+                continue
             except AetcdcfgError as exc:
                 self.last_error = str(exc)
                 self.failures += 1
                 self._log.warning("fleet.lease_refresh_failed", error=str(exc), lease=lease)
-                await anyio.sleep(backoff.next_delay())  # then again, sooner than TTL/3
+                await anyio.sleep(backoff.next_delay())
+                retrying = True
                 continue
+            retrying = False
             if ttl <= 0:
                 self._lost(lease)
                 continue

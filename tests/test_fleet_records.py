@@ -512,3 +512,37 @@ async def test_a_record_write_never_waits_for_a_lease_refresh_in_flight(
             await until_record(
                 client, etcd_prefix, "pod-r", lambda r, at=revision: r and r["applied_revision"] == at
             )
+
+
+async def test_one_refresh_that_times_out_does_not_cost_the_lease(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed refresh the next one follows after a short backoff, not a whole TTL/3 more:
+    with a 6 s TTL, a refresh that times out after 2.5 s at ~4 s was retried at ~8.7 s, after
+    the lease (last refreshed at ~2 s) had expired, and the records vanished."""
+    from aetcdcfg import EtcdUnavailable
+    from aetcdcfg._connection import LeaseKeeper
+
+    refresh = LeaseKeeper.refresh
+    calls = 0
+
+    async def second_times_out(self: LeaseKeeper) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await anyio.sleep(2.5)
+            raise EtcdUnavailable("LeaseKeepAlive unanswered within 2.5s", endpoints=["e"])
+        return await refresh(self)
+
+    monkeypatch.setattr(LeaseKeeper, "refresh", second_times_out)
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-t", report_ttl=6) as live,
+    ):
+        reporter = live.reporter
+        assert reporter is not None
+        with anyio.fail_after(20):
+            while calls < 4:
+                await anyio.sleep(0.1)
+        assert (reporter.leases_lost, reporter.failures) == (0, 1)
+        assert await read_record(client, etcd_prefix, "pod-t") is not None
