@@ -198,7 +198,10 @@ class EndpointPool:
                 async with anyio.create_task_group() as tg:
 
                     async def wait_ready(ep: Endpoint) -> None:
-                        await ep.channel.channel_ready()
+                        try:
+                            await ep.channel.channel_ready()
+                        except grpc.aio.UsageError:
+                            return  # its channel was closed meanwhile (a member dropped, the pool closing)
                         ready.append(ep)
                         if penalized(ep) and len(self.endpoints) > 1:
                             await anyio.sleep(PENALTY_GRACE)  # give a healthy member a moment
@@ -237,6 +240,8 @@ class EndpointPool:
                 await ep.maintenance.Status(rpc_pb2.StatusRequest(), timeout=0.2, wait_for_ready=False)
             except grpc.aio.AioRpcError as exc:
                 ep.last_error = f"{exc.code().name}: {exc.details()}"
+            except grpc.aio.UsageError:  # closed meanwhile
+                ep.last_error = "channel closed"
 
         with anyio.move_on_after(0.3):
             async with anyio.create_task_group() as tg:

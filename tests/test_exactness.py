@@ -183,3 +183,27 @@ async def test_an_anyio_timeout_around_a_call_to_a_silent_etcd_is_a_timeout_not_
         keeper.close()
         assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
         fault_proxy.blackhole(False)
+
+
+async def test_closing_the_pool_while_it_waits_for_a_member_raises_etcd_unavailable() -> None:
+    """channel_ready() on a channel closed under it raises grpc's UsageError: ready() let it out
+    as an ExceptionGroup (the watch logged watch.crashed) instead of saying no member is ready."""
+    from aetcdcfg import EtcdSettings, EtcdUnavailable
+    from aetcdcfg._channel import EndpointPool
+
+    from .test_status_routes import free_port
+
+    pool = EndpointPool(EtcdSettings(endpoints=[f"http://127.0.0.1:{free_port()}"]))
+    failed: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await pool.ready(5.0)
+        except BaseException as exc:
+            failed.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await anyio.sleep(0.3)
+        await pool.aclose()
+    assert len(failed) == 1 and isinstance(failed[0], EtcdUnavailable), failed
