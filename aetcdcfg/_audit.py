@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ._log import get_logger
 from ._records import AUDIT_ROOT, AuditRecord, audit_time
 from .client import EtcdClient
+from .errors import PermissionDenied
 
 __all__ = ["DEFAULT_AUDIT_KEEP", "PRUNE_BATCH", "AuditWrite", "audit_keep", "audit_log", "audit_write"]
 
@@ -83,17 +84,20 @@ async def audit_write(
 async def _beyond(client: EtcdClient, root: str, keep: int) -> list[str]:
     """The oldest records directly under ``root`` beyond the newest ``keep - 1`` (one is being
     added), at most ``PRUNE_BATCH``; keys that are not records, and nested prefixes', are left."""
-    if await client.count(root) < keep:
-        return []  # fewer keys in all (a nested prefix's records included): nothing to read
-    _, stored = await client.get_stored(root, keys_only=True)
-    timed = []
-    for item in stored:
-        at = audit_time(item.key[len(root) :])
-        if at is not None:
-            timed.append((at, item.key))
-    timed.sort()
-    excess = max(0, len(timed) + 1 - keep)
-    return [key for _, key in timed[: min(excess, PRUNE_BATCH)]]
+    try:
+        if await client.count(root) < keep:
+            return []  # fewer keys in all (a nested prefix's records included): nothing to read
+        _, stored = await client.get_stored(root, keys_only=True)
+    except PermissionDenied:
+        # A role that may write records but not read them back: the write goes on, unpruned.
+        log.warning("fleet.audit_not_pruned", prefix=root, reason="no read permission on the audit records")
+        return []
+    # Oldest first by the revision that wrote them (every writer's clock is not the same clock).
+    records = sorted(
+        (item.mod_revision, item.key) for item in stored if audit_time(item.key[len(root) :]) is not None
+    )
+    excess = max(0, len(records) + 1 - keep)
+    return [key for _, key in records[: min(excess, PRUNE_BATCH)]]
 
 
 async def audit_log(client: EtcdClient, prefix: str) -> dict[int, AuditRecord]:

@@ -13,6 +13,7 @@ import anyio
 import pytest
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
+from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, LiveSettings
 from aetcdcfg._records import (
@@ -546,3 +547,30 @@ async def test_one_refresh_that_times_out_does_not_cost_the_lease(
                 await anyio.sleep(0.1)
         assert (reporter.leases_lost, reporter.failures) == (0, 1)
         assert await read_record(client, etcd_prefix, "pod-t") is not None
+
+
+async def test_a_writer_that_may_not_read_the_audit_records_still_writes_unpruned(
+    etcd_auth_server: EtcdServer,
+) -> None:
+    """Pruning lists the audit records first; a role granted only 'write' there got PermissionDenied
+    for every set, push and canary. The write goes on, with a warning, and prunes nothing."""
+    from aetcdcfg._audit import audit_write
+    from aetcdcfg._records import AUDIT_ROOT, AuditRecord
+
+    name = f"wr{uuid.uuid4().hex[:6]}"
+    prefix = f"/{name}/"
+    root = "root:rootpw"
+    etcd_auth_server.etcdctl("user", "add", name, "--new-user-password=pw", user=root)
+    etcd_auth_server.etcdctl("role", "add", name, user=root)
+    etcd_auth_server.etcdctl(
+        "role", "grant-permission", name, "readwrite", prefix, "--prefix=true", user=root
+    )
+    etcd_auth_server.etcdctl(
+        "role", "grant-permission", name, "write", AUDIT_ROOT + prefix, "--prefix=true", user=root
+    )
+    etcd_auth_server.etcdctl("user", "grant-role", name, name, user=root)
+    async with EtcdClient(endpoints=[etcd_auth_server.endpoint], username=name, password="pw") as client:
+        with capture_logs() as logs:
+            planned = await audit_write(client, prefix, AuditRecord.now("set", [prefix + "a"]), keep=1)
+        assert planned.prune == () and len(planned.puts) == 1
+        assert [e["event"] for e in logs if e["event"].startswith("fleet.")] == ["fleet.audit_not_pruned"]
