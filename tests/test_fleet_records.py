@@ -574,3 +574,19 @@ async def test_a_writer_that_may_not_read_the_audit_records_still_writes_unprune
             planned = await audit_write(client, prefix, AuditRecord.now("set", [prefix + "a"]), keep=1)
         assert planned.prune == () and len(planned.puts) == 1
         assert [e["event"] for e in logs if e["event"].startswith("fleet.")] == ["fleet.audit_not_pruned"]
+
+
+async def test_leaving_while_etcd_is_silent_gives_up_the_revoke_without_a_stray_cancel(
+    fault_proxy: object, etcd_prefix: str
+) -> None:
+    """The lease's revoke on exit is bounded by a 2 s anyio timeout around a grpc.aio call: grpc's
+    bare CancelledError came out of it unrecognised, so `async with live:` raised CancelledError."""
+    proxy = fault_proxy
+    async with EtcdClient(endpoints=[proxy.endpoint]) as client:  # type: ignore[attr-defined]
+        with anyio.fail_after(20):
+            async with LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-s") as live:
+                assert live.reporter is not None
+                while not live.reporter.in_etcd:
+                    await anyio.sleep(0.05)
+                proxy.blackhole()  # type: ignore[attr-defined]
+            proxy.blackhole(False)  # type: ignore[attr-defined]
