@@ -207,3 +207,51 @@ async def test_closing_the_pool_while_it_waits_for_a_member_raises_etcd_unavaila
         await anyio.sleep(0.3)
         await pool.aclose()
     assert len(failed) == 1 and isinstance(failed[0], EtcdUnavailable), failed
+
+
+async def test_a_member_going_silent_during_the_resume_check_fails_only_the_session(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On resume the watch checks that its revision is still readable (a unary Range) while nothing
+    reads the stream; a member that goes silent then lets the watchdog fail the session, cancelling
+    that Range. grpc's bare CancelledError was re-raised unrecognised, took down the watcher
+    client's task group and cancelled the code under it: CI's py3.13 cell lost a whole run to it
+    (a kill -9 stalls a Range the same way). Now only the session fails; the watch resumes exactly."""
+    from aetcdcfg import _stream
+
+    readable_at = _stream.readable_at
+    armed: list[bool] = []
+
+    async def goes_silent(*args: object, **kwargs: object) -> object:
+        if armed:
+            armed.clear()
+            fault_proxy.blackhole()
+        return await readable_at(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_stream, "readable_at", goes_silent)
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+        EtcdClient(endpoints=[fault_proxy.endpoint], keepalive_time=1, keepalive_timeout=1) as watcher,
+        watcher.watch(etcd_prefix) as sub,
+    ):
+        first = await writer.put(etcd_prefix + "a", "1")
+        await anyio.sleep(0.5)
+        fault_proxy.blackhole(drop=True)
+        for i in range(3):
+            await writer.put(f"{etcd_prefix}b{i}", "x")
+        await anyio.sleep(3.0)  # the watchdog has given the stream up
+        armed.append(True)
+        fault_proxy.blackhole(False)  # the resume's check makes it silent again
+        await anyio.sleep(4.0)
+        fault_proxy.blackhole(False)
+        last = await writer.put(etcd_prefix + "c", "2")
+        with anyio.fail_after(20):
+            events = await collect_until(sub, last)
+    assert not armed, "the resume never checked its revision: the test did not test anything"
+    assert [(e.key[len(etcd_prefix) :], e.revision) for e in events] == [
+        ("a", first),
+        ("b0", first + 1),
+        ("b1", first + 2),
+        ("b2", first + 3),
+        ("c", last),
+    ]
