@@ -117,11 +117,19 @@ async def subscribe_all(
 async def read(
     client: EtcdClient, layer: Layer, revision: int | None, log: Logger
 ) -> tuple[int, dict[str, bytes]]:
-    """(revision, ``layer``'s keys) as of ``revision`` or now, retried while etcd is unreachable."""
+    """(revision, ``layer``'s keys) as of ``revision`` or now, retried while etcd is unreachable; a
+    canary layer the role may no longer read reads as empty (log ``fleet.canary_unreadable``)."""
     backoff = Backoff(initial=0.1, maximum=2.0)
     while True:
         try:
             snapshot = await client.get_prefix(layer.prefix, revision=revision)
+        except PermissionDenied:
+            if not layer.canary or revision is None:
+                raise
+            # Read access to the canaries taken away since start-up: no overlay, as a role without
+            # it gets from the start, rather than every other layer's changes stalling on it.
+            log.warning("fleet.canary_unreadable", layer=layer.prefix)
+            return revision, {}
         except EtcdUnavailable as exc:
             log.warning("config.layer_read_retry", layer=layer.prefix, cause=str(exc))
             await anyio.sleep(backoff.next_delay())

@@ -590,3 +590,35 @@ async def test_leaving_while_etcd_is_silent_gives_up_the_revoke_without_a_stray_
                     await anyio.sleep(0.05)
                 proxy.blackhole()  # type: ignore[attr-defined]
             proxy.blackhole(False)  # type: ignore[attr-defined]
+
+
+async def test_canaries_made_unreadable_after_start_up_do_not_stall_the_config(
+    etcd_auth_server: EtcdServer,
+) -> None:
+    """Each change to a prefix is applied with its canary layer read as of that revision; with
+    read access to the canaries revoked after start-up that read failed, and every change waited
+    in a retry loop. The canary layer now reads as empty, as for a role without it from the start."""
+    from aetcdcfg._canary import canary_prefix
+
+    name = f"cr{uuid.uuid4().hex[:6]}"
+    prefix = f"/{name}/"
+    root = "root:rootpw"
+    etcd_auth_server.etcdctl("user", "add", name, "--new-user-password=pw", user=root)
+    etcd_auth_server.etcdctl("role", "add", name, user=root)
+    etcd_auth_server.etcdctl("role", "grant-permission", name, "read", prefix, "--prefix=true", user=root)
+    etcd_auth_server.etcdctl(
+        "role", "grant-permission", name, "read", canary_prefix(prefix), "--prefix=true", user=root
+    )
+    etcd_auth_server.etcdctl("user", "grant-role", name, name, user=root)
+    async with (
+        EtcdClient(endpoints=[etcd_auth_server.endpoint], username="root", password="rootpw") as admin,
+        EtcdClient(endpoints=[etcd_auth_server.endpoint], username=name, password="pw") as client,
+        LiveSettings(Service, prefix=prefix, client=client, report=False) as live,
+    ):
+        etcd_auth_server.etcdctl(
+            "role", "revoke-permission", name, canary_prefix(prefix), "--prefix=true", user=root
+        )
+        await admin.put(prefix + "rate_limit", "7")
+        with anyio.fail_after(10):
+            while live.current.rate_limit != 7:
+                await anyio.sleep(0.05)
