@@ -260,20 +260,23 @@ async def test_records_come_back_once_not_twice_after_etcd_restarts_empty(etcd_p
             assert report is not None and report.leases_lost >= 1 and report.in_etcd
 
 
+def user_with_role(server: EtcdServer, name: str, *grants: tuple[str, str]) -> None:
+    """A user ``name`` (password ``pw``) with a role of its own: each grant a (permission, key prefix)."""
+    root = "root:rootpw"
+    server.etcdctl("user", "add", name, "--new-user-password=pw", user=root)
+    server.etcdctl("role", "add", name, user=root)
+    for permission, prefix in grants:
+        server.etcdctl("role", "grant-permission", name, permission, prefix, "--prefix=true", user=root)
+    server.etcdctl("user", "grant-role", name, name, user=root)
+
+
 async def test_least_privilege_role_reads_the_config_and_writes_only_the_records(
     etcd_auth_server: EtcdServer,
 ) -> None:
     """The role docs/fleet.md documents: read the config prefix, readwrite its records prefix, nothing else."""
     name = f"svc{uuid.uuid4().hex[:6]}"
     prefix = f"/{name}/"
-    root = "root:rootpw"
-    etcd_auth_server.etcdctl("user", "add", name, "--new-user-password=pw", user=root)
-    etcd_auth_server.etcdctl("role", "add", name, user=root)
-    etcd_auth_server.etcdctl("role", "grant-permission", name, "read", prefix, "--prefix=true", user=root)
-    etcd_auth_server.etcdctl(
-        "role", "grant-permission", name, "readwrite", records_prefix(prefix), "--prefix=true", user=root
-    )
-    etcd_auth_server.etcdctl("user", "grant-role", name, name, user=root)
+    user_with_role(etcd_auth_server, name, ("read", prefix), ("readwrite", records_prefix(prefix)))
     async with (
         EtcdClient(endpoints=[etcd_auth_server.endpoint], username=name, password="pw") as client,
         LiveSettings(Service, prefix=prefix, client=client, instance="pod-p") as live,
@@ -559,16 +562,7 @@ async def test_a_writer_that_may_not_read_the_audit_records_still_writes_unprune
 
     name = f"wr{uuid.uuid4().hex[:6]}"
     prefix = f"/{name}/"
-    root = "root:rootpw"
-    etcd_auth_server.etcdctl("user", "add", name, "--new-user-password=pw", user=root)
-    etcd_auth_server.etcdctl("role", "add", name, user=root)
-    etcd_auth_server.etcdctl(
-        "role", "grant-permission", name, "readwrite", prefix, "--prefix=true", user=root
-    )
-    etcd_auth_server.etcdctl(
-        "role", "grant-permission", name, "write", AUDIT_ROOT + prefix, "--prefix=true", user=root
-    )
-    etcd_auth_server.etcdctl("user", "grant-role", name, name, user=root)
+    user_with_role(etcd_auth_server, name, ("readwrite", prefix), ("write", AUDIT_ROOT + prefix))
     async with EtcdClient(endpoints=[etcd_auth_server.endpoint], username=name, password="pw") as client:
         with capture_logs() as logs:
             planned = await audit_write(client, prefix, AuditRecord.now("set", [prefix + "a"]), keep=1)
@@ -603,13 +597,7 @@ async def test_canaries_made_unreadable_after_start_up_do_not_stall_the_config(
     name = f"cr{uuid.uuid4().hex[:6]}"
     prefix = f"/{name}/"
     root = "root:rootpw"
-    etcd_auth_server.etcdctl("user", "add", name, "--new-user-password=pw", user=root)
-    etcd_auth_server.etcdctl("role", "add", name, user=root)
-    etcd_auth_server.etcdctl("role", "grant-permission", name, "read", prefix, "--prefix=true", user=root)
-    etcd_auth_server.etcdctl(
-        "role", "grant-permission", name, "read", canary_prefix(prefix), "--prefix=true", user=root
-    )
-    etcd_auth_server.etcdctl("user", "grant-role", name, name, user=root)
+    user_with_role(etcd_auth_server, name, ("read", prefix), ("read", canary_prefix(prefix)))
     async with (
         EtcdClient(endpoints=[etcd_auth_server.endpoint], username="root", password="rootpw") as admin,
         EtcdClient(endpoints=[etcd_auth_server.endpoint], username=name, password="pw") as client,
