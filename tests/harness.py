@@ -161,15 +161,19 @@ def apply_events(state: dict[str, bytes], events: Iterable[Event]) -> None:
 
 @contextlib.asynccontextmanager
 async def following(
-    prefix: str, *, watch: list[str], write: list[str], **credentials: Any
+    prefix: str, *, watch: list[str], write: list[str], canary: bool = True, **credentials: Any
 ) -> AsyncIterator[Run]:
+    """A writer, a subscriber of ``prefix`` and a LiveSettings of ``prefix``live/ (with its canary
+    layer's watch unless ``canary=False``), the watches through ``watch``."""
     applied: list[Pair] = []
     async with (
         EtcdClient(endpoints=write, request_timeout=2, **credentials) as writer,
         EtcdClient(endpoints=watch, **WATCHER_OPTIONS, **credentials) as watcher,
         # big enough for every event of a test, so the subscriber can be read only at checkpoints
         watcher.watch(prefix, buffer_size=100_000, with_snapshot=True) as sub,
-        LiveSettings(Pair, prefix=prefix + "live/", client=watcher, on_change=applied.append) as live,
+        LiveSettings(
+            Pair, prefix=prefix + "live/", client=watcher, on_change=applied.append, canary=canary
+        ) as live,
     ):
         batches = sub.batches()
         assert isinstance(batches, AsyncGenerator)  # closed when the run ends
