@@ -13,6 +13,7 @@ the records disappear at once instead of after the TTL.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -64,12 +65,31 @@ class Reporter:
         self._leased = anyio.Event()  # set while there is a lease
         self.writes = 0
         self.last_fresh: bool | None = None
-        #: What the metrics show: whether the records are in etcd as of the last write or refresh.
-        self.in_etcd = False
-        self.last_error: str | None = None
+        self._written = False  # the records were put under the current lease
+        # etcd holds the lease at most until then: the granted TTL after the last grant or refresh
+        # it confirmed (time.monotonic(); metrics read it from a scrape thread).
+        self._held_until = 0.0
+        # One slot per task, so that one task's success never hides the other's failure.
+        self._write_error: str | None = None
+        self._refresh_error: str | None = None
         self.leases_lost = 0
         self.failures = 0
         self.refreshes = 0
+
+    @property
+    def in_etcd(self) -> bool:
+        """The records were written under the current lease, and etcd confirmed that lease within
+        its TTL: refreshes that keep failing turn it false once the lease must have expired."""
+        return self._written and time.monotonic() < self._held_until
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest failure of the lease refresh, else of the record write, while it lasts."""
+        return self._refresh_error or self._write_error
+
+    def _confirmed(self, ttl: float) -> None:
+        self._granted = ttl
+        self._held_until = time.monotonic() + ttl
 
     def status(self, labels: tuple[tuple[str, str], ...] = ()) -> ReportStatus:
         return ReportStatus(
@@ -101,7 +121,8 @@ class Reporter:
         while True:
             try:
                 if self.lease is None:
-                    self.lease, self._granted = await self._client.grant_lease(self._ttl)
+                    self.lease, granted = await self._client.grant_lease(self._ttl)
+                    self._confirmed(granted)
                     self._keeper = self._client.lease_keeper(self.lease)
                     self._leased.set()
                     self._schedule.changed()
@@ -110,18 +131,18 @@ class Reporter:
                 if self._schedule.should_write(now):
                     await self._write(now)
                 backoff.reset()
-                self.last_error = None
+                self._write_error = None
             except LeaseNotFound:
                 self._lost(self.lease)
                 continue
             except PermissionDenied as exc:
                 # Retrying cannot fix it: say so once (the role, README "Fleet rollout") and stop.
-                self.last_error = str(exc)
+                self._write_error = str(exc)
                 self.failures += 1
                 self._log.error("fleet.report_denied", error=str(exc))
                 return
             except AetcdcfgError as exc:
-                self.last_error = str(exc)
+                self._write_error = str(exc)
                 self.failures += 1
                 self._log.warning("fleet.report_failed", error=str(exc), lease=self.lease)
                 await anyio.sleep(backoff.next_delay())
@@ -155,7 +176,7 @@ class Reporter:
                 self._lost(lease)
                 continue
             except AetcdcfgError as exc:
-                self.last_error = str(exc)
+                self._refresh_error = str(exc)
                 self.failures += 1
                 self._log.warning("fleet.lease_refresh_failed", error=str(exc), lease=lease)
                 await anyio.sleep(backoff.next_delay())
@@ -166,7 +187,8 @@ class Reporter:
                 self._lost(lease)
                 continue
             backoff.reset()
-            self._granted = ttl
+            self._refresh_error = None
+            self._confirmed(ttl)
             self.refreshes += 1
 
     def _lost(self, lease: int | None) -> None:
@@ -181,7 +203,8 @@ class Reporter:
     def _drop_lease(self) -> None:
         self.lease = None
         self._leased = anyio.Event()
-        self.in_etcd = False
+        self._written = False
+        self._refresh_error = None
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = None
@@ -207,7 +230,7 @@ class Reporter:
             self._schedule.changed()
             raise
         self.writes += 1
-        self.in_etcd = self.lease == lease
+        self._written = self.lease == lease
         if record.fresh != self.last_fresh:
             self._log.info("fleet.reported", applied_revision=record.applied_revision, fresh=record.fresh)
         self.last_fresh = record.fresh

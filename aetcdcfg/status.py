@@ -159,7 +159,8 @@ class ReportStatus:
 
     instance: str
     labels: tuple[tuple[str, str], ...]
-    #: The records were in etcd as of the last write or lease refresh.
+    #: The records were written under the current lease and etcd confirmed that lease within its
+    #: TTL (refreshes failing for a whole TTL turn it false).
     in_etcd: bool
     lease: int | None
     writes: int

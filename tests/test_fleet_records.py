@@ -610,3 +610,42 @@ async def test_canaries_made_unreadable_after_start_up_do_not_stall_the_config(
         with anyio.fail_after(10):
             while live.current.rate_limit != 7:
                 await anyio.sleep(0.05)
+
+
+async def test_refreshes_that_keep_failing_show_in_status_and_end_in_etcd(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer loop cleared `last_error` every second, so a refresh failure rarely showed, and
+    `in_etcd` stayed true after the lease had expired for want of a refresh. Now the refresh's
+    error stays until a refresh succeeds, and `in_etcd` turns false once the TTL has passed."""
+    from aetcdcfg import EtcdUnavailable
+    from aetcdcfg._connection import LeaseKeeper
+
+    async def fails(self: LeaseKeeper) -> int:
+        raise EtcdUnavailable("LeaseKeepAlive unanswered (test)", endpoints=["e"])
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Service, prefix=etcd_prefix, client=client, instance="pod-f", report_ttl=3) as live,
+    ):
+        reporter = live.reporter
+        assert reporter is not None
+        with anyio.fail_after(10):
+            while not reporter.in_etcd:
+                await anyio.sleep(0.05)
+        monkeypatch.setattr(LeaseKeeper, "refresh", fails)
+        with anyio.fail_after(10):
+            while reporter.failures == 0:
+                await anyio.sleep(0.02)
+        seen = []
+        with anyio.fail_after(10):
+            while reporter.in_etcd:
+                seen.append(reporter.status().last_error)
+                await anyio.sleep(0.05)
+        error = "LeaseKeepAlive unanswered (test); endpoints tried: e"
+        assert len(seen) > 10 and set(seen) == {error}
+        status = reporter.status()
+        assert (status.in_etcd, status.last_error) == (False, error)
+        with anyio.fail_after(5):  # etcd revokes an expired lease within its own tick
+            while await read_record(client, etcd_prefix, "pod-f") is not None:
+                await anyio.sleep(0.1)
