@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._log import get_logger
-from ._records import AUDIT_ROOT, AuditRecord, audit_time
+from ._records import AUDIT_ROOT, AuditRecord, audit_id_ranges, audit_time
 from .client import EtcdClient
 from .errors import PermissionDenied
 
@@ -85,8 +85,13 @@ async def _beyond(client: EtcdClient, root: str, keep: int) -> list[str]:
     """The oldest records directly under ``root`` beyond the newest ``keep - 1`` (one is being
     added), at most ``PRUNE_BATCH``; keys that are not records, and nested prefixes', are left."""
     try:
-        if await client.count(root) < keep:
-            return []  # fewer keys in all (a nested prefix's records included): nothing to read
+        # Counted over the two ranges of record ids only: a parent prefix's count used to take in
+        # every nested prefix's records, and then listed them all on each write to prune nothing.
+        counted = 0
+        for start, end in audit_id_ranges(root):
+            counted += await client.count(start, end=end)
+        if counted < keep:
+            return []
         _, stored = await client.get_stored(root, keys_only=True)
     except PermissionDenied:
         # A role that may write records but not read them back: the write goes on, unpruned.

@@ -96,10 +96,12 @@ class KV:
         ]
         return current, stored
 
-    async def count(self, prefix: KeyLike) -> int:
-        """How many keys are under ``prefix`` (etcd counts them; no key is sent)."""
+    async def count(self, prefix: KeyLike, *, end: KeyLike | None = None) -> int:
+        """How many keys are under ``prefix`` (etcd counts them; no key is sent).
+        ``end``: the keys from ``prefix`` up to ``end`` (excluded) instead."""
         raw = as_bytes(prefix)
-        request = rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw), count_only=True)
+        range_end = prefix_range_end(raw) if end is None else as_bytes(end)
+        request = rpc_pb2.RangeRequest(key=raw, range_end=range_end, count_only=True)
         response = await self._conn.unary("kv", "Range", request, idempotent=True, key=decode_key(raw))
         return int(response.count)
 

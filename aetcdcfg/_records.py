@@ -36,6 +36,7 @@ __all__ = [
     "Newest",
     "WaitTally",
     "WriteSchedule",
+    "audit_id_ranges",
     "audit_time",
     "config_audit_range",
     "current_user",
@@ -376,6 +377,12 @@ def config_audit_range(prefix: str) -> tuple[str, str]:
     """[start, end) of the ids of ``prefix``'s audit records of changes to the config itself."""
     root = AUDIT_ROOT + prefix
     return root + "0", root + ":"  # the ids that begin with a digit
+
+
+def audit_id_ranges(root: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The [start, end) key ranges under ``root`` that hold record ids: a digit first (a config
+    change), or ``c`` and a digit (a canary). A nested prefix is counted only if its name begins so."""
+    return (root + "0", root + ":"), (root + "c0", root + "c:")
 
 
 def audit_time(record_id: str) -> int | None:

@@ -267,3 +267,30 @@ async def test_a_refused_write_prunes_nothing_and_audit_keep_0_keeps_all(
             "set", etcd_prefix, "flag=true", "--model", "svc_settings:Settings", "--audit-keep", "0"
         )
         assert code == 0 and len(await records(client, etcd_prefix)) == 4
+
+
+async def test_a_parent_prefix_counts_only_its_own_records_before_it_lists_any(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent prefix's count took in every nested prefix's records, so each write to it listed
+    them all (keys only) and pruned nothing. Only the parent's own record ids are counted now."""
+    from aetcdcfg._audit import audit_write
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await seed_audit(client, etcd_prefix + "child/", 5)
+        await seed_audit(client, etcd_prefix + "cache/", 5)  # 'c' as a canary id begins
+        listed: list[object] = []
+        get_stored = EtcdClient.get_stored
+
+        async def spy(self: EtcdClient, prefix: object, **kwargs: bool) -> object:
+            listed.append(prefix)
+            return await get_stored(self, prefix, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(EtcdClient, "get_stored", spy)
+        record = AuditRecord.now("set", [etcd_prefix + "a"])
+        planned = await audit_write(client, etcd_prefix, record, keep=3)
+        assert (planned.prune, listed) == ((), [])
+        await seed_audit(client, etcd_prefix, 3)
+        planned = await audit_write(client, etcd_prefix, record, keep=3)
+        assert listed == [AUDIT_ROOT + etcd_prefix] and len(planned.prune) == 1
+        assert planned.prune[0].rsplit("/", 1)[0] + "/" == AUDIT_ROOT + etcd_prefix
