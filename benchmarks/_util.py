@@ -1,7 +1,9 @@
-"""Small helpers shared by the benchmarks: percentiles, RSS, the writer process, tables."""
+"""Small helpers shared by the benchmarks: percentiles, RSS, the writer process, tables, and a
+fan-out hub without etcd."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import sys
@@ -9,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -83,3 +86,52 @@ class GcClock:
         else:
             self.counts[info["generation"]] += 1
             self.seconds += time.perf_counter() - self._start
+
+
+class DetachedFanout:
+    """K subscriber tasks following a ``PrefixWatch`` that is never started (no etcd, no stream).
+
+    ``await publish(event)`` hands one single-event revision to the hub and returns once every
+    subscriber has taken it: the pace of a writer putting one value at a time, minus the network.
+    """
+
+    def __init__(self, prefix: bytes, subscribers: int, buffer_size: int = 64) -> None:
+        from aetcdcfg._fanout import PrefixWatch
+        from aetcdcfg._resume import WatchState
+
+        self.hub = PrefixWatch(None, prefix, lambda hub: None)  # type: ignore[arg-type]
+        self.state = self.hub.state = WatchState(prefix, 100, {})
+        self.subscribers = subscribers
+        self.buffer_size = buffer_size
+        self.taken = 0
+        self._round: asyncio.Future[None] | None = None
+        self._handles: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> DetachedFanout:
+        for _ in range(self.subscribers):
+            subscription, handle = self.hub.subscribe(None, self.buffer_size, with_snapshot=False)
+            self._handles.append(handle)
+            self._tasks.append(asyncio.create_task(self._follow(subscription)))
+        await asyncio.sleep(0)  # every subscriber waits on its stream
+        return self
+
+    async def _follow(self, subscription: Any) -> None:
+        async for _ in subscription:
+            self.taken += 1
+            if self.taken % self.subscribers == 0:
+                assert self._round is not None
+                self._round.set_result(None)
+
+    async def publish(self, event: Any) -> None:
+        self._round = asyncio.get_running_loop().create_future()
+        self.state.delivered = event.revision
+        self.hub._publish(((event,),))
+        await self._round
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for handle in self._handles:
+            self.hub.release(handle)

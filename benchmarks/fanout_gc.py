@@ -16,56 +16,25 @@ import gc
 import sys
 import time
 
-from aetcdcfg._fanout import PrefixWatch, Subscription
-from aetcdcfg._resume import WatchState
 from aetcdcfg.events import EventType, make_event
 
-from ._util import GcClock, percentile
+from ._util import DetachedFanout, GcClock, percentile
 
 PREFIX = b"/bench/gc/"
 
 
 async def main(k: int, n: int) -> str:
-    hub = PrefixWatch(None, PREFIX, lambda hub: None)  # type: ignore[arg-type]  # never started
-    hub.state = WatchState(PREFIX, 100, {})
-    loop = asyncio.get_running_loop()
-    taken = 0
-    round_done: asyncio.Future[None] = loop.create_future()
-
-    async def follow(subscription: Subscription) -> None:
-        nonlocal taken
-        async for _ in subscription:
-            taken += 1
-            if taken % k == 0:
-                round_done.set_result(None)
-
-    handles = []
-    tasks = []
-    for _ in range(k):
-        subscription, handle = hub.subscribe(None, 64, with_snapshot=False)
-        handles.append(handle)
-        tasks.append(asyncio.create_task(follow(subscription)))
-    await asyncio.sleep(0)
-    gc.collect()
-
     rounds: list[float] = []
-    with GcClock() as clock:
-        cpu = time.process_time()
-        for i in range(n):
-            revision = 101 + i
-            event = make_event(EventType.PUT, f"/bench/gc/k{i % 10}", b"v", revision, None, 50, 1)
-            round_done = loop.create_future()
-            begin = time.perf_counter()
-            hub.state.delivered = revision
-            hub._publish(((event,),))
-            await round_done
-            rounds.append(time.perf_counter() - begin)
-        cpu = time.process_time() - cpu
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for handle in handles:
-        hub.release(handle)
+    async with DetachedFanout(PREFIX, k) as fanout:
+        gc.collect()
+        with GcClock() as clock:
+            cpu = time.process_time()
+            for i in range(n):
+                event = make_event(EventType.PUT, f"/bench/gc/k{i % 10}", b"v", 101 + i, None, 50, 1)
+                begin = time.perf_counter()
+                await fanout.publish(event)
+                rounds.append(time.perf_counter() - begin)
+            cpu = time.process_time() - cpu
     if not n:
         return "no revisions"
     ms = [r * 1e3 for r in rounds]

@@ -281,39 +281,12 @@ def fanout_revisions(deliveries: int) -> list[Any]:
 
 async def run_fanout(events: list[Any]) -> int:
     """Publish each revision once every subscriber task has taken the previous one (a writer's pace)."""
-    from aetcdcfg._fanout import PrefixWatch, Subscription
-    from aetcdcfg._resume import WatchState
+    from ._util import DetachedFanout
 
-    hub = PrefixWatch(None, PREFIX, lambda hub: None)  # type: ignore[arg-type]
-    state = hub.state = WatchState(PREFIX, 100, {})
-    loop = asyncio.get_running_loop()
-    taken = 0
-    round_done: asyncio.Future[None] = loop.create_future()
-
-    async def follow(subscription: Subscription) -> None:
-        nonlocal taken
-        async for _ in subscription:
-            taken += 1
-            if taken % FANOUT_SUBSCRIBERS == 0:
-                round_done.set_result(None)
-
-    handles, tasks = [], []
-    for _ in range(FANOUT_SUBSCRIBERS):
-        subscription, handle = hub.subscribe(None, 64, with_snapshot=False)
-        handles.append(handle)
-        tasks.append(asyncio.create_task(follow(subscription)))
-    await asyncio.sleep(0)
-    for event in events:
-        round_done = loop.create_future()
-        state.delivered = event.revision
-        hub._publish(((event,),))
-        await round_done
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for handle in handles:
-        hub.release(handle)
-    return taken
+    async with DetachedFanout(PREFIX, FANOUT_SUBSCRIBERS) as fanout:
+        for event in events:
+            await fanout.publish(event)
+    return fanout.taken
 
 
 #: name -> (unit, units, build the input, process it)
