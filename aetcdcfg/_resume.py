@@ -31,8 +31,7 @@ __all__ = ["Batch", "KeyState", "Step", "StepKind", "WatchState"]
 
 Batch = tuple[Event, ...]
 
-# etcd's mvccpb.Event.EventType values
-_PUT = 0
+# etcd's mvccpb.Event.EventType value of a deletion (any other is a put)
 _DELETE = 1
 
 
