@@ -176,7 +176,7 @@ def _dict_value_decoding(values: DictValues, settings: ModelSettings) -> Decodin
     target = values.annotation
     if target is UNTYPED or _is_complex(target, ()):
         return Decoding(JSON_OR_TEXT, none_str)
-    member = _without_annotated(target)
+    member = _without_annotated(_alias(target))
     if member is not None and _is_union(member) and _union_is_complex(member, ()):
         decodes = _decodes(_annotation_and_metadata(values.field)[1], settings)
         return Decoding(CONTAINER_OR_TEXT if decodes else TEXT, none_str)

@@ -43,6 +43,7 @@ class Count(RootModel[int]):
 IntList = TypeAliasType("IntList", list[int])
 MaybeInts = TypeAliasType("MaybeInts", "list[int] | None")
 RawInts = TypeAliasType("RawInts", Annotated[list[int], NoDecode])
+IntsOrText = TypeAliasType("IntsOrText", list[int] | str)
 
 #: name -> (annotation, sub-keys it is written with besides the field's own key)
 TYPES: dict[str, tuple[Any, list[str]]] = {
@@ -81,6 +82,7 @@ TYPES: dict[str, tuple[Any, list[str]]] = {
     "dict[str, list[int] | str]": (dict[str, list[int] | str], ["x"]),
     "dict[str, Annotated[list[int], Field()] | str]": (dict[str, Annotated[list[int], Field()] | str], ["x"]),
     "dict[str, IntList]": (dict[str, IntList], ["x"]),
+    "dict[str, IntsOrText] (an alias of a union)": (dict[str, IntsOrText], ["x"]),
 }
 
 #: (strict, env_parse_enums, env_parse_none_str, enable_decoding)
