@@ -13,7 +13,9 @@ as from ``DB__POOL=5`` (with ``env_nested_delimiter="__"``) and pydantic validat
   text as it is, and pydantic parses it: ``12345678901234567890.12`` stays exact for a ``Decimal``,
   ``"1"`` is a ``str`` enum's value, ``1.10`` stays ``"1.10"`` for ``str | int``;
 * a dict's values (``<prefix>limits/eu``): JSON for a complex value type, but a value that is not
-  JSON is passed on as text; for a union with a complex member only a JSON array or object is used.
+  JSON is passed on as text; for a union with a complex member only a JSON array or object is used,
+  and only if the dict field itself decodes (its own ``NoDecode``/``ForceDecode``, else
+  ``enable_decoding``), as pydantic-settings decodes ``LIMITS__EU``.
 
 The model's own settings apply as they do to the environment: ``NoDecode``/``ForceDecode`` and
 ``enable_decoding``, ``env_parse_none_str`` (that text is ``None``), ``env_parse_enums`` (an enum
@@ -38,7 +40,7 @@ from pydantic.fields import FieldInfo
 from pydantic.types import Strict
 from pydantic_settings import ForceDecode, NoDecode
 
-__all__ = ["ABSENT", "UNTYPED", "Decoding", "ModelSettings", "decode_value", "decoding_for"]
+__all__ = ["ABSENT", "UNTYPED", "Decoding", "DictValues", "ModelSettings", "decode_value", "decoding_for"]
 
 #: The value type of a dict field that does not say (``dict``, ``Mapping``): decoded as JSON when
 #: it parses, as pydantic-settings does for values under such a field.
@@ -71,6 +73,14 @@ class ModelSettings(typing.NamedTuple):
             config.get("env_parse_none_str"),  # type: ignore[arg-type]  # a BaseSettings key
             config.get("enable_decoding") is not False,
         )
+
+
+class DictValues(typing.NamedTuple):
+    """The values of a dict field (``<prefix>limits/eu``): their type (:data:`UNTYPED`: the dict does
+    not say) and the dict field, whose own decoding applies to some of them."""
+
+    annotation: Any
+    field: FieldInfo
 
 
 class Decoding(typing.NamedTuple):
@@ -122,8 +132,9 @@ def decode_value(raw: bytes, decoding: Decoding, *, top_level: bool = False) -> 
 _memo: dict[tuple[Any, ModelSettings], Decoding] = {}
 
 
-def decoding_for(target: FieldInfo | Any, settings: ModelSettings) -> Decoding:
-    """How values for ``target`` decode: a model field (its FieldInfo), or a dict's value type."""
+def decoding_for(target: FieldInfo | DictValues | None, settings: ModelSettings) -> Decoding:
+    """How values for ``target`` decode: a model field (its FieldInfo), a dict field's values, or
+    None (a key of no field, which pydantic rejects as extra: its text)."""
     try:
         found = _memo.get((target, settings))
     except TypeError:  # an unhashable type (e.g. Annotated with a list in it)
@@ -135,22 +146,14 @@ def decoding_for(target: FieldInfo | Any, settings: ModelSettings) -> Decoding:
     return found
 
 
-def _decoding(target: FieldInfo | Any, settings: ModelSettings) -> Decoding:
+def _decoding(target: FieldInfo | DictValues | None, settings: ModelSettings) -> Decoding:
     none_str = settings.none_str
-    if not isinstance(target, FieldInfo):  # a dict's value type
-        if target is UNTYPED or _is_complex(target, ()):
-            return Decoding(JSON_OR_TEXT, none_str)
-        member = _without_annotated(target)
-        if member is not None and _is_union(member) and _union_is_complex(member, ()):
-            # pydantic-settings decodes these only if the dict field decodes (``enable_decoding``;
-            # its NoDecode/ForceDecode are not known here), unlike a complex value type's JSON
-            return Decoding(CONTAINER_OR_TEXT if settings.decoding else TEXT, none_str)
+    if isinstance(target, DictValues):
+        return _dict_value_decoding(target, settings)
+    if target is None:
         return Decoding(TEXT, none_str)
-    annotation, metadata = _alias(target.annotation), tuple(target.metadata)
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation, *more = typing.get_args(annotation)
-        metadata += tuple(more)
-    decodes = NoDecode not in metadata and (settings.decoding or ForceDecode in metadata)
+    annotation, metadata = _annotation_and_metadata(target)
+    decodes = _decodes(metadata, settings)
     if _is_complex(annotation, metadata):
         return Decoding(JSON if decodes else TEXT, none_str)
     if _is_union(annotation) and _union_is_complex(annotation, metadata):
@@ -163,6 +166,37 @@ def _decoding(target: FieldInfo | Any, settings: ModelSettings) -> Decoding:
     ):
         lenient = TypeAdapter(typing.cast(Any, target.annotation))
     return Decoding(TEXT, none_str, enums, lenient)
+
+
+def _dict_value_decoding(values: DictValues, settings: ModelSettings) -> Decoding:
+    """A dict's values, as pydantic-settings' ``explode_env_vars`` decodes ``LIMITS__EU``: a complex
+    (or unknown) value type takes JSON whatever the dict field says; a union with a complex member
+    takes a JSON array or object only if the dict field itself decodes."""
+    none_str = settings.none_str
+    target = values.annotation
+    if target is UNTYPED or _is_complex(target, ()):
+        return Decoding(JSON_OR_TEXT, none_str)
+    member = _without_annotated(_alias(target))
+    if member is not None and _is_union(member) and _union_is_complex(member, ()):
+        decodes = _decodes(_annotation_and_metadata(values.field)[1], settings)
+        return Decoding(CONTAINER_OR_TEXT if decodes else TEXT, none_str)
+    return Decoding(TEXT, none_str)
+
+
+def _annotation_and_metadata(field: FieldInfo) -> tuple[Any, tuple[Any, ...]]:
+    """A field's annotation (a type alias followed) and its metadata, with that of an ``Annotated``
+    the alias stands for (``type Raw = Annotated[list[int], NoDecode]``)."""
+    annotation, metadata = _alias(field.annotation), tuple(field.metadata)
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation, *more = typing.get_args(annotation)
+        metadata += tuple(more)
+    return annotation, metadata
+
+
+def _decodes(metadata: Sequence[Any], settings: ModelSettings) -> bool:
+    """Whether a field with this metadata decodes JSON (``NoDecode``, ``ForceDecode``, else the
+    model's ``enable_decoding``)."""
+    return NoDecode not in metadata and (settings.decoding or ForceDecode in metadata)
 
 
 def _leniently(adapter: TypeAdapter[Any], text: str) -> Any:

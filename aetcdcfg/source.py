@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from ._log import get_logger
 from ._names import alternatives, names_of, nested_model
-from ._values import ABSENT, TEXT, UNTYPED, ModelSettings, decode_value, decoding_for
+from ._values import ABSENT, TEXT, UNTYPED, DictValues, ModelSettings, decode_value, decoding_for
 
 __all__ = [
     "MASK",
@@ -127,8 +127,7 @@ class _Field(typing.NamedTuple):
     name: str
     info: FieldInfo  # an AliasPath head: the structure its value is (see ModelNames.structure)
     nested: type[BaseModel] | None  # the next part names a field of this model
-    mapping: bool  # the rest of the key is a key of this dict field
-    mapping_value: Any  # ... whose values have this type (UNTYPED: the dict does not say)
+    values: DictValues | None  # a dict field: the rest of the key is one of its keys
     key: str  # the name pydantic reads it under: its value goes there in the input
     rank: int  # how this part spells the field (0: preferred, which wins over other spellings)
     fills: tuple[str, ...]  # the fields its value fills: itself, or those read inside a head
@@ -136,12 +135,13 @@ class _Field(typing.NamedTuple):
 
 class _Target(typing.NamedTuple):
     """Where a relative key goes: its field path (names), the same path in the input pydantic
-    validates (the names it reads them under), what decides how its value decodes, the spellings'
-    ranks, and every field path it fills (more than one for an AliasPath head)."""
+    validates (the names it reads them under), what decides how its value decodes (a field, or a
+    dict field's values), the spellings' ranks, and every field path it fills (more than one for an
+    AliasPath head)."""
 
     path: tuple[str, ...]
     keys: tuple[str, ...]
-    target: FieldInfo | Any
+    target: FieldInfo | DictValues | None
     rank: tuple[int, ...]
     fills: tuple[tuple[str, ...], ...]
 
@@ -165,20 +165,19 @@ def _resolve_part(model: type[BaseModel], part: str) -> _Field | None:
     if spelling.head:  # JSON under an AliasPath head: nothing deeper is a key of its own
         info = names.structure(spelling.key)
         found = known[part] = _Field(
-            spelling.field, info, None, False, UNTYPED, spelling.key, spelling.rank, spelling.head
+            spelling.field, info, None, None, spelling.key, spelling.rank, spelling.head
         )
         return found
     info = model.model_fields[spelling.field]
     mapping = next((tp for tp in alternatives(info.annotation) if _is_mapping(tp)), None)
     args = typing.get_args(mapping) if mapping is not None else ()
-    value = args[1] if len(args) == 2 else UNTYPED
+    values = None if mapping is None else DictValues(args[1] if len(args) == 2 else UNTYPED, info)
     nested = nested_model(info.annotation)
     found = known[part] = _Field(
         spelling.field,
         info,
         nested,
-        mapping is not None,
-        value,
+        values,
         spelling.key,
         spelling.rank,
         (spelling.field,),
@@ -197,11 +196,13 @@ def resolve_key(model: type[BaseModel], key: str) -> tuple[tuple[str, ...], Any]
     path, target = resolved.path, resolved.target
     if isinstance(target, FieldInfo):
         return path, target.annotation
-    return path, Any if target is UNTYPED else target
+    if isinstance(target, DictValues):
+        return path, Any if target.annotation is UNTYPED else target.annotation
+    return path, None
 
 
 def _resolve(model: type[BaseModel], key: str) -> _Target | None:
-    """Where a relative key goes (its target: the field's FieldInfo, or a dict's value type, or
+    """Where a relative key goes (its target: the field's FieldInfo, or a dict field's values, or
     None for a key pydantic itself will reject as extra); None if it matches no field."""
     parts = [p for p in key.split("/") if p]
     if not parts:
@@ -230,10 +231,10 @@ def _resolve(model: type[BaseModel], key: str) -> _Target | None:
         if field.nested is not None:
             target = field.nested
             continue
-        if field.mapping:
+        if field.values is not None:
             rest = "/".join(parts[index:])
             here = (*path, rest)
-            return _Target(here, (*keys, rest), field.mapping_value, tuple(rank), (here,))
+            return _Target(here, (*keys, rest), field.values, tuple(rank), (here,))
         return None
     return None
 
@@ -434,9 +435,9 @@ class KeyDecoder:
         """
         first, slash, _ = next(iter(items)).partition("/")
         field = _resolve_part(self.model, first) if slash else None
-        if field is None or not field.mapping:
+        if field is None or field.values is None:
             return None
-        decoding = decoding_for(field.mapping_value, self._settings)
+        decoding = decoding_for(field.values, self._settings)
         if decoding.how != TEXT or decoding.none_str is not None:
             return None
         head = first + "/"

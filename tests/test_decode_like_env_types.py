@@ -43,6 +43,7 @@ class Count(RootModel[int]):
 IntList = TypeAliasType("IntList", list[int])
 MaybeInts = TypeAliasType("MaybeInts", "list[int] | None")
 RawInts = TypeAliasType("RawInts", Annotated[list[int], NoDecode])
+IntsOrText = TypeAliasType("IntsOrText", list[int] | str)
 
 #: name -> (annotation, sub-keys it is written with besides the field's own key)
 TYPES: dict[str, tuple[Any, list[str]]] = {
@@ -81,6 +82,7 @@ TYPES: dict[str, tuple[Any, list[str]]] = {
     "dict[str, list[int] | str]": (dict[str, list[int] | str], ["x"]),
     "dict[str, Annotated[list[int], Field()] | str]": (dict[str, Annotated[list[int], Field()] | str], ["x"]),
     "dict[str, IntList]": (dict[str, IntList], ["x"]),
+    "dict[str, IntsOrText] (an alias of a union)": (dict[str, IntsOrText], ["x"]),
 }
 
 #: (strict, env_parse_enums, env_parse_none_str, enable_decoding)
@@ -123,4 +125,61 @@ def test_every_text_decodes_as_from_the_environment(name: str, config: tuple[Any
             ours, theirs = ours_and_theirs(model, {key: text})
             if ours != theirs:
                 differ.append((key, text, ours, theirs))
+    assert not differ
+
+
+#: Dict fields to mark with NoDecode/ForceDecode. pydantic-settings applies a dict field's marker (and
+#: ``enable_decoding``) to its own whole value, and to a value of one of its keys only when the
+#: value type is a union with a structured member; a structured value type is JSON regardless.
+MARKED_DICTS: dict[str, Any] = {
+    "dict[str, list[int] | str]": dict[str, list[int] | str],
+    "Optional[dict[str, list[int] | str]]": Optional[dict[str, list[int] | str]],  # noqa: UP045
+    "dict[str, list[int]]": dict[str, list[int]],
+    "dict": dict,
+}
+
+#: How the field is written: its whole value (GEN_F0), one key's value (GEN_F0__X), or both.
+LAYOUTS: dict[str, Any] = {
+    "whole": lambda text: {"f0": text},
+    "per-key": lambda text: {"f0/x": text},
+    "whole-and-per-key": lambda text: {"f0": '{"y": [3]}', "f0/x": text},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("decoding", [True, False], ids=["decoding", "no-decoding"])
+@pytest.mark.parametrize("marker", [NoDecode, ForceDecode], ids=["NoDecode", "ForceDecode"])
+def test_a_dict_fields_own_marker_decodes_its_values_as_from_the_environment(
+    marker: Any, decoding: bool, layout: str
+) -> None:
+    """``<prefix>f0/x`` of ``Annotated[dict[str, list[int] | str], NoDecode]`` is text, as ``GEN_F0__X``
+    is, and of one with ``ForceDecode`` under ``enable_decoding=False`` JSON (etcd gave the
+    opposite: the value type's decoding did not see the dict field's marker). A whole value, and a
+    marker that agrees with ``enable_decoding``, decoded alike already; they are here to stay so."""
+    differ = []
+    for name, annotation in MARKED_DICTS.items():
+        model = model_of(Annotated[annotation, marker], (False, False, None, decoding))
+        for text in TEXTS:
+            items = LAYOUTS[layout](text)
+            ours, theirs = ours_and_theirs(model, items)
+            if ours != theirs:
+                differ.append((name, items, ours, theirs))
+    assert not differ
+
+
+@pytest.mark.parametrize("decoding", [True, False], ids=["decoding", "no-decoding"])
+@pytest.mark.parametrize("marker", [NoDecode, ForceDecode], ids=["NoDecode", "ForceDecode"])
+def test_a_nested_dict_fields_own_marker_decides_not_the_enclosing_fields(
+    marker: Any, decoding: bool
+) -> None:
+    """``<prefix>f0/d/x`` follows ``d``'s marker, as ``GEN_F0__D__X`` follows the closest field
+    holding it, not the opposite marker of ``f0``, the model ``d`` is in."""
+    opposite = NoDecode if marker is ForceDecode else ForceDecode
+    inner = create_model("Inner", d=(Annotated[dict[str, list[int] | str], marker], {}))
+    model = model_of(Annotated[inner, opposite], (False, False, None, decoding))
+    differ = []
+    for text in TEXTS:
+        ours, theirs = ours_and_theirs(model, {"f0/d/x": text})
+        if ours != theirs:
+            differ.append((text, ours, theirs))
     assert not differ
