@@ -15,6 +15,7 @@ import anyio
 import grpc
 from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
+from ._grpc_errors import describe
 from ._log import get_logger
 from .errors import ConfigurationError, EtcdUnavailable
 from .settings import EtcdSettings
@@ -239,7 +240,7 @@ class EndpointPool:
             try:
                 await ep.maintenance.Status(rpc_pb2.StatusRequest(), timeout=0.2, wait_for_ready=False)
             except grpc.aio.AioRpcError as exc:
-                ep.last_error = f"{exc.code().name}: {exc.details()}"
+                ep.last_error = describe(exc)
             except grpc.aio.UsageError:  # closed meanwhile
                 ep.last_error = "channel closed"
 

@@ -142,11 +142,11 @@ class Connection:
                 raise
             raise self.cut_off("Authenticate", endpoint, [endpoint.url], write=False) from None
         except grpc.aio.AioRpcError as exc:
-            if "authentication is not enabled" in (exc.details() or ""):
+            kind = classify(exc)
+            if kind is Failure.AUTH_DISABLED:
                 log.warning("etcd.auth_not_enabled", endpoint=endpoint.url, user=self.settings.username)
                 self._token = None
                 return
-            kind = classify(exc)
             if kind in (Failure.TRANSPORT, Failure.NOT_APPLIED):
                 self.mark_failed(endpoint, describe(exc))
                 raise EtcdUnavailable(

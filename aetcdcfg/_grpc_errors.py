@@ -17,6 +17,7 @@ __all__ = [
     "FutureRead",
     "LeaseNotFound",
     "classify",
+    "classify_cancel",
     "describe",
     "is_stray_cancel",
     "own_cancellation",
@@ -29,6 +30,7 @@ class Failure(enum.Enum):
 
     AUTH_EXPIRED = "auth_expired"  # token unknown to the member or expired: authenticate again
     AUTH_FAILED = "auth_failed"  # credentials wrong or missing: retrying cannot help
+    AUTH_DISABLED = "auth_disabled"  # Authenticate on an etcd with auth off: go on without a token
     PERMISSION = "permission"  # the role does not cover the key
     TOO_LARGE = "too_large"
     COMPACTED = "compacted"  # a read at a revision etcd has compacted away
@@ -38,6 +40,9 @@ class Failure(enum.Enum):
     TRANSPORT = "transport"  # connection-level failure: the request may or may not have taken effect
     OTHER = "other"
 
+
+#: etcd's words for a role that does not cover a key, in an error and in a watch's cancel reason.
+_PERMISSION_DENIED = "permission denied"
 
 _NOT_APPLIED_DETAILS = (
     "no leader",
@@ -67,6 +72,8 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
     """Decide what a gRPC error from etcd means for the request that got it."""
     code = exc.code()
     details = (exc.details() or "").lower()
+    if "authentication is not enabled" in details:
+        return Failure.AUTH_DISABLED
     if "invalid auth token" in details or "auth token is expired" in details:
         return Failure.AUTH_EXPIRED
     if (
@@ -76,7 +83,7 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
         or "invalid auth management" in details
     ):
         return Failure.AUTH_FAILED
-    if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+    if code == grpc.StatusCode.PERMISSION_DENIED or _PERMISSION_DENIED in details:
         return Failure.PERMISSION
     if (
         "request is too large" in details
@@ -101,6 +108,15 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
         grpc.StatusCode.UNKNOWN,
     ):
         return Failure.TRANSPORT
+    return Failure.OTHER
+
+
+def classify_cancel(reason: str) -> Failure:
+    """What etcd's reason for canceling a watch means: ``PERMISSION`` (etcd 3.5 also gives it when
+    the stream's token expired) or ``OTHER``. A compacted start revision is not read from the text:
+    etcd sets the response's ``compact_revision`` for it."""
+    if _PERMISSION_DENIED in reason.lower():
+        return Failure.PERMISSION
     return Failure.OTHER
 
 

@@ -48,6 +48,7 @@ from ._grpc_errors import (
     CompactedRead,
     Failure,
     classify,
+    classify_cancel,
     describe,
     is_stray_cancel,
     own_cancellation,
@@ -663,7 +664,7 @@ class WatchLoop:
         self._log.info("watch.member_behind", endpoint=endpoint.url, member_revision=reported)
 
     async def _on_canceled(self, reason: str, endpoint: Endpoint, token: str | None) -> None:
-        if "permission denied" in reason.lower():
+        if classify_cancel(reason) is Failure.PERMISSION:
             # etcd 3.5 also says this when the stream's token expired: re-authenticate once first.
             if self._conn.settings.username and not self._fresh_token:
                 self._fresh_token = True

@@ -253,8 +253,8 @@ class LiveSettings(Generic[ModelT]):
         which applies every missed revision at once) are yielded as one, the newest; an object
         applied and replaced in between is never yielded (config is a state, not a log). It never
         misses the latest. For every applied object use ``on_change``; to wait for a state that
-        may be brief use :meth:`wait_for`, which sees each one. Ends when the LiveSettings closes.
-        Any number of tasks may iterate at once.
+        may be brief use :meth:`wait_for`, which sees each applied one (not every state etcd held:
+        see there). Ends when the LiveSettings closes. Any number of tasks may iterate at once.
         """
         seen = self._version
         sleeper = Sleeper(self._wake_loop())
@@ -277,6 +277,13 @@ class LiveSettings(Generic[ModelT]):
         ran again (unlike :meth:`updates`, which conflates). Raises ``TimeoutError`` after
         ``timeout`` seconds, and :class:`SettingsClosed` if the LiveSettings closes (or has closed)
         before a matching object is applied.
+
+        Only applied objects are checked, and not every state etcd held is applied. Never seen here
+        is a state that existed only in history etcd compacted before the watch replayed it (the
+        re-listing is applied as one object, the current state), or only between two layers'
+        revisions: each object holds every layer as of one revision, so a layer's revision that
+        arrives after another layer's newer one was applied is folded into that one, and a re-read
+        of every layer at one current revision skips the states in between (docs/live-settings.md).
         """
         with anyio.fail_after(math.inf if timeout is None else timeout):
             current = self.current

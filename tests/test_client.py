@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import anyio
 import pytest
+from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
 from aetcdcfg import (
@@ -14,10 +16,12 @@ from aetcdcfg import (
     ClientClosedError,
     EtcdClient,
     EtcdUnavailable,
+    LiveSettings,
     PermissionDenied,
     RequestTooLarge,
     Snapshot,
 )
+from aetcdcfg._channel import Endpoint
 from aetcdcfg.testing import EtcdCluster, EtcdServer, FaultProxy, TLSFiles
 
 pytestmark = pytest.mark.anyio
@@ -226,6 +230,81 @@ async def test_expired_token_is_renewed_transparently(
         assert token not in repr(logs) + caplog.text
     assert [entry["event"] for entry in logs].count("etcd.reauthenticated") == 1
     assert "apppw" not in repr(logs) + caplog.text
+
+
+class _SilentAfter:
+    """Black-holes ``proxy`` right after the ``n``-th ``EndpointPool.ready()`` returns a member: etcd
+    goes silent at that step of opening (authenticating, discovering members, listing a layer)."""
+
+    def __init__(self, proxy: FaultProxy, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        from aetcdcfg._channel import EndpointPool
+
+        ready = EndpointPool.ready
+        self.calls = 0
+
+        async def then_silent(pool: EndpointPool, timeout: float) -> Endpoint:
+            endpoint = await ready(pool, timeout)
+            self.calls += 1
+            if self.calls == n:
+                proxy.blackhole()
+            return endpoint
+
+        monkeypatch.setattr(EndpointPool, "ready", then_silent)
+
+
+@pytest.mark.parametrize(("discover", "silent_after"), [(False, 1), (True, 1), (True, 2)])
+async def test_opening_with_credentials_on_an_etcd_gone_silent_raises_etcd_unavailable(
+    etcd_auth_server: EtcdServer, monkeypatch: pytest.MonkeyPatch, discover: bool, silent_after: int
+) -> None:
+    """A member is ready, then answers nothing (authenticating, or reading the member list): opening
+    must fail with EtcdUnavailable within request_timeout, never hang nor raise a bare
+    CancelledError (grpc.aio's own, from a call nobody cancelled)."""
+    with FaultProxy.to(etcd_auth_server.endpoint) as proxy:
+        silent = _SilentAfter(proxy, silent_after, monkeypatch)
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailable), anyio.fail_after(10):
+            async with EtcdClient(
+                endpoints=[proxy.endpoint],
+                username="app",
+                password="apppw",
+                request_timeout=2,
+                discover_endpoints=discover,
+            ):
+                pass
+        elapsed = time.monotonic() - started
+    assert silent.calls == silent_after, "etcd never went silent: the test did not test anything"
+    assert elapsed < 2 + 1.0  # request_timeout, and a loaded machine's slack
+
+
+class _Pair(BaseSettings):
+    a: int = 0
+    b: int = 0
+
+
+@pytest.mark.parametrize("silent_after", [1, 2, 3, 4])
+async def test_opening_live_settings_with_credentials_on_an_etcd_gone_silent_raises_etcd_unavailable(
+    etcd_auth_server: EtcdServer, monkeypatch: pytest.MonkeyPatch, silent_after: int
+) -> None:
+    """LiveSettings opening its own client (from ETCD_* variables) with credentials: etcd goes silent
+    after authenticating (1), after listing a layer (2, 4) or once a layer's watch has a member (3).
+    Opening fails with EtcdUnavailable within request_timeout, never with a bare CancelledError."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    with FaultProxy.to(etcd_auth_server.endpoint) as proxy:
+        for name, value in {
+            "ETCD_ENDPOINTS": proxy.endpoint,
+            "ETCD_USERNAME": "app",
+            "ETCD_PASSWORD": "apppw",
+            "ETCD_REQUEST_TIMEOUT": "2",
+        }.items():
+            monkeypatch.setenv(name, value)
+        silent = _SilentAfter(proxy, silent_after, monkeypatch)
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailable), anyio.fail_after(10):
+            async with LiveSettings(_Pair, prefix=prefix):
+                pass
+        elapsed = time.monotonic() - started
+    assert silent.calls >= silent_after, "etcd never went silent: the test did not test anything"
+    assert elapsed < 2 + 1.0  # request_timeout, and a loaded machine's slack
 
 
 @pytest.mark.cluster

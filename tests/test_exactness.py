@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable
+from typing import Any
 
 import anyio
 import pytest
@@ -20,6 +21,7 @@ from aetcdcfg import (
     EventType,
     RevisionCompacted,
     SubscriberLagged,
+    Subscription,
 )
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
@@ -257,3 +259,98 @@ async def test_a_member_going_silent_during_the_resume_check_fails_only_the_sess
         ("b2", first + 3),
         ("c", last),
     ]
+
+
+async def _until_etcds_revision(sub: Subscription, revision: int) -> list[Event]:
+    """Whole batches (a resync is one) until the subscriber reaches ``revision``; not one more."""
+    events: list[Event] = []
+    async for batch in sub.batches():
+        events.extend(batch)
+        if batch[-1].revision >= revision:
+            return events
+    raise AssertionError("the subscription ended")  # pragma: no cover
+
+
+async def test_a_delete_compacted_between_the_first_listing_and_the_watch_is_resynced(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch is created at listing + 1 after the listing returned. A delete written at exactly
+    that revision and compacted at it in between is gone from etcd's history, yet etcd accepts the
+    watch there: without the readability check on creation the subscriber missed the delete and held
+    a key etcd no longer had (snapshot {a} + PUT b, where etcd held {b})."""
+    from aetcdcfg import _fanout
+
+    list_keys = _fanout.list_keys
+    window: list[int] = []
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+        EtcdClient(endpoints=[etcd_server.endpoint]) as watcher,
+    ):
+
+        async def then_delete_and_compact(*args: Any, **kwargs: Any) -> Any:
+            listing, revision = await list_keys(*args, **kwargs)
+            deleted = await writer.delete(etcd_prefix + "a")
+            window.extend([revision, deleted, await writer.put(etcd_prefix + "b", "1")])
+            etcd_server.etcdctl("compact", str(deleted))
+            return listing, revision
+
+        await writer.put(etcd_prefix + "a", "1")
+        monkeypatch.setattr(_fanout, "list_keys", then_delete_and_compact)
+        async with watcher.watch(etcd_prefix, with_snapshot=True) as sub:
+            monkeypatch.undo()
+            listed, deleted, last = window
+            assert deleted == listed + 1, "a write came between: the test did not test the window"
+            assert sub.snapshot is not None and set(sub.snapshot.items) == {etcd_prefix + "a"}
+            state = dict(sub.snapshot.items)
+            with anyio.fail_after(10):
+                events = await _until_etcds_revision(sub, last)
+            apply_events(state, events)
+            final = await writer.get_prefix(etcd_prefix)
+    assert state == dict(final.items), [(e.type, e.key, e.revision, e.resync) for e in events]
+    assert any(e.type is EventType.DELETE and e.key == etcd_prefix + "a" and e.resync for e in events)
+
+
+async def test_a_delete_compacted_between_a_relisting_and_the_new_watch_is_resynced(
+    etcd_server: EtcdServer, fault_proxy: FaultProxy, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same window after a re-list: history compacted during an outage makes the watch re-list
+    and go on from listing + 1; a delete there, compacted at it before the new watch is created, must
+    not be lost (the watch re-lists again instead of replaying from the compact revision)."""
+    from aetcdcfg import _stream
+
+    list_keys = _stream.list_keys
+    window: list[int] = []
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as writer,
+        EtcdClient(endpoints=[fault_proxy.endpoint], keepalive_time=1.0, keepalive_timeout=1.0) as watcher,
+    ):
+
+        async def then_delete_and_compact(*args: Any, **kwargs: Any) -> Any:
+            listing, revision = await list_keys(*args, **kwargs)
+            if not window:  # the first re-list only
+                deleted = await writer.delete(etcd_prefix + "a")
+                window.extend([revision, deleted, await writer.put(etcd_prefix + "b", "1")])
+                etcd_server.etcdctl("compact", str(deleted))
+            return listing, revision
+
+        await writer.put(etcd_prefix + "a", "1")
+        async with watcher.watch(etcd_prefix, with_snapshot=True) as sub:
+            assert sub.snapshot is not None
+            state = dict(sub.snapshot.items)
+            with anyio.fail_after(5):
+                events = await collect_until(sub, await writer.put(etcd_prefix + "x", "1"))
+            monkeypatch.setattr(_stream, "list_keys", then_delete_and_compact)
+            fault_proxy.refuse(True)
+            fault_proxy.reset()
+            etcd_server.etcdctl("compact", str(await writer.put(etcd_prefix + "c", "1")))
+            fault_proxy.refuse(False)  # the resume finds its revision compacted: a re-list
+            with anyio.fail_after(20):
+                while len(window) < 3:
+                    await anyio.sleep(0.05)
+                listed, deleted, last = window
+                assert deleted == listed + 1, "a write came between: the test did not test the window"
+                events += await _until_etcds_revision(sub, last)
+            apply_events(state, events)
+            final = await writer.get_prefix(etcd_prefix)
+    assert state == dict(final.items), [(e.type, e.key, e.revision, e.resync) for e in events]
+    assert any(e.type is EventType.DELETE and e.key == etcd_prefix + "a" and e.resync for e in events)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aetcdcfg import Event, EventType
+from aetcdcfg._grpc_errors import Failure, classify_cancel
 from aetcdcfg._resume import StepKind, WatchState  # KeyState: (value, mod, create, version)
 
 WATCH_ID = 7
@@ -182,6 +183,8 @@ def test_server_cancel_is_reported_with_reason() -> None:
     step = state.on_response(canceled)
     assert step.kind is StepKind.CANCELED
     assert "permission denied" in step.reason
+    assert classify_cancel(step.reason) is Failure.PERMISSION
+    assert classify_cancel("etcdserver: no leader") is Failure.OTHER
 
 
 @settings(max_examples=300, deadline=None)
