@@ -421,14 +421,30 @@ class LiveSettings(Generic[ModelT]):
     async def _follow(self, client: EtcdClient, layer: Layer) -> None:
         """Apply every revision of one layer; re-subscribes gap-free if it lags or the watch fails."""
         sub = layer.sub
+        reread = False
         while True:
             try:
+                if reread:
+                    async with self._apply_lock:
+                        self._apply_state(*await read_all(client, self._layers, self._log))
+                    reread = False
                 if sub is not None:
                     await self._consume(client, layer, sub)
                 else:
                     async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
                         layer.sub = resumed
                         await self._consume(client, layer, resumed)
+            except RevisionCompacted:
+                # Lagged further back than the shared watch remembers, and etcd compacted those
+                # revisions meanwhile: resuming there can never work (it was retried for good), so
+                # every layer is read afresh at one revision and followed from there.
+                self._log.warning(
+                    "config.layers_reread",
+                    layer=layer.prefix,
+                    reason="RevisionCompacted",
+                    revision=self._known,
+                )
+                reread = True
             except SubscriberLagged as exc:
                 self._log.warning("config.lagged", layer=layer.prefix, resume_revision=exc.resume_revision)
             except AetcdcfgError as exc:

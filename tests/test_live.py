@@ -463,3 +463,52 @@ async def test_wait_for_finds_a_state_applied_between_wake_ups(
                     await anyio.sleep(0.01)
     assert applied == [True, False]
     assert [s.maintenance for s in found] == [True]
+
+
+async def test_a_lag_resumed_below_a_compaction_reads_afresh_instead_of_retrying_for_good(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lagging LiveSettings resumes from its last applied revision + 1. When that is older than
+    the shared watch remembers and etcd compacted it meanwhile, every retry raised
+    RevisionCompacted (`config.watch_failed` every 2 s): stale settings for good. It re-reads now."""
+    import contextlib
+
+    from aetcdcfg import _fanout
+
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 1)  # the shared watch remembers one revision
+    real_watch = EtcdClient.watch
+    writes: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None and not writes:  # the resume after the lag
+            writes.append(await self.put(etcd_prefix + "rate_limit", "2"))
+            writes.append(await self.put(etcd_prefix + "rate_limit", "3"))
+            while hub.state.delivered < writes[-1]:  # the shared watch moved on without it
+                await anyio.sleep(0.01)
+            await anyio.to_thread.run_sync(etcd_server.etcdctl, "compact", str(writes[-1]))
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "rate_limit", "1")
+        async with LiveSettings(AppSettings, prefix=etcd_prefix, client=client) as live:
+            assert live.current.rate_limit == 1
+            layer_sub = live._layers[0].sub
+            assert layer_sub is not None
+            hub = layer_sub._hub
+            monkeypatch.setattr(EtcdClient, "watch", watch)
+            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            with capture_logs() as logs:
+                mine.lag(live.revision + 1)
+                with anyio.fail_after(10):
+                    while live.current.rate_limit != 3:
+                        await anyio.sleep(0.02)
+                assert live.revision == writes[-1]
+                last = await client.put(etcd_prefix + "rate_limit", "4")
+                with anyio.fail_after(10):
+                    while live.revision < last:
+                        await anyio.sleep(0.02)
+            assert live.current.rate_limit == 4
+            events = [e["event"] for e in logs if e["event"].startswith("config.")]
+            assert "config.watch_failed" not in events and "config.layers_reread" in events
