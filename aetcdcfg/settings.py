@@ -58,9 +58,10 @@ class EtcdSettings(BaseSettings):
     permission_check_interval: float = Field(
         default=60.0,
         ge=0,
-        description="With credentials, seconds between a watch's checks that its user may still read "
-        "the prefix (etcd checks permission only when a watch is created, so a revoked one would go "
-        "unnoticed until the next reconnect); 0 turns the check off.",
+        description="With credentials (a username, or a client certificate, whose CN etcd with "
+        "--client-cert-auth takes as the user), seconds between a watch's checks that its user may "
+        "still read the prefix (etcd checks permission only when a watch is created, so a revoked one "
+        "would go unnoticed until the next reconnect); 0 turns the check off.",
     )
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest gRPC message accepted."
@@ -107,6 +108,12 @@ class EtcdSettings(BaseSettings):
         if not self.tls and (self.ca_file or self.cert_file):
             raise ValueError("ca_file/cert_file are set but the endpoints are http://; use https://")
         return self
+
+    @property
+    def credentials(self) -> bool:
+        """A user is given (``username``) or may be taken from the client certificate: etcd with
+        ``--client-cert-auth`` and auth enabled takes its CN as the user when no token is sent."""
+        return self.username is not None or self.cert_file is not None
 
     @property
     def tls(self) -> bool:
