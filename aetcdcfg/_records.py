@@ -40,6 +40,7 @@ __all__ = [
     "audit_time",
     "config_audit_range",
     "current_user",
+    "finite",
     "instance_state",
     "library_version",
     "parse_labels",
@@ -48,6 +49,7 @@ __all__ = [
     "records_prefix",
     "report_enabled",
     "schema_fingerprint",
+    "strict_loads",
     "wait_target",
 ]
 
@@ -139,7 +141,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite(value: Any) -> float:
+def finite(value: Any) -> float:
     """``float(value)``; ``ValueError`` for NaN or an infinity, which JSON (and the status) cannot carry."""
     number = float(value)
     if not math.isfinite(number):
@@ -147,10 +149,10 @@ def _finite(value: Any) -> float:
     return number
 
 
-def _loads(raw: bytes) -> Any:
+def strict_loads(raw: bytes) -> Any:
     """JSON as the standard has it: Python's ``NaN``/``Infinity`` and an overflowing ``1e400`` are
     errors, so that a record read back can be served as JSON (the status, ``--json``) as it is."""
-    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    return json.loads(raw, parse_constant=_no_constant, parse_float=finite)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,7 @@ class InstanceRecord:
     def from_json(cls, raw: bytes) -> InstanceRecord:
         """Parse a record; ``ValueError`` if it is not one (e.g. written by something else)."""
         try:
-            data: dict[str, Any] = _loads(raw)
+            data: dict[str, Any] = strict_loads(raw)
             rejected = data.get("rejected_revision")
             prefixes = tuple(str(p) for p in data.get("prefixes") or ())
             follows = data.get("follows_canary")  # absent: a record of a build that always followed
@@ -221,8 +223,8 @@ class InstanceRecord:
                 canary=bool(data.get("canary", False)),
                 follows_canary=prefixes if follows is None else tuple(str(p) for p in follows),
                 version=str(data.get("version", "")),
-                started_at=_finite(data.get("started_at", 0.0)),
-                updated_at=_finite(data.get("updated_at", 0.0)),
+                started_at=finite(data.get("started_at", 0.0)),
+                updated_at=finite(data.get("updated_at", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not an instance record: {exc!r}") from None
@@ -442,12 +444,12 @@ class AuditRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> AuditRecord:
         try:
-            data: dict[str, Any] = _loads(raw)
+            data: dict[str, Any] = strict_loads(raw)
             message = data.get("message")
             record = cls(
                 user=str(data["user"]),
                 host=str(data.get("host", "")),
-                time=_finite(data["time"]),
+                time=finite(data["time"]),
                 command=str(data.get("command", "")),
                 message=None if message is None else str(message),
                 keys=tuple(str(k) for k in data.get("keys") or ()),
