@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._records import Identity, parse_labels
+from ._records import Identity, finite, parse_labels, strict_loads
 
 __all__ = [
     "CANARY_ROOT",
@@ -112,15 +112,15 @@ class CanarySpec:
     @classmethod
     def from_json(cls, raw: bytes) -> CanarySpec:
         try:
-            data: dict[str, Any] = json.loads(raw)
+            data: dict[str, Any] = strict_loads(raw)  # no NaN/Infinity: an int(inf) would escape
             return cls(
                 selector=Selector.parse(str(data["selector"])),
                 base_revision=int(data["base_revision"]),
                 keys=tuple(str(k) for k in data.get("keys") or ()),
                 user=str(data.get("user", "")),
-                created_at=float(data.get("created_at", 0.0)),
+                created_at=finite(data.get("created_at", 0.0)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not a canary spec: {exc!r}") from None
 
 

@@ -15,6 +15,7 @@ import getpass
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import socket
@@ -40,6 +41,7 @@ __all__ = [
     "audit_time",
     "config_audit_range",
     "current_user",
+    "finite",
     "instance_state",
     "library_version",
     "parse_labels",
@@ -48,6 +50,7 @@ __all__ = [
     "records_prefix",
     "report_enabled",
     "schema_fingerprint",
+    "strict_loads",
     "wait_target",
 ]
 
@@ -135,6 +138,24 @@ def schema_fingerprint(model: type[BaseModel]) -> str:
     return hashlib.sha256(schema.encode()).hexdigest()[:12]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def finite(value: Any) -> float:
+    """``float(value)``; ``ValueError`` for NaN or an infinity, which JSON (and the status) cannot carry."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("a number that is not finite")
+    return number
+
+
+def strict_loads(raw: bytes) -> Any:
+    """JSON as the standard has it: Python's ``NaN``/``Infinity`` and an overflowing ``1e400`` are
+    errors, so that a record read back can be served as JSON (the status, ``--json``) as it is."""
+    return json.loads(raw, parse_constant=_no_constant, parse_float=finite)
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """What one running LiveSettings reports about itself (names and revisions, never values)."""
@@ -185,7 +206,7 @@ class InstanceRecord:
     def from_json(cls, raw: bytes) -> InstanceRecord:
         """Parse a record; ``ValueError`` if it is not one (e.g. written by something else)."""
         try:
-            data: dict[str, Any] = json.loads(raw)
+            data: dict[str, Any] = strict_loads(raw)
             rejected = data.get("rejected_revision")
             prefixes = tuple(str(p) for p in data.get("prefixes") or ())
             follows = data.get("follows_canary")  # absent: a record of a build that always followed
@@ -203,10 +224,10 @@ class InstanceRecord:
                 canary=bool(data.get("canary", False)),
                 follows_canary=prefixes if follows is None else tuple(str(p) for p in follows),
                 version=str(data.get("version", "")),
-                started_at=float(data.get("started_at", 0.0)),
-                updated_at=float(data.get("updated_at", 0.0)),
+                started_at=finite(data.get("started_at", 0.0)),
+                updated_at=finite(data.get("updated_at", 0.0)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"not an instance record: {exc!r}") from None
 
     @property
@@ -430,26 +451,29 @@ class AuditRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> AuditRecord:
         try:
-            data: dict[str, Any] = json.loads(raw)
+            data: dict[str, Any] = strict_loads(raw)
             message = data.get("message")
-            return cls(
+            record = cls(
                 user=str(data["user"]),
                 host=str(data.get("host", "")),
-                time=float(data["time"]),
+                time=finite(data["time"]),
                 command=str(data.get("command", "")),
                 message=None if message is None else str(message),
                 keys=tuple(str(k) for k in data.get("keys") or ()),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            record._when()  # a time that is no date (year 10,000 and on) would fail describe()
+            return record
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError) as exc:
             raise ValueError(f"not an audit record: {exc!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.to_json())  # type: ignore[no-any-return]
 
+    def _when(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.time, datetime.timezone.utc)
+
     def describe(self) -> str:
         """``2026-12-06 18:20:01 UTC by alice@host (set): "raise the limit"``."""
-        when = datetime.datetime.fromtimestamp(self.time, datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M:%S UTC"
-        )
+        when = self._when().strftime("%Y-%m-%d %H:%M:%S UTC")
         why = "" if not self.message else f": {json.dumps(self.message, ensure_ascii=False)}"
         return f"{when} by {self.user}@{self.host} ({self.command}){why}"

@@ -112,6 +112,17 @@ def json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(float(value))
 
 
+def json_numbers(data: Any) -> Any:
+    """JSON-able ``data`` (dicts, lists, scalars) with every float passed through :func:`json_number`."""
+    if isinstance(data, float):
+        return json_number(data)
+    if isinstance(data, Mapping):
+        return {key: json_numbers(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_numbers(value) for value in data]
+    return data
+
+
 def mask(value: Any, secret: bool = False) -> Any:
     """``value`` as JSON-able data with every secret replaced by :data:`MASK`."""
     if secret or isinstance(value, (SecretStr, SecretBytes)):
@@ -414,7 +425,8 @@ def status_report(
         "instance": None if status.report is None else _instance_data(status.report),
     }
     if views := live.fleet_views:
-        report["fleet"] = [view.report() for view in views.values()]
+        # read back from etcd: a number JSON has not (the records refuse one) must not fail the status
+        report["fleet"] = json_numbers([view.report() for view in views.values()])
     if settings and status.loaded:
         report["settings"] = settings_report(live)
     return report

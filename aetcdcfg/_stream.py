@@ -613,7 +613,7 @@ class WatchLoop:
         elif state.trust_progress:
             # Confirm as soon as etcd says nothing newer is pending, not a keepalive_time later.
             session.spawn(self._confirm_current)
-        if self._conn.settings.username and self._conn.settings.permission_check_interval:
+        if self._conn.settings.credentials and self._conn.settings.permission_check_interval:
             session.spawn(self._check_permission)
         if self._lost_at is not None:
             self._log.info(

@@ -14,8 +14,9 @@ from ._connection import NOT_OPEN, Connection
 from ._fanout import Subscription, WatchRegistry
 from ._keys import KeyLike, as_bytes, prefix_range_end
 from ._kv import KV
+from ._validate import describe
 from .errors import ClientClosedError, ConfigurationError
-from .settings import EtcdSettings
+from .settings import EtcdSettings, SettingsProblem
 from .status import WatchStatus
 
 __all__ = ["EtcdClient", "prefix_range_end"]
@@ -31,7 +32,11 @@ def _settings_from(settings: EtcdSettings | None, overrides: dict[str, Any]) -> 
     except ValidationError as exc:
         first = exc.errors()[0]
         setting = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise ConfigurationError(setting, first["msg"]) from None
+        # pydantic's message may quote the input (a validator's text, a tag): ours never do, and
+        # describe() renders pydantic's own from its template without the input
+        raised = (first.get("ctx") or {}).get("error")
+        message = str(raised) if isinstance(raised, SettingsProblem) else describe(first)
+        raise ConfigurationError(setting, message) from None
 
 
 class EtcdClient(KV):

@@ -49,7 +49,6 @@ from .errors import (
     SubscriberLagged,
 )
 from .events import Event, EventType
-from .settings import EtcdSettings
 from .source import leaf_paths
 from .status import AppliedChange, SettingsStatus
 
@@ -327,7 +326,7 @@ class LiveSettings(Generic[ModelT]):
         try:
             client = self._client
             if client is None:
-                client = await stack.enter_async_context(EtcdClient(EtcdSettings()))
+                client = await stack.enter_async_context(EtcdClient())
             revisions = await subscribe_all(stack, client, self._layers, self._log)
             stack.callback(self._detach)
             revision = max(revisions)

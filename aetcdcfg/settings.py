@@ -9,10 +9,15 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["EtcdSettings"]
+__all__ = ["EtcdSettings", "SettingsProblem"]
 
 #: etcd rejects client pings closer than this (its default ``--grpc-keepalive-min-time``) with GOAWAY.
 ETCD_DEFAULT_KEEPALIVE_MIN_TIME = 5.0
+
+
+class SettingsProblem(ValueError):
+    """What :class:`EtcdSettings`' own checks found. Its text never quotes a value (an endpoint URL
+    may carry a password), so ``EtcdClient`` shows it as it is; pydantic's own messages it does not."""
 
 
 class EtcdSettings(BaseSettings):
@@ -22,7 +27,10 @@ class EtcdSettings(BaseSettings):
     comma-separated list). The password is a ``SecretStr``: it never shows in reprs or logs.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ETCD_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError's text would quote the value (a URL with a password)
+    model_config = SettingsConfigDict(
+        env_prefix="ETCD_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:2379"],
@@ -58,9 +66,10 @@ class EtcdSettings(BaseSettings):
     permission_check_interval: float = Field(
         default=60.0,
         ge=0,
-        description="With credentials, seconds between a watch's checks that its user may still read "
-        "the prefix (etcd checks permission only when a watch is created, so a revoked one would go "
-        "unnoticed until the next reconnect); 0 turns the check off.",
+        description="With credentials (a username, or a client certificate, whose CN etcd with "
+        "--client-cert-auth takes as the user), seconds between a watch's checks that its user may "
+        "still read the prefix (etcd checks permission only when a watch is created, so a revoked one "
+        "would go unnoticed until the next reconnect); 0 turns the check off.",
     )
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=4 * 1024 * 1024, description="Largest gRPC message accepted."
@@ -77,36 +86,47 @@ class EtcdSettings(BaseSettings):
     @classmethod
     def _check_endpoints(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("at least one endpoint is needed, e.g. http://127.0.0.1:2379")
+            raise SettingsProblem("at least one endpoint is needed, e.g. http://127.0.0.1:2379")
         cleaned = []
-        for url in value:
-            parts = urlsplit(url)
+        for n, url in enumerate(value, 1):
+            # named by position: the URL itself may hold a password (user:password@host)
+            usage = f"endpoint {n} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:2379"
+            try:
+                parts = urlsplit(url)
+            except ValueError:  # e.g. an unclosed IPv6 bracket
+                raise SettingsProblem(usage) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+                raise SettingsProblem(usage)
             try:
                 port = parts.port
             except ValueError:
-                raise ValueError(f"{url!r} has an invalid port") from None
+                raise SettingsProblem(f"endpoint {n} has an invalid port") from None
             if parts.path not in ("", "/") or parts.query or parts.fragment:
-                raise ValueError(f"{url!r} must be scheme://host:port with no path")
+                raise SettingsProblem(f"endpoint {n} must be scheme://host:port with no path")
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
             cleaned.append(f"{parts.scheme}://{host}:{port or 2379}")
         schemes = {url.split("://", 1)[0] for url in cleaned}
         if len(schemes) > 1:
-            raise ValueError("endpoints mix http:// and https://; use one scheme for the whole cluster")
+            raise SettingsProblem("endpoints mix http:// and https://; use one scheme for the whole cluster")
         return cleaned
 
     @model_validator(mode="after")
     def _check_pairs(self) -> EtcdSettings:
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together: set both for mTLS, or neither")
+            raise SettingsProblem("cert_file and key_file go together: set both for mTLS, or neither")
         if self.password is not None and self.username is None:
-            raise ValueError("password is set but username is not")
+            raise SettingsProblem("password is set but username is not")
         if self.username is not None and self.password is None:
-            raise ValueError(f"username {self.username!r} is set but password is not")
+            raise SettingsProblem("username is set but password is not")
         if not self.tls and (self.ca_file or self.cert_file):
-            raise ValueError("ca_file/cert_file are set but the endpoints are http://; use https://")
+            raise SettingsProblem("ca_file/cert_file are set but the endpoints are http://; use https://")
         return self
+
+    @property
+    def credentials(self) -> bool:
+        """A user is given (``username``) or may be taken from the client certificate: etcd with
+        ``--client-cert-auth`` and auth enabled takes its CN as the user when no token is sent."""
+        return self.username is not None or self.cert_file is not None
 
     @property
     def tls(self) -> bool:

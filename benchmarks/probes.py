@@ -13,7 +13,10 @@ threads) is always full with a queue behind it; meanwhile this process probes ea
 ``/pool`` is sampled alongside: the "pool full" column is the share of samples with every thread
 borrowed (it must be 100 % for the numbers to mean anything).
 
-``python -m benchmarks.probes`` (``make bench`` runs it as the section "Probes").
+``python -m benchmarks.probes`` (``make bench`` runs it as the section "Probes") exits 1 on FAIL:
+``/livez`` p99 at or over ``--target-ms`` (100), or the threadpool not full in every sample.
+``--seconds`` shortens the run (``tests/test_bench_guard.py`` runs it for 1 s against a 0 ms target,
+which no run meets, to see the FAIL reach the exit status).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ LOAD = 200
 WORK = 0.25
 PERIOD = 0.05
 SECONDS = 15.0
+TARGET_MS = 100.0
 ROUTES = ["/livez", "/readyz", "/limit", "/livez-sync"]
 
 
@@ -103,7 +107,18 @@ async def load(port: int) -> None:
             tg.start_soon(worker)
 
 
-async def measure(url: str, port: int) -> None:
+def verdict(livez_ms: list[float], share: float, target_ms: float = TARGET_MS) -> tuple[bool, str]:
+    """PASS when ``/livez`` answered, its p99 under ``target_ms``, with the pool full in every sample."""
+    p99 = percentile(livez_ms, 99)  # NaN without samples: never under the target
+    ok = p99 < target_ms and share == 100
+    return ok, (
+        f"{'PASS' if ok else 'FAIL'}: /livez p99 {p99:.1f} ms over {len(livez_ms)} requests "
+        f"(target < {target_ms:g} ms with the threadpool full; full in {share:.0f} % of samples)"
+    )
+
+
+async def measure(url: str, port: int, seconds: float, target_ms: float) -> bool:
+    """Probe while the load runs; prints the table and the verdict, returns whether it passed."""
     latencies: dict[str, list[float]] = {route: [] for route in ROUTES}
     failures: dict[str, int] = dict.fromkeys(ROUTES, 0)
     full: list[bool] = []
@@ -138,7 +153,7 @@ async def measure(url: str, port: int) -> None:
             for route in ROUTES:
                 probes.start_soon(prober, route)
             probes.start_soon(pool_sampler)
-            await anyio.sleep(SECONDS)
+            await anyio.sleep(seconds)
             probes.cancel_scope.cancel()
         loader.terminate()
 
@@ -161,27 +176,30 @@ async def measure(url: str, port: int) -> None:
         f"threadpool full in {share:.0f} % of {len(full)} samples\n"
     )
     print(table(["route", "requests", "p50 ms", "p99 ms", "max ms", "non-200"], rows))
-    livez_p99 = percentile([t * 1000 for t in latencies["/livez"]], 99)
-    verdict = "PASS" if livez_p99 < 100 and share == 100 else "FAIL"
-    print(f"\n{verdict}: /livez p99 {livez_p99:.1f} ms (target < 100 ms with the threadpool full)")
+    ok, line = verdict([t * 1000 for t in latencies["/livez"]], share, target_ms)
+    print(f"\n{line}")
+    return ok
 
 
-def main() -> None:
+def main() -> int:
+    """0 on PASS, 1 on FAIL (``make bench`` fails with it)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "ENDPOINT", "PREFIX"))
     parser.add_argument("--load", type=int, metavar="PORT")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="how long to probe")
+    parser.add_argument("--target-ms", type=float, default=TARGET_MS, help="the /livez p99 to stay under")
     args = parser.parse_args()
     if args.load:
         anyio.run(load, args.load)
-        return
+        return 0
     if args.serve:
         port, endpoint, prefix = args.serve
         serve(int(port), endpoint, prefix)
-        return
+        return 0
 
     from aetcdcfg.testing import EtcdServer
 
-    async def run() -> None:
+    async def run() -> bool:
         with EtcdServer() as server:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
@@ -209,13 +227,13 @@ def main() -> None:
                                 except httpx.TransportError:
                                     pass
                                 await anyio.sleep(0.1)
-                    await measure(url, port)
+                    return await measure(url, port, args.seconds, args.target_ms)
                 finally:
                     if proc.returncode is None:
                         proc.terminate()
 
-    anyio.run(run)
+    return 0 if anyio.run(run) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

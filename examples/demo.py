@@ -29,6 +29,8 @@ from aetcdcfg.testing import EtcdServer
 
 COPIES = 10
 PREFIX = "/myservice/"
+#: Seconds each copy's uvicorn waits for open connections when stopped (--timeout-graceful-shutdown).
+GRACEFUL_SHUTDOWN = 30
 ROOT = Path(__file__).resolve().parent.parent
 #: This interpreter as a command to type in the repository (``.venv/bin/python`` under ``make run``).
 PYTHON = os.path.relpath(sys.executable, ROOT)
@@ -40,9 +42,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_copy(port: int, endpoint: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ETCD_ENDPOINTS": endpoint, "SERVICE_PREFIX": PREFIX, "LOG_LEVEL": "warning"}
-    command = [
+def uvicorn_command(port: int) -> list[str]:
+    """One copy's uvicorn; its graceful shutdown bounded by at least the status page's stream
+    lifetime (30 s), else a page that stops reading holds the Ctrl-C forever."""
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -53,8 +56,14 @@ def start_copy(port: int, endpoint: str) -> subprocess.Popen[bytes]:
         str(port),
         "--log-level",
         "warning",
+        "--timeout-graceful-shutdown",
+        str(GRACEFUL_SHUTDOWN),
     ]
-    return subprocess.Popen(command, cwd=ROOT, env=env)
+
+
+def start_copy(port: int, endpoint: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ETCD_ENDPOINTS": endpoint, "SERVICE_PREFIX": PREFIX, "LOG_LEVEL": "warning"}
+    return subprocess.Popen(uvicorn_command(port), cwd=ROOT, env=env)
 
 
 async def wait_ready(http: httpx.AsyncClient, ports: list[int]) -> None:
@@ -145,7 +154,7 @@ async def main(copies: int = COPIES, exit_after: bool = False) -> int:
             ports = [free_port() for _ in range(copies)]
             procs = [start_copy(port, server.endpoint) for port in ports]
             for proc in procs:
-                stack.callback(proc.wait, 10)
+                stack.callback(proc.wait, GRACEFUL_SHUTDOWN + 10)
                 stack.callback(proc.terminate)
             async with httpx.AsyncClient(timeout=5) as http:
                 await wait_ready(http, ports)

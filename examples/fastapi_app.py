@@ -1,6 +1,8 @@
 """A rate-limited FastAPI service whose limits and maintenance switch live in etcd.
 
-Run it with ``ETCD_ENDPOINTS=http://127.0.0.1:2379 uvicorn examples.fastapi_app:app``; change
+Run it with ``ETCD_ENDPOINTS=http://127.0.0.1:2379 uvicorn examples.fastapi_app:app
+--timeout-graceful-shutdown 30`` (at least ``STREAM_LIFETIME``: else a status page client that stops
+reading holds uvicorn's shutdown without limit, see docs/production.md#probes); change
 ``/myservice/rate_limit`` or ``/myservice/maintenance`` in etcd and every copy follows within
 milliseconds, without a restart.
 
@@ -69,10 +71,15 @@ def record(settings: ServiceSettings) -> None:
     del applied[:-100]
 
 
+#: How long one status page event stream lasts before the browser reconnects; uvicorn's
+#: ``--timeout-graceful-shutdown`` must be at least this (every launch in the repository sets 30).
+STREAM_LIFETIME = 30.0
+
 live = LiveSettings(ServiceSettings, prefix=os.environ.get("SERVICE_PREFIX", "/myservice/"), on_change=record)
 app = FastAPI(lifespan=live.lifespan)
 app.include_router(probes_router(live, max_staleness=30))  # GET /livez, GET /readyz
-app.include_router(status_router(live, path="/status"))  # operators only: keep it off the public ingress
+# operators only: keep it off the public ingress
+app.include_router(status_router(live, path="/status", stream_lifetime=STREAM_LIFETIME))
 metrics = CollectorRegistry()  # a registry of its own, so importing this module twice never clashes
 metrics.register(AetcdcfgCollector(live))
 Settings = Annotated[ServiceSettings, Depends(settings_dependency(live))]

@@ -9,8 +9,8 @@ import pytest
 from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
-from aetcdcfg import EtcdClient, Event, LiveSettings, PermissionDenied
-from aetcdcfg.testing import EtcdServer, FaultProxy
+from aetcdcfg import EtcdClient, Event, LiveSettings, PermissionDenied, Subscription
+from aetcdcfg.testing import EtcdServer, FaultProxy, TLSFiles
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +90,12 @@ async def test_revoked_permission_ends_a_running_watch_with_permission_denied(
                     )
 
 
+async def until_live(sub: Subscription) -> None:
+    with anyio.fail_after(10):
+        while sub.status.state != "live":
+            await anyio.sleep(0.01)
+
+
 async def test_revoked_permission_is_noticed_without_a_reconnect(etcd_auth_server: EtcdServer) -> None:
     """etcd checks a watch's permission only when it is created; the periodic check notices a
     revocation on a stream that never breaks, within permission_check_interval."""
@@ -102,6 +108,7 @@ async def test_revoked_permission_is_noticed_without_a_reconnect(etcd_auth_serve
         permission_check_interval=1,
     ) as client:
         async with client.watch(prefix) as sub:
+            await until_live(sub)  # etcd created the watcher: revoking now cannot cancel its creation
             etcd_auth_server.etcdctl(
                 "role", "revoke-permission", "reader-role", "/app/", "--prefix=true", user=root
             )
@@ -166,3 +173,31 @@ async def test_kv_recovers_when_an_operator_turns_auth_on_after_the_client_conne
                 assert await client.get(prefix + "k") == b"on again"
                 assert (await client.get_prefix(prefix)).items == {prefix + "k": b"on again"}
     assert "apppw" not in repr(logs)
+
+
+async def test_revoked_permission_of_a_client_certificate_user_is_noticed_without_a_reconnect(
+    etcd_tls_files: TLSFiles,
+) -> None:
+    """With ``--client-cert-auth`` and auth on, etcd takes the certificate's CN as the user: no
+    username is configured, yet the role can be revoked all the same, and the periodic check
+    notices it on a stream that never breaks."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    user = TLSFiles.CLIENT_USER  # the CN of its client certificate
+    with EtcdServer(tls=etcd_tls_files, client_cert_auth=True) as server:
+        server.enable_auth("rootpw")
+        server.add_user(user, "unused-the-certificate-says-who", read_prefix="/app/")
+        async with EtcdClient(
+            endpoints=[server.endpoint],
+            ca_file=etcd_tls_files.ca_file,
+            cert_file=etcd_tls_files.client_cert,
+            key_file=etcd_tls_files.client_key,
+            permission_check_interval=1,
+        ) as client:
+            with pytest.raises(PermissionDenied):  # the CN's role reads /app/ only
+                await client.get("/other/key")
+            async with client.watch(prefix) as sub:
+                await until_live(sub)  # etcd created the watcher: revoking now cannot cancel its creation
+                server.etcdctl("role", "revoke-permission", f"{user}-role", "/app/", "--prefix=true")
+                with anyio.fail_after(10), pytest.raises(PermissionDenied):
+                    async for _ in sub:
+                        pass

@@ -155,3 +155,27 @@ def test_every_scenario_still_runs_against_the_library() -> None:
         f"{SELF_TEST} collect",
         f"{SELF_TEST} 200",
     ]
+
+
+def test_the_probes_verdict_passes_only_under_the_target_with_the_pool_full() -> None:
+    from benchmarks.probes import verdict
+
+    assert verdict([5.0] * 100, 100.0)[0]
+    assert not verdict([5.0] * 98 + [150.0] * 2, 100.0)[0]  # p99 over 100 ms
+    assert not verdict([5.0] * 100, 95.0)[0]  # the pool was not always full: the numbers mean nothing
+    assert not verdict([], 100.0)[0]  # /livez never answered
+    assert verdict([5.0] * 100, 100.0)[1].startswith("PASS: /livez p99 5.0 ms")
+
+
+def test_a_probes_run_that_fails_its_target_exits_non_zero() -> None:
+    """``make bench`` fails only on a non-zero exit: a 1 s run against a 0 ms target, which no run
+    meets (no timing is asserted: the verdict is FAIL whatever the machine's speed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.probes", "--seconds", "1", "--target-ms", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "FAIL: /livez p99" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1, done.stderr

@@ -294,3 +294,35 @@ async def test_a_parent_prefix_counts_only_its_own_records_before_it_lists_any(
         planned = await audit_write(client, etcd_prefix, record, keep=3)
         assert listed == [AUDIT_ROOT + etcd_prefix] and len(planned.prune) == 1
         assert planned.prune[0].rsplit("/", 1)[0] + "/" == AUDIT_ROOT + etcd_prefix
+
+
+async def test_an_audit_record_holding_a_number_json_has_not_or_no_date_is_skipped(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Python's json reads ``NaN``/``Infinity``; a time that is one, or so far out that it is no date,
+    makes the record no audit record: ``history`` says "time unknown" for its change, and its
+    ``--json`` stays JSON."""
+    good = json.loads(AuditRecord("mallory", "h", 1.0, "set", None, ()).to_json())
+    times: list[object] = [float("nan"), float("inf"), "-inf", 1e300]
+    revisions = []
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        for n, time in enumerate(times):
+            record = json.dumps({**good, "time": time})
+            revisions.append(
+                await client.put_many(
+                    {etcd_prefix + "rate_limit": str(n + 1), f"{AUDIT_ROOT}{etcd_prefix}{n:020d}-bad": record}
+                )
+            )
+        assert await audit_log(client, etcd_prefix) == {}
+    code, out, err = await run("history", etcd_prefix)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("revision ")]
+    assert [line.split(" (")[1].split(")")[0] for line in lines] == ["time unknown"] * len(times)
+    code, out, err = await run("history", etcd_prefix, "--json")
+    assert code == 0, err
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"not JSON: {constant}")
+
+    entries = json.loads(out, parse_constant=refuse)["entries"]
+    assert [(e["revision"], e["audit"]) for e in entries] == [(r, None) for r in reversed(revisions)]

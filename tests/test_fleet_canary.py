@@ -459,3 +459,33 @@ async def test_canary_status_json_gives_each_instance_its_selection_and_progress
     assert "values hidden" in err
     code, out, _ = await run("canary", "status", etcd_prefix, *SET)
     assert code == 0 and f"~ {etcd_prefix}rate_limit = {value}" in out
+
+
+async def test_a_canary_spec_holding_a_number_json_has_not_is_no_canary_and_stops_nothing(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Python's json reads ``1e400`` as infinity and ``NaN``: a spec holding one is no valid spec
+    (an empty overlay, as documented), not an OverflowError out of every instance's canary layer."""
+    from aetcdcfg._canary import canary_prefix
+
+    spec = {"selector": "zone=b", "base_revision": 1, "keys": [etcd_prefix + "rate_limit"], "user": "u"}
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(
+            Settings, prefix=etcd_prefix, client=client, instance="pod-b", labels={"zone": "b"}
+        ) as live,
+    ):
+        canary = canary_prefix(etcd_prefix)
+        for bad in (
+            json.dumps(spec).replace('"base_revision": 1', '"base_revision": 1e400'),
+            json.dumps({**spec, "created_at": float("nan")}),
+        ):
+            await client.put_many({canary + "spec": bad, canary + "values/rate_limit": "50"})
+            changed = await client.put(etcd_prefix + "rate_limit", "7")
+            with anyio.fail_after(10):
+                while live.revision < changed:
+                    await anyio.sleep(0.02)
+            assert live.current.rate_limit == 7 and not live.in_canary
+            await client.delete(etcd_prefix + "rate_limit")
+        with pytest.raises(ValueError, match="not a canary spec"):  # the operator is told
+            await canary_status(client, etcd_prefix)

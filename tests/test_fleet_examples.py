@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from aetcdcfg._records import parse_labels
@@ -66,3 +69,45 @@ def test_compose_runs_several_labelled_copies() -> None:
     assert len({s["environment"]["ETCD_ENDPOINTS"] for s in copies.values()}) == 1
     ports = [p.split(":")[0] for s in copies.values() for p in s["ports"]]
     assert len(set(ports)) == len(ports)
+
+
+def graceful_shutdown(command: Sequence[str]) -> int:
+    """uvicorn's ``--timeout-graceful-shutdown`` in a command line (unset: the test fails)."""
+    assert "--timeout-graceful-shutdown" in command, f"unbounded graceful shutdown: {command}"
+    return int(command[list(command).index("--timeout-graceful-shutdown") + 1])
+
+
+def test_every_launch_of_the_example_bounds_uvicorns_graceful_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/production.md: a status page client that stops reading holds uvicorn's graceful shutdown
+    without limit unless ``--timeout-graceful-shutdown`` is at least the stream lifetime; each launch
+    the repository ships sets it, and leaves the clean exit (which revokes the record's lease) time
+    before the SIGKILL."""
+    import examples.fastapi_app as example
+    from examples import demo
+
+    lifetime = example.STREAM_LIFETIME  # what its status_router is given
+    assert lifetime > 0
+
+    template, container = _container()
+    timeout = graceful_shutdown(container["command"])
+    assert lifetime <= timeout < template["spec"]["terminationGracePeriodSeconds"]
+
+    services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        if name.startswith("app"):
+            command = shlex.split(service["command"][-1])
+            launch = command.index("examples.fastapi_app:app") - 1
+            assert command[launch - 1 : launch + 1] == ["exec", "uvicorn"], name  # it gets the SIGTERM
+            timeout = graceful_shutdown(command)
+            assert lifetime <= timeout < float(service["stop_grace_period"].removesuffix("s")), name
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(demo.subprocess, "Popen", lambda command, **_: launched.append(command))
+    demo.start_copy(8000, "http://127.0.0.1:2379")
+    assert lifetime <= graceful_shutdown(launched[0])
+
+    run = re.search(r"``ETCD_ENDPOINTS=\S+ (uvicorn examples\.fastapi_app:app[^`]*)``", example.__doc__ or "")
+    assert run is not None
+    assert lifetime <= graceful_shutdown(run[1].split())

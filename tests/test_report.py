@@ -317,3 +317,22 @@ async def test_aliased_fields_name_their_alias_keys_and_their_secrets_stay_maske
     assert status["last_rejected"]["keys"] == [p + "rps"]
     assert by_field(status["settings"])["rate_limit"]["pending_rejected"]
     assert SECRET not in json.dumps(report) + json.dumps(status)
+
+
+async def test_a_fleet_record_holding_a_number_json_has_not_still_gives_a_json_status(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """The backstop behind the records refusing NaN/Infinity when read: whatever record a fleet view
+    holds, the status report stays JSON (its numbers as ``json_number`` shows them)."""
+    from aetcdcfg._records import InstanceRecord
+
+    nan = InstanceRecord("odd", {}, "M", "s", (etcd_prefix,), 1, None, (), (), True, "1", float("nan"), 1.0)
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(Reported, prefix=etcd_prefix, client=client, instance="svc-a") as live,
+    ):
+        live.fleet().records["odd"] = nan  # as if read from etcd
+        report = status_report(live)
+    (row,) = [row for row in report["fleet"][0]["instances"] if row["id"] == "odd"]
+    assert row["started_at"] == "nan" and row["updated_at"] == 1.0
+    json.dumps(report, allow_nan=False)

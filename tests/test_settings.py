@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from aetcdcfg import ConfigurationError, EtcdClient, EtcdSettings
@@ -70,3 +71,40 @@ async def test_not_pem_ca_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="ca_file: .* is not a PEM CA bundle"):
         async with EtcdClient(endpoints=["https://127.0.0.1:1"], ca_file=bogus):
             pass
+
+
+SECRET = "s3cr3t-in-a-url"
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "text"),
+    [
+        ([f"http://app:{SECRET}@etcd:2379/v3"], "no path"),
+        ([f"app:{SECRET}@etcd"], "not an http:// or https:// URL"),
+        (["http://a:1", f"http://app:{SECRET}@etcd:99999"], "endpoint 2 has an invalid port"),
+    ],
+)
+def test_a_bad_setting_is_named_without_quoting_its_value(
+    endpoints: list[str], text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic's message of an error may quote the input (here ours did: an endpoint URL, which
+    can carry a password); the error names the setting and the problem, never the value: not from
+    ``EtcdClient``, ``ETCD_ENDPOINTS`` read by a ``LiveSettings`` without a client, nor
+    ``EtcdSettings`` itself."""
+    from pydantic import BaseModel, ValidationError
+
+    from aetcdcfg import LiveSettings
+
+    with pytest.raises(ConfigurationError) as info:
+        EtcdClient(endpoints=endpoints)
+    assert info.value.setting == "endpoints" and text in str(info.value)
+    assert SECRET not in str(info.value)
+
+    with pytest.raises(ValidationError) as raw:
+        EtcdSettings(endpoints=endpoints)
+    assert SECRET not in str(raw.value)
+
+    monkeypatch.setenv("ETCD_ENDPOINTS", ",".join(endpoints))
+    with pytest.raises(ConfigurationError) as info:
+        anyio.run(LiveSettings(BaseModel, prefix="/p/").__aenter__)
+    assert info.value.setting == "endpoints" and SECRET not in str(info.value)

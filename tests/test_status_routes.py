@@ -594,3 +594,64 @@ async def test_combined_lifespans_of_two_live_settings_keep_both_in_the_state(
     assert body["all"] == [etcd_prefix + "one/", etcd_prefix + "two/", etcd_prefix + "three/"]
     assert seen["live_settings"] is first
     assert seen["database"] == "db"
+
+
+def fleet_ids(body: dict[str, Any]) -> list[str]:
+    return [row["id"] for row in body["settings"][0]["fleet"][0]["instances"]]
+
+
+async def test_a_record_holding_a_number_json_has_not_is_skipped_and_the_status_stays_up(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Python's json reads ``NaN``/``Infinity`` (and ``1e400`` as infinity), which JSON has not: a
+    record holding one, written by anything that may write the records prefix, is skipped like any
+    other bad record (``fleet.bad_record``) instead of failing ``/status`` and its event stream with a
+    500 on every instance of the fleet."""
+    from aetcdcfg._records import InstanceRecord, record_key
+
+    good = json.loads(
+        InstanceRecord(
+            "svc-b", {}, "Service", "abc", (etcd_prefix,), 1, None, (), (), True, "1", 1.0, 2.0
+        ).to_json()
+    )
+    bad = {
+        "bad-nan": json.dumps({**good, "id": "bad-nan", "started_at": float("nan")}),
+        "bad-inf": json.dumps({**good, "id": "bad-inf", "updated_at": float("inf")}),
+        "bad-big": json.dumps({**good, "id": "bad-big", "updated_at": 1e300}).replace("1e+300", "1e400"),
+        "bad-text": json.dumps({**good, "id": "bad-text", "started_at": "-inf"}),
+        "bad-rev": json.dumps({**good, "id": "bad-rev", "applied_revision": float("inf")}),
+    }
+    with capture_logs() as logs:
+        async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+            await client.put(record_key(etcd_prefix, "bad-nan"), bad["bad-nan"])  # there from the start
+            live = LiveSettings(Service, prefix=etcd_prefix, client=client, instance="svc-a")
+            app = make_app(live, heartbeat=0.1)
+            async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+                with anyio.fail_after(10):
+                    while True:  # its own record, once written, and never the bad one
+                        status = await http.get("/status")
+                        assert status.status_code == 200, status.text
+                        if fleet_ids(strict_json(status.text)) == ["svc-a"]:
+                            break
+                        await anyio.sleep(0.05)
+                    page = await http.get("/status", headers={"accept": BROWSER})
+                    assert page.status_code == 200, page.text
+                    async with http.stream("GET", "/status/events") as stream:
+                        events = sse_events(stream)
+                        kind, body, _ = await anext(events)
+                        assert kind == "status" and fleet_ids(body) == ["svc-a"]
+                        for name, text in bad.items():
+                            await client.put(record_key(etcd_prefix, name), text)
+                        await client.put(record_key(etcd_prefix, "svc-b"), json.dumps(good))
+                        kinds = []
+                        async for kind, body, raw in events:  # the stream goes on past the bad ones
+                            strict_json(raw)
+                            kinds.append(kind)
+                            if kind == "status" and fleet_ids(body) == ["svc-a", "svc-b"]:
+                                break
+                        kind, _, _ = await anext(events)  # and on after them
+                        assert kind == "tick"
+                    status = await http.get("/status")
+        assert status.status_code == 200 and fleet_ids(strict_json(status.text)) == ["svc-a", "svc-b"]
+    skipped = {e["key"] for e in logs if e["event"] == "fleet.bad_record"}
+    assert skipped == {record_key(etcd_prefix, name) for name in bad}

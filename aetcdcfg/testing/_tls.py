@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = ["TLSFiles"]
 
@@ -11,7 +12,14 @@ __all__ = ["TLSFiles"]
 @dataclass(frozen=True, slots=True)
 class TLSFiles:
     """PEM files: a CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and an
-    unrelated CA (``other_ca_file``) for tests that must fail verification."""
+    unrelated CA (``other_ca_file``) for tests that must fail verification.
+
+    The client certificate's CN is :attr:`CLIENT_USER`: the etcd user it authenticates as on an etcd
+    with ``--client-cert-auth`` and auth enabled (``EtcdServer(tls=..., client_cert_auth=True)``).
+    """
+
+    #: The client certificate's common name.
+    CLIENT_USER: ClassVar[str] = "aetcdcfg-client"
 
     ca_file: Path
     server_cert: Path
@@ -30,7 +38,7 @@ class TLSFiles:
         directory.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA()
         server = ca.issue_cert("127.0.0.1", "localhost")
-        client = ca.issue_cert("aetcdcfg-client")
+        client = ca.issue_cert(cls.CLIENT_USER, common_name=cls.CLIENT_USER)
         files = cls(
             ca_file=directory / "ca.pem",
             server_cert=directory / "server.pem",
