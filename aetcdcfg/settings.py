@@ -101,6 +101,12 @@ class EtcdSettings(BaseSettings):
                 port = parts.port
             except ValueError:
                 raise SettingsProblem(f"endpoint {n} has an invalid port") from None
+            if parts.username is not None or parts.password is not None:
+                # gRPC ignores them, so they were dropped silently and authentication failed later
+                raise SettingsProblem(
+                    f"endpoint {n} holds a user name or password: give them as username and password"
+                    " (ETCD_USERNAME, ETCD_PASSWORD), not in the URL"
+                )
             if parts.path not in ("", "/") or parts.query or parts.fragment:
                 raise SettingsProblem(f"endpoint {n} must be scheme://host:port with no path")
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname

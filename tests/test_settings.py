@@ -79,9 +79,11 @@ SECRET = "s3cr3t-in-a-url"
 @pytest.mark.parametrize(
     ("endpoints", "text"),
     [
-        ([f"http://app:{SECRET}@etcd:2379/v3"], "no path"),
+        ([f"http://etcd:2379/{SECRET}"], "no path"),
         ([f"app:{SECRET}@etcd"], "not an http:// or https:// URL"),
         (["http://a:1", f"http://app:{SECRET}@etcd:99999"], "endpoint 2 has an invalid port"),
+        (["http://a:1", f"http://app:{SECRET}@etcd:2379"], "endpoint 2 holds a user name or password"),
+        ([f"https://{SECRET}@etcd:2379"], "endpoint 1 holds a user name or password"),
     ],
 )
 def test_a_bad_setting_is_named_without_quoting_its_value(
