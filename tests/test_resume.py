@@ -144,6 +144,29 @@ def test_fragments_are_joined_and_lost_fragments_discarded() -> None:
     assert [e.key for e in step.batches[0]] == ["/p/a", "/p/b", "/p/c"]
 
 
+def test_a_joined_revision_leaves_no_fragments_behind() -> None:
+    """Kills a surviving mutant (make mutation): fragments kept after the join made the next
+    notification a join of stale events, so it was neither progress nor proof of life."""
+    state = WatchState(b"/p/", 10, {})
+    state.on_response(created(10))
+    events = to_events([[(b"/p/a", b"1"), (b"/p/b", b"2")]], 11)
+    state.on_response(response(events[:1], header=11, fragment=True))
+    assert state.on_response(response(events[1:], header=11)).kind is StepKind.EMIT
+    step = state.on_response(response([], header=20))
+    assert (step.kind, state.delivered) == (StepKind.PROGRESS, 20)
+
+
+def test_events_of_another_watch_id_on_the_stream_are_ignored() -> None:
+    """Kills a surviving mutant: only this watcher's responses move it; a stale watcher's events
+    (a cancelled watch, or the proxy's other watchers) on the same stream never do."""
+    state = WatchState(b"/p/", 10, {})
+    state.on_response(created(10))
+    other = response(to_events([[(b"/p/a", b"1")]], 11), header=11)
+    other.watch_id = WATCH_ID + 1
+    assert state.on_response(other).kind is StepKind.NOTHING
+    assert (state.delivered, state.keys) == (10, {})
+
+
 def test_compaction_asks_for_relist_and_resync_emits_difference() -> None:
     keys = {
         b"/p/a": (b"1", 5, 5, 1),
