@@ -175,7 +175,9 @@ class _Subscriber:
         This runs once per revision per subscriber, so it is written flat on purpose.
         """
         revision = batch[0].revision
-        if revision <= self.last_revision:
+        if revision <= self.last_revision and (revision < self.last_revision or not batch[0].resync):
+            # Handed over already. Except a re-list at the revision last handed over (a gap found
+            # with nothing written since): it corrects what was delivered up to that revision.
             return
         if self.catching_up:
             if len(self.pending) >= PENDING_LIMIT:

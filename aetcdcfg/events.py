@@ -22,8 +22,9 @@ class Event:
 
     ``revision`` is the key's mod revision: all events of one transaction share it. ``prev_value`` is the
     value the subscriber's stream had delivered before (``None`` if the key was absent or unknown).
-    ``resync`` marks events synthesised after a compaction gap: they bring the state up to date, but the
-    individual intermediate changes are gone from etcd's history.
+    ``resync`` marks events synthesised after a re-list (a compaction, a gap in the stream): they bring
+    the state up to date, but the individual intermediate changes are not replayed. They carry the
+    listing's revision, which can be that of the batch delivered just before them.
     """
 
     type: EventType

@@ -8,11 +8,11 @@ layer is applied to that layer, every other layer is read as of R (a paginated r
 and the streams' later copies of revisions up to R are skipped. With one layer no read happens.
 
 Two cases read every layer afresh instead, all at one revision (the current one), and skip the
-streams' batches up to it: a re-listing (a ``resync`` batch, after compaction or from a wiped etcd),
-whose changes are relative to what that stream had delivered rather than to these layers' keys; and
-a read "as of R" that etcd compacted within moments of the write. No state older than one applied is
-ever applied, except that a wiped etcd (a resync below the revision the layers reflected) is
-followed from its own, lower, revisions.
+streams' batches up to it: a re-listing (a ``resync`` batch, after compaction, a gap or from a wiped
+etcd, even at a revision already applied), whose changes are relative to what that stream had
+delivered rather than to these layers' keys; and a read "as of R" that etcd compacted within
+moments of the write. No state older than one applied is ever applied, except that a wiped etcd (a
+resync below the revision the layers reflected) is followed from its own, lower, revisions.
 """
 
 from __future__ import annotations
@@ -463,12 +463,13 @@ class LiveSettings(Generic[ModelT]):
             async with self._apply_lock:
                 revision = batch[-1].revision
                 resync = batch[0].resync
-                if revision == self._known or (revision < self._known and not resync):
+                if revision <= self._known and not resync:
                     continue  # already read as part of another layer's revision
                 if resync:
-                    # The stream re-listed its prefix (after compaction, or from a wiped etcd whose
-                    # revisions restart below ours): its changes are relative to what the stream
-                    # had delivered, not to these layers' keys, so every layer is read afresh.
+                    # The stream re-listed its prefix (after compaction, a gap, or from a wiped etcd
+                    # whose revisions restart below ours): its changes are relative to what the
+                    # stream had delivered, not to these layers' keys, so every layer is read afresh,
+                    # even at the revision they reflect (a gap found with nothing written since).
                     self._log.warning(
                         "config.layers_reread", layer=layer.prefix, reason="resync", revision=revision
                     )

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import pytest
+from aetcd.rpc import rpc_pb2
+from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
-from aetcdcfg import EtcdClient, EtcdError, Event, Subscription
+from aetcdcfg import EtcdClient, EtcdError, Event, LiveSettings, Subscription
+from aetcdcfg._resume import Step, WatchState
 from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, FaultProxy, as_records, etcd_history
 
-from .harness import WATCHER_OPTIONS, following, logged, report, stall_detected
+from .harness import WATCHER_OPTIONS, apply_events, following, logged, report, stall_detected
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +44,48 @@ def quiet_etcd() -> Iterator[EtcdServer]:
 def proxy(quiet_etcd: EtcdServer) -> Iterator[EtcdGrpcProxy]:
     with EtcdGrpcProxy([quiet_etcd.endpoint], keepalive_min_time=1) as running:
         yield running
+
+
+@dataclass
+class Dropping:
+    """Revisions lost on the way to this process's watch streams of the test's prefix, as etcd's
+    proxy loses revisions of a watcher it merges into a shared one (etcd issue 9988): the response
+    arrives without those events (without any event at all, it still proves the stream alive)."""
+
+    prefix: bytes
+    revisions: set[int] = field(default_factory=set)
+    #: Every revision from this one on (None: only ``revisions``).
+    from_revision: int | None = None
+
+    def drops(self, revision: int) -> bool:
+        return revision in self.revisions or (
+            self.from_revision is not None and revision >= self.from_revision
+        )
+
+    def clear(self) -> None:
+        self.revisions.clear()
+        self.from_revision = None
+
+
+@pytest.fixture
+def dropping(monkeypatch: pytest.MonkeyPatch, etcd_prefix: str) -> Dropping:
+    """Patches ``WatchState.on_response``, where every response of a stream arrives, in this process."""
+    drops = Dropping(etcd_prefix.encode())
+    original = WatchState.on_response
+
+    def on_response(state: WatchState, response: Any) -> Step:
+        if response.events and state.prefix.startswith(drops.prefix):
+            kept = [event for event in response.events if not drops.drops(event.kv.mod_revision)]
+            if len(kept) != len(response.events):
+                thinned = rpc_pb2.WatchResponse()
+                thinned.CopyFrom(response)
+                del thinned.events[:]
+                thinned.events.extend(kept)
+                response = thinned
+        return original(state, response)
+
+    monkeypatch.setattr(WatchState, "on_response", on_response)
+    return drops
 
 
 async def test_idle_watches_behind_the_proxy_never_reconnect(
@@ -226,3 +273,74 @@ async def _through_outage(
         if event.revision >= last:
             break
     return events
+
+
+class Three(BaseSettings):
+    """The keys the gap tests write, one field each."""
+
+    a: int = 0
+    b: int = 0
+    c: int = 0
+
+
+async def test_a_revision_the_proxy_drops_reaches_every_subscriber_even_with_nothing_written_after(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str, dropping: Dropping
+) -> None:
+    """The stream loses the revision that writes ``b``, delivers the next (``c``), and nothing is
+    written after it: the verification finds the gap at ``c``'s revision and re-lists at that same
+    revision. The re-listed ``b`` reaches a snapshot subscriber (marked ``resync``), a LiveSettings
+    of the one prefix and one with a layer under it (the canary layer): each ends equal to etcd."""
+    own, shared = etcd_prefix + "own/", etcd_prefix + "shared/"
+    want = Three(a=1, b=1, c=1)
+    no_writes = {"report": False}  # their records would be writes (and revisions) of their own
+    with capture_logs() as logs, anyio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            writer = await stack.enter_async_context(EtcdClient(endpoints=[quiet_etcd.endpoint]))
+            watcher = await stack.enter_async_context(
+                EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS)
+            )
+            await writer.put(shared + "c", "0")
+            sub = await stack.enter_async_context(watcher.watch(own, with_snapshot=True))
+            lives = [
+                await stack.enter_async_context(
+                    LiveSettings(Three, prefix=prefixes, client=watcher, **options, **no_writes)
+                )
+                for prefixes, options in [
+                    (own, {"canary": False}),  # one layer: batches applied as they come
+                    (own, {}),  # the canary layer above it: batches applied as of one revision
+                    ([shared, own], {}),
+                ]
+            ]
+            assert sub.snapshot is not None
+            state = dict(sub.snapshot.items)
+            events: list[Event] = []
+            while not logged(logs, "watch.progress_unanswered", own):  # verified by reads from now on
+                await anyio.sleep(0.05)
+            a = await writer.put(own + "a", "1")
+            async for event in sub:
+                events.append(event)
+                if event.revision >= a:
+                    break
+            apply_events(state, events)
+            dropping.revisions.add(a + 1)
+            assert await writer.put(own + "b", "1") == a + 1
+            c = await writer.put(own + "c", "1")  # then nothing more is written
+            expected = dict((await writer.get_prefix(own)).items)
+            with anyio.move_on_after(4 * WINDOW):
+                async for batch in sub.batches():
+                    events.extend(batch)
+                    apply_events(state, batch)
+                    if state == expected:
+                        break
+            with anyio.move_on_after(2 * WINDOW):
+                while any(live.current != want for live in lives):
+                    await anyio.sleep(0.05)
+            currents = [live.current for live in lives]
+    assert state == expected, [(e.key, e.revision, e.resync) for e in events]
+    assert [(e.key, e.revision, e.resync) for e in events[-2:]] == [
+        (own + "c", c, False),
+        (own + "b", c, True),
+    ]
+    assert currents == [want] * len(lives)
+    assert [entry["revision"] for entry in logged(logs, "watch.gap_detected", own)] == [c]
+    assert [(e["reason"], e["revision"]) for e in logged(logs, "watch.resynced", own)] == [("gap", c)]
