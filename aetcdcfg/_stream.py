@@ -269,6 +269,7 @@ class WatchLoop:
             self._on_reset(revision)  # a new history: revisions restart below what was delivered
         batch = state.resync(listing, revision)
         self._checkpoint = revision
+        self.health.caught_up()
         self._log.warning("watch.resynced", reason=relist.reason, revision=revision, changes=len(batch))
         if batch:
             self._on_batches((batch,))
@@ -314,11 +315,14 @@ class WatchLoop:
                 session.fail(self._stalled("no watch created"))
                 return
         while session.endpoint.answers_progress is not True:
-            # Not known to be etcd: verify by reads, now and every keepalive_time, events or not.
+            # Not known to be etcd: verify by reads, now and every keepalive_time, events or not. A
+            # tick starts keepalive_time after the last one started (or at once after a long one), so
+            # a change left undelivered is found within keepalive_time + keepalive_timeout.
+            began = anyio.current_time()
             await self._verify_tick(session)
             if session.failure is not None:
                 return
-            await anyio.sleep(settings.keepalive_time)
+            await anyio.sleep(max(began + settings.keepalive_time - anyio.current_time(), 0))
         self._state.trust_progress = True
         while True:  # etcd itself: a progress request after keepalive_time of silence
             idle = anyio.current_time() - session.last_rx
@@ -341,19 +345,23 @@ class WatchLoop:
         )
 
     async def _verify_tick(self, session: _Session) -> None:
-        """Ask for progress (does the endpoint answer: is it etcd?) and verify the watch by reads."""
-        timeout = self._conn.settings.keepalive_timeout
+        """Ask for progress (does the endpoint answer: is it etcd?) and verify the watch by reads.
+
+        An answer whenever it comes makes the endpoint etcd (the read loop sees it); only while
+        nothing is known of the endpoint does the tick wait ``keepalive_timeout`` for one, to learn
+        that it is not etcd.
+        """
         asked = anyio.current_time()
         await self._probe(session.call)
         answered = await self._verify(session)  # a gap or a stream behind raises: the session ends
         if not answered:
             session.fail(self._stalled())
             return
-        await anyio.sleep(max(asked + timeout - anyio.current_time(), 0))
-        if session.answer_rx >= asked:
-            self._learn(session.endpoint, answered=True)
-        else:  # the path works, yet no answer: not etcd itself (silence on a dead path proves nothing)
-            self._learn(session.endpoint, answered=False)
+        if session.endpoint.answers_progress is not None:
+            return
+        await anyio.sleep(max(asked + self._conn.settings.keepalive_timeout - anyio.current_time(), 0))
+        # No answer while the path works: not etcd itself (silence on a dead path proves nothing).
+        self._learn(session.endpoint, answered=session.answer_rx >= asked)
 
     async def _identify(self, endpoint: Endpoint) -> None:
         """Before resuming on an endpoint not known yet, ask it on a stream of its own whether it
@@ -463,10 +471,13 @@ class WatchLoop:
         if not now.kvs and (keys is None or now.count == count):
             self.health.confirm()  # etcd's prefix is what we delivered: current as of now
             return True
-        # etcd holds changes we have not delivered: in flight, or dropped on the way.
+        # etcd holds changes we have not delivered: in flight, or dropped on the way. Until they
+        # come, the status says so (and nothing confirms the watch fresh).
         revision = int(now.header.revision)
+        self.health.behind(int(now.kvs[0].mod_revision) if now.kvs else revision)
         await anyio.sleep(self._conn.settings.keepalive_timeout)
         if state.delivered >= revision:
+            self.health.caught_up()
             return True  # they came (the next tick verifies them)
         delivered = state.delivered
         count = len(keys) if keys is not None else -1
@@ -479,6 +490,7 @@ class WatchLoop:
         if then is None:
             return False
         if not then.kvs and (keys is None or then.count == count):
+            self.health.caught_up()
             self.health.confirm()  # everything up to that revision is here
             return True
         self._log.warning("watch.behind", revision=delivered, etcd_revision=revision)

@@ -45,7 +45,7 @@ WATCH_METRICS: list[tuple[Family, str, str, Callable[[WatchStatus], float]]] = [
         GaugeMetricFamily,
         "aetcdcfg_watch_up",
         "1 while the prefix watch is connected",
-        lambda w: w.state == "live",
+        lambda w: w.state in ("live", "behind"),
     ),
     (
         GaugeMetricFamily,

@@ -27,7 +27,10 @@ __all__ = [
     "WatchStatus",
 ]
 
-WatchStateName = Literal["connecting", "live", "reconnecting", "failed", "closed"]
+#: ``live``: the stream is up and delivering; ``behind``: up, but a verification through an endpoint
+#: that is not etcd itself (its gRPC proxy) found changes in etcd the stream has not delivered yet
+#: (it is replaced if they do not come within ``keepalive_timeout``); ``reconnecting``: an outage.
+WatchStateName = Literal["connecting", "live", "behind", "reconnecting", "failed", "closed"]
 
 
 _monotonic = time.monotonic
@@ -87,6 +90,8 @@ class WatchHealth:
     last_error: str | None = None
     events_delivered: int = 0
     lagged_subscribers: int = 0
+    #: A revision a verification found in etcd and not delivered (0: none); see ``behind``.
+    missing: int = 0
 
     def confirm(self) -> None:
         """etcd said there is nothing newer than what was delivered (called once per response)."""
@@ -101,6 +106,15 @@ class WatchHealth:
             self.reconnects += 1
         self.state = "live"
         self.endpoint = endpoint
+
+    def behind(self, revision: int) -> None:
+        """A verification found a change at ``revision`` in etcd that the stream has not delivered:
+        until it is, a live watch is reported ``behind``."""
+        self.missing = revision
+
+    def caught_up(self) -> None:
+        """Nothing found undelivered is missing any longer (checked, or the prefix re-listed)."""
+        self.missing = 0
 
     def lost(self, cause: str) -> None:
         """The stream failed; starts an outage unless one is going on."""
@@ -121,9 +135,12 @@ class WatchHealth:
         wall = time.time()
         outage = now - self.outage_started if self.outage_started is not None else 0.0
         confirmed = self.confirmed
+        state = self.state
+        if state == "live" and revision < self.missing:
+            state = "behind"
         return WatchStatus(
             prefix=self.prefix,
-            state=self.state,
+            state=state,
             endpoint=self.endpoint,
             revision=revision,
             confirmed_at=None if confirmed is None else wall - (now - confirmed),

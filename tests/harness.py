@@ -19,9 +19,11 @@ from typing import Any
 
 import anyio
 import pytest
+from aetcd.rpc import rpc_pb2
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, EtcdError, Event, EventType, LiveSettings, Subscription
+from aetcdcfg._resume import Step, WatchState
 from aetcdcfg.testing import EtcdMember, TLSFiles, as_records, etcd_history
 
 #: What a private etcd (one a test freezes, kills or wipes) runs with, like the shared ones.
@@ -254,3 +256,46 @@ async def main():
 
 anyio.run(main)
 """
+
+
+@dataclass
+class Dropping:
+    """Revisions lost on the way to this process's watch streams of a prefix, as etcd's gRPC proxy
+    loses revisions of a watcher it merges into a shared one (etcd issue 9988): the response arrives
+    without those events (without any event at all, it still proves the stream alive)."""
+
+    prefix: bytes
+    revisions: set[int] = field(default_factory=set)
+    #: Every revision from this one on (None: only ``revisions``).
+    from_revision: int | None = None
+
+    def drops(self, revision: int) -> bool:
+        return revision in self.revisions or (
+            self.from_revision is not None and revision >= self.from_revision
+        )
+
+    def clear(self) -> None:
+        self.revisions.clear()
+        self.from_revision = None
+
+
+def drop_revisions(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Dropping:
+    """Lose the revisions the returned ``Dropping`` names on every watch stream of ``prefix`` (and of
+    prefixes under it) in this process: ``WatchState.on_response``, where each response arrives, is
+    patched for the test."""
+    drops = Dropping(prefix.encode())
+    original = WatchState.on_response
+
+    def on_response(state: WatchState, response: Any) -> Step:
+        if response.events and state.prefix.startswith(drops.prefix):
+            kept = [event for event in response.events if not drops.drops(event.kv.mod_revision)]
+            if len(kept) != len(response.events):
+                thinned = rpc_pb2.WatchResponse()
+                thinned.CopyFrom(response)
+                del thinned.events[:]
+                thinned.events.extend(kept)
+                response = thinned
+        return original(state, response)
+
+    monkeypatch.setattr(WatchState, "on_response", on_response)
+    return drops

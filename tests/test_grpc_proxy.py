@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import pytest
-from aetcd.rpc import rpc_pb2
 from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, EtcdError, Event, LiveSettings, Subscription
-from aetcdcfg._resume import Step, WatchState
 from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, FaultProxy, as_records, etcd_history
 
-from .harness import WATCHER_OPTIONS, apply_events, following, logged, report, stall_detected
+from .harness import (
+    WATCHER_OPTIONS,
+    Dropping,
+    apply_events,
+    drop_revisions,
+    following,
+    logged,
+    report,
+    stall_detected,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -46,46 +51,9 @@ def proxy(quiet_etcd: EtcdServer) -> Iterator[EtcdGrpcProxy]:
         yield running
 
 
-@dataclass
-class Dropping:
-    """Revisions lost on the way to this process's watch streams of the test's prefix, as etcd's
-    proxy loses revisions of a watcher it merges into a shared one (etcd issue 9988): the response
-    arrives without those events (without any event at all, it still proves the stream alive)."""
-
-    prefix: bytes
-    revisions: set[int] = field(default_factory=set)
-    #: Every revision from this one on (None: only ``revisions``).
-    from_revision: int | None = None
-
-    def drops(self, revision: int) -> bool:
-        return revision in self.revisions or (
-            self.from_revision is not None and revision >= self.from_revision
-        )
-
-    def clear(self) -> None:
-        self.revisions.clear()
-        self.from_revision = None
-
-
 @pytest.fixture
 def dropping(monkeypatch: pytest.MonkeyPatch, etcd_prefix: str) -> Dropping:
-    """Patches ``WatchState.on_response``, where every response of a stream arrives, in this process."""
-    drops = Dropping(etcd_prefix.encode())
-    original = WatchState.on_response
-
-    def on_response(state: WatchState, response: Any) -> Step:
-        if response.events and state.prefix.startswith(drops.prefix):
-            kept = [event for event in response.events if not drops.drops(event.kv.mod_revision)]
-            if len(kept) != len(response.events):
-                thinned = rpc_pb2.WatchResponse()
-                thinned.CopyFrom(response)
-                del thinned.events[:]
-                thinned.events.extend(kept)
-                response = thinned
-        return original(state, response)
-
-    monkeypatch.setattr(WatchState, "on_response", on_response)
-    return drops
+    return drop_revisions(monkeypatch, etcd_prefix)
 
 
 async def test_idle_watches_behind_the_proxy_never_reconnect(

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 from pydantic_settings import BaseSettings
+from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, Event, LiveSettings, Subscription
 from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, Record, etcd_history
 
-from .harness import apply_events
+from .harness import apply_events, drop_revisions, logged, wait_logged
 
 pytestmark = pytest.mark.anyio
 
@@ -188,3 +189,49 @@ async def test_live_settings_a_second_old_end_equal_to_etcd_after_a_proxy_restar
             statuses = [live.status for live in lives]
     assert got == [want_layered if n % 2 else want_own for n in range(len(got))]
     assert fresh == [True] * len(got), statuses[:2]
+
+
+@pytest.mark.parametrize("notify", [False, True])
+async def test_a_stream_alive_but_behind_is_replaced_within_the_window_and_never_called_fresh(
+    notify: bool, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy keeps the stream open (forwarding etcd's progress notifications, with ``notify``) but
+    no longer its events. Written right after a verification passed (the worst moment), the change
+    is found undelivered and the stream replaced (``watch.behind``) within keepalive_time +
+    keepalive_timeout (+ the reads); meanwhile the status says ``behind``, and neither the watch nor
+    a LiveSettings says fresh while the change is missing. Once events flow again both equal etcd's,
+    live and fresh."""
+    dropping = drop_revisions(monkeypatch, etcd_prefix)
+    with etcd_and_proxy(notify) as (server, proxy), capture_logs() as logs, anyio.fail_after(90):
+        async with (
+            EtcdClient(endpoints=[server.endpoint]) as writer,
+            EtcdClient(endpoints=[proxy.endpoint], **OPTIONS) as watcher,
+            watcher.watch(etcd_prefix) as sub,
+            LiveSettings(Flags, prefix=etcd_prefix, client=watcher, report=False) as live,
+        ):
+            await wait_logged(logs, "watch.progress_unanswered", etcd_prefix, timeout=2 * WINDOW)
+            while sub.status.staleness > 0.05:  # until a verification has just confirmed the watch
+                await anyio.sleep(0.005)
+            dropping.from_revision = 0  # every revision from now on
+            written = anyio.current_time()
+            revision = await writer.put(etcd_prefix + "a", "1")
+            states = set()
+            while not logged(logs, "watch.behind", etcd_prefix):
+                states.add(sub.status.state)
+                await anyio.sleep(0.01)
+            detected = anyio.current_time() - written
+            await anyio.sleep(max(written + WINDOW + 0.5 - anyio.current_time(), 0))
+            missing = [sub.status.is_fresh(WINDOW), live.is_fresh(WINDOW), live.current.a]
+            dropping.clear()
+            with anyio.move_on_after(3 * WINDOW):
+                event = await anext(sub)
+                # a verification passed since: nothing confirmed the watch while the change was missing
+                while not (live.current.a == 1 and live.is_fresh(WINDOW) and sub.status.is_fresh(WINDOW)):
+                    await anyio.sleep(0.05)
+            final = sub.status
+            current = live.current
+    assert detected <= WINDOW + 1, detected
+    assert "behind" in states, states
+    assert missing == [False, False, 0]
+    assert (event.key, event.revision, event.resync) == (etcd_prefix + "a", revision, False)
+    assert (current.a, final.state, final.revision, final.is_fresh(WINDOW)) == (1, "live", revision, True)
