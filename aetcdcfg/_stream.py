@@ -654,12 +654,15 @@ class WatchLoop:
                 return
 
     async def _confirm_current(self, session: _Session) -> None:
-        """One read: confirmed current if no key under the prefix changed after ``delivered``
-        (a deletion after it is not visible to it: the watch brings that, and confirms then)."""
+        """One read: confirmed current if no key under the prefix changed after ``delivered`` and
+        it holds as many keys as delivered (a deletion leaves no key changed, one key fewer). If
+        not, the watch brings the changes, and confirms then."""
+        keys = self._state.keys
+        count = len(keys) if keys is not None else -1
         response = await self._read(
             session, keys_only=True, limit=1, min_mod_revision=self._state.delivered + 1
         )
-        if response is not None and not response.kvs:
+        if response is not None and not response.kvs and (keys is None or response.count == count):
             self.health.confirm()
 
     async def _check_revision(self, reported: int, endpoint: Endpoint) -> None:

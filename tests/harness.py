@@ -23,7 +23,7 @@ from aetcd.rpc import rpc_pb2
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, EtcdError, Event, EventType, LiveSettings, Subscription
-from aetcdcfg._resume import Step, WatchState
+from aetcdcfg._resume import Step, StepKind, WatchState
 from aetcdcfg.testing import EtcdMember, TLSFiles, as_records, etcd_history
 
 #: What a private etcd (one a test freezes, kills or wipes) runs with, like the shared ones.
@@ -268,6 +268,9 @@ class Dropping:
     revisions: set[int] = field(default_factory=set)
     #: Every revision from this one on (None: only ``revisions``).
     from_revision: int | None = None
+    #: A response with a dropped revision does not arrive at all (still on its way), rather than
+    #: arriving without those events.
+    held: bool = False
 
     def drops(self, revision: int) -> bool:
         return revision in self.revisions or (
@@ -289,6 +292,8 @@ def drop_revisions(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Dropping:
     def on_response(state: WatchState, response: Any) -> Step:
         if response.events and state.prefix.startswith(drops.prefix):
             kept = [event for event in response.events if not drops.drops(event.kv.mod_revision)]
+            if len(kept) != len(response.events) and drops.held:
+                return Step(StepKind.NOTHING)
             if len(kept) != len(response.events):
                 thinned = rpc_pb2.WatchResponse()
                 thinned.CopyFrom(response)
