@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings
 from structlog.testing import capture_logs
 
 from aetcdcfg import EtcdClient, EtcdError, Event, LiveSettings, Subscription
+from aetcdcfg._stream import PROXY_REPLAY_LIMIT
 from aetcdcfg.testing import EtcdGrpcProxy, EtcdServer, FaultProxy, as_records, etcd_history
 
 from .harness import (
@@ -199,6 +200,27 @@ async def test_resume_through_the_proxy_after_a_long_backlog_relists_instead_of_
     backlog = logged(logs, "watch.proxy_backlog", etcd_prefix)
     assert len(backlog) == 1 and backlog[0]["behind"] >= 1_000
     assert any(e.get("reason") == "proxy_backlog" for e in logged(logs, "watch.resynced", etcd_prefix))
+
+
+async def test_an_old_start_revision_through_the_proxy_past_the_replay_limit_fails_clearly(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str
+) -> None:
+    """A ``start_revision`` older than the shared watch's history is replayed on a private stream,
+    which keeps no state to re-list from: through the proxy, which loses revisions of a long
+    catch-up, it ends with an EtcdError saying so instead of replaying with holes."""
+    async with (
+        EtcdClient(endpoints=[quiet_etcd.endpoint]) as writer,
+        EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS) as watcher,
+    ):
+        first = await writer.put(etcd_prefix + "k", "0")
+        for n in range(PROXY_REPLAY_LIMIT):
+            await writer.put(etcd_prefix + "k", str(n + 1))
+        async with watcher.watch(etcd_prefix, start_revision=first) as sub:
+            with anyio.fail_after(30), pytest.raises(EtcdError, match="gRPC proxy") as info:
+                async for _ in sub:
+                    pass
+    assert f"replaying {PROXY_REPLAY_LIMIT + 1} revisions of {etcd_prefix!r}" in str(info.value)
+    assert "read old revisions from an etcd member directly" in str(info.value)
 
 
 async def test_a_black_hole_right_after_creation_is_not_mistaken_for_a_proxy(
