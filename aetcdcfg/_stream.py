@@ -513,7 +513,7 @@ class WatchLoop:
         if not state.tracks_state:
             raise EtcdError(
                 f"replaying {behind} revisions of {self._label!r} through etcd's gRPC proxy would skip "
-                f"some (the proxy loses revisions of a watcher more than {PROXY_REPLAY_LIMIT} behind); "
+                f"some (the proxy can lose revisions of a watcher {PROXY_REPLAY_LIMIT} or more behind); "
                 "read old revisions from an etcd member directly"
             )
         self._log.warning(
