@@ -388,6 +388,10 @@ def test_flatten_and_unflatten_are_inverse_for_dumped_text() -> None:
     assert flatten(unflatten(items)) == items
 
 
+#: A whole-object JSON value of NESTED_MODEL's ``db``, with secret fields at two depths.
+NESTED_DB = json.dumps(
+    {"url": "postgres://db", "password": "hunter2", "replicas": [{"user": "r", "token": "replica-tok"}]}
+)
 NESTED_MODEL = """
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic_settings import BaseSettings
@@ -425,9 +429,7 @@ async def test_secrets_inside_whole_object_values_are_masked_by_every_command(
     (workdir / "nested_settings.py").write_text(NESTED_MODEL)
     m = ("--model", "nested_settings:Settings")
     p = etcd_prefix
-    db = json.dumps(
-        {"url": "postgres://db", "password": "hunter2", "replicas": [{"user": "r", "token": "replica-tok"}]}
-    )
+    db = NESTED_DB
     values = {
         p + "db": db,
         p + "creds/eu": '{"user": "eu", "token": "eu-tok"}',
@@ -754,9 +756,7 @@ async def test_watch_and_canary_status_mask_secrets_inside_whole_object_values(
     (workdir / "nested_settings.py").write_text(NESTED_MODEL)
     m = ("--model", "nested_settings:Settings")
     p = etcd_prefix
-    db = json.dumps(
-        {"url": "postgres://db", "password": "hunter2", "replicas": [{"user": "r", "token": "replica-tok"}]}
-    )
+    db = NESTED_DB
     values = {
         "db": db,
         "creds/eu": '{"user": "eu", "token": "eu-tok"}',
