@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     Field,
     GetCoreSchemaHandler,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -22,7 +23,7 @@ from pydantic_core import core_schema
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aetcdcfg import ConfigRejected, EtcdSettingsSource
-from aetcdcfg._validate import WITHHELD, ReadSources, build_layered, explain_raised
+from aetcdcfg._validate import WITHHELD, ReadSources, build_layered, explain, explain_raised
 from aetcdcfg.source import current_config
 
 SECRET = "s3cr3t-value"
@@ -297,3 +298,29 @@ def test_sources_read_once_build_what_pydantic_settings_builds(
     want = model(name="init").model_dump()
     assert want["name"] == "init"
     assert sources.construct(model, {"name": "init"}).model_dump() == want
+
+
+class Sized(BaseModel):
+    one: Annotated[list[int], Field(min_length=1)] = [1]
+    two: Annotated[list[int], Field(min_length=2)] = [1, 2]
+
+
+def test_a_bounds_plural_reads_as_pydantic_renders_it() -> None:
+    """pydantic derives ``expected_plural`` from the bound: shown (the length found is withheld)."""
+    with pytest.raises(ValidationError) as info:
+        Sized.model_validate({"one": [], "two": [1]})
+    _keys, problems = explain(info.value, Sized, {("one",): "/p/one", ("two",): "/p/two"}, [])
+    assert problems == [
+        "/p/one: List should have at least 1 item after validation, not <withheld>",
+        "/p/two: List should have at least 2 items after validation, not <withheld>",
+    ]
+
+
+class FromTheCommandLine(BaseSettings):
+    model_config = SettingsConfigDict(cli_parse_args=["--name", "from-cli"])
+    name: str = "default"
+
+
+def test_a_model_parsing_its_command_line_is_built_by_pydantic_settings_itself() -> None:
+    assert ReadSources.read(FromTheCommandLine) is None  # its CLI source would be missing
+    assert ReadSources.read(Peeking) is not None
