@@ -13,7 +13,7 @@ import pytest
 from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from aetcdcfg import ConfigRejected
+from aetcdcfg import ConfigRejected, EtcdSettingsSource
 from aetcdcfg._validate import build_layered
 from aetcdcfg.source import KeyDecoder
 
@@ -210,3 +210,9 @@ def test_a_decoders_first_call_decodes_every_key_even_when_told_what_changed() -
     assert decoder.decode({"db/url": b"u", "db/pool": b"2"}, changed=["db/pool"]).data == {
         "db": {"url": "u", "pool": "2"}
     }
+
+
+def test_the_source_answers_a_field_lookup_from_its_keys() -> None:
+    source = EtcdSettingsSource(Named, {"db_url": b"u"})
+    assert source.get_field_value(Named.model_fields["url"], "url") == ("u", "db_url", False)
+    assert source.get_field_value(Named.model_fields["pool"], "pool") == (None, "pool", False)
