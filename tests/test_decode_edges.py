@@ -216,3 +216,19 @@ def test_the_source_answers_a_field_lookup_from_its_keys() -> None:
     source = EtcdSettingsSource(Named, {"db_url": b"u"})
     assert source.get_field_value(Named.model_fields["url"], "url") == ("u", "db_url", False)
     assert source.get_field_value(Named.model_fields["pool"], "pool") == (None, "pool", False)
+
+
+class Tagged(BaseSettings):
+    tags: list[str] = []
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "structured field needs JSON: empty value"),
+        (b"  ", "structured field needs JSON: empty value"),
+        (b'["a",', "structured field needs JSON: Expecting value at line 1 column 6"),
+    ],
+)
+def test_a_structured_fields_bad_json_is_named_by_where_it_fails(raw: bytes, problem: str) -> None:
+    assert KeyDecoder(Tagged).decode({"tags": raw}).problems == {"tags": problem}
