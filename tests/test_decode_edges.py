@@ -9,13 +9,16 @@ decoded for an earlier one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aetcdcfg import ConfigRejected, EtcdSettingsSource
 from aetcdcfg._validate import build_layered
-from aetcdcfg.source import KeyDecoder
+from aetcdcfg.cli._secrets import Secrets
+from aetcdcfg.source import MASK, KeyDecoder, resolve_key
 
 
 class Named(BaseSettings):
@@ -232,3 +235,14 @@ class Tagged(BaseSettings):
 )
 def test_a_structured_fields_bad_json_is_named_by_where_it_fails(raw: bytes, problem: str) -> None:
     assert KeyDecoder(Tagged).decode({"tags": raw}).problems == {"tags": problem}
+
+
+class Vault(BaseSettings):
+    tokens: dict[str, SecretStr] = {}
+    anything: dict = {}  # type: ignore[type-arg]
+
+
+def test_a_dict_fields_key_resolves_to_its_value_type_so_a_secret_value_is_masked() -> None:
+    assert resolve_key(Vault, "tokens/eu") == (("tokens", "eu"), SecretStr)
+    assert resolve_key(Vault, "anything/eu") == (("anything", "eu"), Any)  # the dict does not say
+    assert Secrets(Vault).mask("tokens/eu", b"s3cr3t") == MASK.encode()
