@@ -324,3 +324,20 @@ class FromTheCommandLine(BaseSettings):
 def test_a_model_parsing_its_command_line_is_built_by_pydantic_settings_itself() -> None:
     assert ReadSources.read(FromTheCommandLine) is None  # its CLI source would be missing
     assert ReadSources.read(Peeking) is not None
+
+
+class Node(BaseModel):
+    """A model that nests itself: the search for the field a function validates stops (8 levels)."""
+
+    level: Annotated[int, AfterValidator(check_level)] = 0
+    child: Node | None = None
+
+
+class Tree(BaseSettings):
+    root: Node = Node()
+
+
+def test_an_exception_in_a_model_nesting_itself_names_its_key() -> None:
+    with pytest.raises(ConfigRejected) as info:
+        build_layered(Tree, [("/p/", {"root/child/level": b"10"})], 7)
+    assert info.value.keys == ("/p/root/child/level",)
