@@ -303,3 +303,17 @@ async def test_after_a_wiped_cluster_the_history_starts_at_the_resync(
     publish(hub, revision(4))
     publish(hub, revision(5))
     assert [b[0].revision for b in hub.history] == [3, 4, 5]
+
+
+async def test_a_relist_at_the_revision_last_handed_over_still_reaches_a_subscriber(hubs: Hubs) -> None:
+    """A gap found with nothing written since: the re-list's batch carries the revision the
+    subscriber has, and corrects what it was given; a plain batch of that revision is a repeat."""
+    hub, _ = hubs.make(delivered=10, first_in_memory=11)
+    sub, _handle = hubs.join(hub, None, 4)
+    hub._publish((revision(10),))  # handed over already (before the subscriber joined): dropped
+    fix = (Event(EventType.PUT, "/f/a", b"fixed", 10, None, 3, 2, resync=True),)
+    hub._publish((fix,))
+    publish(hub, revision(11))
+    with anyio.fail_after(2):
+        got = [await sub.__anext__() for _ in range(2)]
+    assert [(e.revision, e.value, e.resync) for e in got] == [(10, b"fixed", True), (11, b"v", False)]
