@@ -430,8 +430,7 @@ def _flatten(annotations: Sequence[Any]) -> Iterator[Any]:
     """Every object in ``annotations`` and, through Annotated/Union/generic arguments, inside them."""
     for annotation in annotations:
         yield annotation
-        yield from _flatten(typing.get_args(annotation))
-        yield from _flatten(getattr(annotation, "__metadata__", ()))
+        yield from _flatten(typing.get_args(annotation))  # an Annotated's metadata too
 
 
 def _code_of(function: Any) -> types.CodeType | None:

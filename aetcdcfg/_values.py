@@ -59,10 +59,10 @@ CONTAINER_OR_TEXT = "container_or_text"  # a JSON array or object if the text is
 class ModelSettings(typing.NamedTuple):
     """The settings of the top-level model that change how values decode (as for its environment)."""
 
-    strict: bool = False
-    parse_enums: bool = False
-    none_str: str | None = None
-    decoding: bool = True  # enable_decoding
+    strict: bool
+    parse_enums: bool
+    none_str: str | None
+    decoding: bool  # enable_decoding
 
     @classmethod
     def of(cls, model: type[BaseModel]) -> ModelSettings:
@@ -92,7 +92,7 @@ class Decoding(typing.NamedTuple):
     lenient: TypeAdapter[Any] | None = None  # strict fields: the text validated leniently first
 
 
-def decode_value(raw: bytes, decoding: Decoding, *, top_level: bool = False) -> tuple[Any, str | None]:
+def decode_value(raw: bytes, decoding: Decoding, *, top_level: bool) -> tuple[Any, str | None]:
     """(value, problem) for one etcd value; the problem never quotes the value.
 
     ``top_level``: the value fills a field of the model itself, where JSON ``null`` is

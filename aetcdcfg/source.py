@@ -212,7 +212,7 @@ def _resolve(model: type[BaseModel], key: str) -> _Target | None:
     keys: list[str] = []
     rank: list[int] = []
     index = 0
-    while index < len(parts):
+    while True:  # each part resolves, or the key ends here
         part = parts[index]
         field = _resolve_part(target, part)
         if field is None:
@@ -236,7 +236,6 @@ def _resolve(model: type[BaseModel], key: str) -> _Target | None:
             here = (*path, rest)
             return _Target(here, (*keys, rest), field.values, tuple(rank), (here,))
         return None
-    return None
 
 
 def is_secret(annotation: Any) -> bool:

@@ -9,13 +9,16 @@ decoded for an earlier one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from aetcdcfg import ConfigRejected
+from aetcdcfg import ConfigRejected, EtcdSettingsSource
 from aetcdcfg._validate import build_layered
-from aetcdcfg.source import KeyDecoder
+from aetcdcfg.cli._secrets import Secrets
+from aetcdcfg.source import MASK, KeyDecoder, resolve_key
 
 
 class Named(BaseSettings):
@@ -210,3 +213,36 @@ def test_a_decoders_first_call_decodes_every_key_even_when_told_what_changed() -
     assert decoder.decode({"db/url": b"u", "db/pool": b"2"}, changed=["db/pool"]).data == {
         "db": {"url": "u", "pool": "2"}
     }
+
+
+def test_the_source_answers_a_field_lookup_from_its_keys() -> None:
+    source = EtcdSettingsSource(Named, {"db_url": b"u"})
+    assert source.get_field_value(Named.model_fields["url"], "url") == ("u", "db_url", False)
+    assert source.get_field_value(Named.model_fields["pool"], "pool") == (None, "pool", False)
+
+
+class Tagged(BaseSettings):
+    tags: list[str] = []
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "structured field needs JSON: empty value"),
+        (b"  ", "structured field needs JSON: empty value"),
+        (b'["a",', "structured field needs JSON: Expecting value at line 1 column 6"),
+    ],
+)
+def test_a_structured_fields_bad_json_is_named_by_where_it_fails(raw: bytes, problem: str) -> None:
+    assert KeyDecoder(Tagged).decode({"tags": raw}).problems == {"tags": problem}
+
+
+class Vault(BaseSettings):
+    tokens: dict[str, SecretStr] = {}
+    anything: dict = {}  # type: ignore[type-arg]
+
+
+def test_a_dict_fields_key_resolves_to_its_value_type_so_a_secret_value_is_masked() -> None:
+    assert resolve_key(Vault, "tokens/eu") == (("tokens", "eu"), SecretStr)
+    assert resolve_key(Vault, "anything/eu") == (("anything", "eu"), Any)  # the dict does not say
+    assert Secrets(Vault).mask("tokens/eu", b"s3cr3t") == MASK.encode()

@@ -44,6 +44,7 @@ IntList = TypeAliasType("IntList", list[int])
 MaybeInts = TypeAliasType("MaybeInts", "list[int] | None")
 RawInts = TypeAliasType("RawInts", Annotated[list[int], NoDecode])
 IntsOrText = TypeAliasType("IntsOrText", list[int] | str)
+OptionalInts = TypeAliasType("OptionalInts", list[int] | None)  # not a forward reference, unlike MaybeInts
 
 #: name -> (annotation, sub-keys it is written with besides the field's own key)
 TYPES: dict[str, tuple[Any, list[str]]] = {
@@ -62,7 +63,13 @@ TYPES: dict[str, tuple[Any, list[str]]] = {
     "RawInts (an alias of Annotated[list[int], NoDecode])": (RawInts, []),
     "Annotated[Json[list[int]], Field()] | str": (Annotated[Json[list[int]], Field()] | str, []),
     "Annotated[int, Strict()] | str": (Annotated[int, Strict()] | str, []),
+    "Annotated[int, Strict()] | None": (Annotated[int, Strict()] | None, []),
+    "Annotated[Literal[Level.low], Field()] | None": (Annotated[Literal[Level.low], Field()] | None, []),
+    "int | OptionalInts (an alias of a union, in a union)": (int | OptionalInts, []),
+    "int | Annotated[OptionalInts, Field()]": (int | Annotated[OptionalInts, Field()], []),
     "Literal[Level.low, Level.high]": (Literal[Level.low, Level.high], []),
+    "Literal[1, 2] (plain numbers)": (Literal[1, 2], []),
+    "Literal[Color.red] (a str enum)": (Literal[Color.red], []),
     "Annotated[Literal[Level.low], Field()]": (Annotated[Literal[Level.low], Field()], []),
     "Optional[Literal[Level.high]]": (Optional[Literal[Level.high]], []),  # noqa: UP045
     "Color | None": (Color | None, []),

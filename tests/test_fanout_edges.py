@@ -276,3 +276,44 @@ async def test_the_last_subscription_to_leave_stops_the_shared_watch_not_before(
     assert not hub.closed and not closed and not hub._scope.cancel_called
     hub.release(two)
     assert hub.closed and closed == [hub] and hub._scope.cancel_called
+
+
+async def test_status_reports_the_delivered_revision_and_the_fullest_buffer(hubs: Hubs) -> None:
+    unlisted = PrefixWatch(None, PREFIX, lambda _hub: None)  # type: ignore[arg-type]
+    assert unlisted.status().revision == 0  # nothing listed yet
+    hub, _ = hubs.make(delivered=10, first_in_memory=11)
+    _one, _ = hubs.join(hub, None, 1)
+    _four, _ = hubs.join(hub, None, 4)
+    assert (hub.status().revision, hub.status().max_buffer_fill) == (10, 0.0)
+    publish(hub, revision(11))  # fills the one-revision buffer
+    assert (hub.status().revision, hub.status().max_buffer_fill) == (11, 1.0)
+
+
+async def test_after_a_wiped_cluster_the_history_starts_at_the_resync(
+    hubs: Hubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history holds exactly HISTORY_EVENTS events, counted from the resync on."""
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 3)
+    hub, _ = hubs.make(delivered=10, first_in_memory=8)
+    hub._reset(3)
+    publish(hub, revision(3))
+    assert hub.floor == 4  # the resync's revision is the one etcd's new history starts after
+    _sub, handle = hubs.join(hub, 4, 4)
+    assert not handle.catching_up
+    publish(hub, revision(4))
+    publish(hub, revision(5))
+    assert [b[0].revision for b in hub.history] == [3, 4, 5]
+
+
+async def test_a_relist_at_the_revision_last_handed_over_still_reaches_a_subscriber(hubs: Hubs) -> None:
+    """A gap found with nothing written since: the re-list's batch carries the revision the
+    subscriber has, and corrects what it was given; a plain batch of that revision is a repeat."""
+    hub, _ = hubs.make(delivered=10, first_in_memory=11)
+    sub, _handle = hubs.join(hub, None, 4)
+    hub._publish((revision(10),))  # handed over already (before the subscriber joined): dropped
+    fix = (Event(EventType.PUT, "/f/a", b"fixed", 10, None, 3, 2, resync=True),)
+    hub._publish((fix,))
+    publish(hub, revision(11))
+    with anyio.fail_after(2):
+        got = [await sub.__anext__() for _ in range(2)]
+    assert [(e.revision, e.value, e.resync) for e in got] == [(10, b"fixed", True), (11, b"v", False)]

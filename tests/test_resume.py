@@ -156,6 +156,18 @@ def test_a_joined_revision_leaves_no_fragments_behind() -> None:
     assert (step.kind, state.delivered) == (StepKind.PROGRESS, 20)
 
 
+def test_a_resync_drops_a_partial_fragment_sequence() -> None:
+    """Kills a surviving mutant: a re-list starts over from the listing, so fragments received
+    before it are never joined to what comes after (here: a revision read twice, once in part)."""
+    state = WatchState(b"/p/", 10, {})
+    state.on_response(created(10))
+    events = to_events([[(b"/p/a", b"1"), (b"/p/b", b"2")]], 12)
+    state.on_response(response(events[:1], header=12, fragment=True))
+    state.resync({}, 11)
+    step = state.on_response(response(events, header=12))
+    assert [e.key for e in step.batches[0]] == ["/p/a", "/p/b"]
+
+
 def test_events_of_another_watch_id_on_the_stream_are_ignored() -> None:
     """Kills a surviving mutant: only this watcher's responses move it; a stale watcher's events
     (a cancelled watch, or the proxy's other watchers) on the same stream never do."""
