@@ -147,9 +147,11 @@ async def test_clients_of_any_age_end_exact_or_resynced_after_a_proxy_restart(
             with anyio.move_on_after(30):
                 while any(f.state != expected or not current(f.sub.status, last) for f in followers):
                     await anyio.sleep(0.1)
-            history = await etcd_history(server.endpoint, etcd_prefix, start, last)
-            stuck = [i for i, f in enumerate(followers) if f.state != expected]
+            # taken as the wait ends: reading the history below takes seconds on a busy machine,
+            # and a status taken after it judged the staleness of a healthy watch that much later
             statuses = [f.sub.status for f in followers]
+            stuck = [i for i, f in enumerate(followers) if f.state != expected]
+            history = await etcd_history(server.endpoint, etcd_prefix, start, last)
             tg.cancel_scope.cancel()
     assert stuck == [], [(i, statuses[i].state, statuses[i].revision) for i in stuck]
     assert [i for i, status in enumerate(statuses) if not current(status, last)] == [], statuses
