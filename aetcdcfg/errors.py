@@ -152,7 +152,11 @@ class TxnConflict(EtcdError):
 class SubscriberLagged(AetcdcfgError):
     """A subscriber's buffer overflowed; every event before ``resume_revision`` was delivered to it.
 
-    Resume gap-free with ``client.watch(prefix, start_revision=exc.resume_revision)``.
+    Resume gap-free with ``client.watch(prefix, start_revision=exc.resume_revision)``. If what
+    overflowed was a re-list (``resync``) of a revision already delivered, ``resume_revision`` is
+    that revision: the resume hands it over again, its plain events too, while the shared watch
+    still remembers the re-list, and only etcd's plain history after that. A consumer that tracks
+    state should then re-read (``with_snapshot=True``), as ``LiveSettings`` does.
     """
 
     def __init__(self, *, prefix: str, resume_revision: int, buffer_size: int) -> None:

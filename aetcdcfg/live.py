@@ -446,6 +446,9 @@ class LiveSettings(Generic[ModelT]):
                 reread = True
             except SubscriberLagged as exc:
                 self._log.warning("config.lagged", layer=layer.prefix, resume_revision=exc.resume_revision)
+                # What it missed is at a revision already applied: only a re-list of that revision
+                # (a gap found with nothing written since) is, and no replay holds it: read afresh.
+                reread = exc.resume_revision <= self._known
             except AetcdcfgError as exc:
                 # Unfixable for now (e.g. permission revoked): keep serving the last good settings.
                 self._log.error(

@@ -337,6 +337,61 @@ async def test_a_revision_the_proxy_drops_reaches_every_subscriber_even_with_not
     assert [(e["reason"], e["revision"]) for e in logged(logs, "watch.resynced", own)] == [("gap", c)]
 
 
+async def test_live_settings_lagging_on_the_resync_of_a_revision_it_applied_still_gets_the_correction(
+    quiet_etcd: EtcdServer,
+    proxy: EtcdGrpcProxy,
+    etcd_prefix: str,
+    dropping: Dropping,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy loses ``b``'s revision; ``c``'s arrives and is applied; the re-list at ``c``'s own
+    revision overflows the LiveSettings' buffer. The lag says resume at ``c``, a revision the
+    settings already reflect: resuming after it (``c + 1``) skipped the correction and ``b`` stayed 0
+    for good. A lag at or below the applied revision reads every layer afresh."""
+    from aetcdcfg import _fanout
+
+    want = Three(a=1, b=1, c=1)
+    real_offer = _fanout._Subscriber.offer
+    lagged: list[int] = []
+
+    def offer(sub: _fanout._Subscriber, batch: tuple[Event, ...]) -> None:
+        if batch[0].resync and sub.subscription is not None and sub.subscription in watched:
+            lagged.append(batch[0].revision)
+            sub.lag(batch[0].revision)  # as a full buffer does
+            return
+        real_offer(sub, batch)
+
+    watched: list[Subscription] = []
+    with capture_logs() as logs, anyio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            writer = await stack.enter_async_context(EtcdClient(endpoints=[quiet_etcd.endpoint]))
+            watcher = await stack.enter_async_context(
+                EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS)
+            )
+            live = await stack.enter_async_context(
+                LiveSettings(Three, prefix=etcd_prefix, client=watcher, canary=False, report=False)
+            )
+            layer_sub = live._layers[0].sub
+            assert layer_sub is not None
+            watched.append(layer_sub)
+            monkeypatch.setattr(_fanout._Subscriber, "offer", offer)
+            while not logged(logs, "watch.progress_unanswered", etcd_prefix):
+                await anyio.sleep(0.05)
+            a = await writer.put(etcd_prefix + "a", "1")
+            while live.revision < a:
+                await anyio.sleep(0.02)
+            dropping.revisions.add(a + 1)
+            assert await writer.put(etcd_prefix + "b", "1") == a + 1
+            c = await writer.put(etcd_prefix + "c", "1")  # then nothing more is written
+            with anyio.move_on_after(3 * WINDOW):
+                while live.current != want:
+                    await anyio.sleep(0.05)
+            current = live.current
+    assert lagged == [c]
+    assert current == want
+    assert [e["resume_revision"] for e in logs if e["event"] == "config.lagged"] == [c]
+
+
 async def test_a_deletion_not_yet_replayed_after_a_resume_does_not_confirm_the_watch_fresh(
     quiet_etcd: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
