@@ -34,6 +34,7 @@ from aetcdcfg.testing import (
     TLSFiles,
     _binary,
     _ports,
+    _tempdirs,
     etcd_binary,
     etcdctl_binary,
 )
@@ -183,6 +184,68 @@ def test_a_pytest_run_terminated_mid_test_leaves_no_etcd_dirs_processes_or_port_
         assert not locks, f"port lock files left behind: {locks}"
     finally:
         for directory in facts["dirs"]:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _our_temp_dir(line: bytes | str) -> Path:
+    """A dir a subprocess printed, checked to be one of the harness's temp dirs (the test removes
+    it, so a wrong line must never name the working directory or anything else)."""
+    text = line.decode() if isinstance(line, bytes) else line
+    path = Path(text.strip())
+    assert path.is_absolute() and path.parent == Path(tempfile.gettempdir()), text
+    assert path.name.startswith(_tempdirs.PREFIXES), text
+    return path
+
+
+def test_dirs_of_a_killed_process_are_removed_by_the_next_one_and_live_or_foreign_dirs_kept() -> None:
+    """SIGKILL runs no handler: a killed run's member dir (~123 MiB) stays behind. The next process
+    that makes a dir removes it; a dir a live process owns, and one without an owner file (not ours,
+    or an older version's), stay."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    hold = "import sys\n{make}\nprint(made.base_dir, flush=True)\nsys.stdin.read()\n"
+    killed_script = hold.format(
+        make="from aetcdcfg.testing import EtcdServer\nmade = EtcdServer().start()\n"
+        "made.etcdctl('put', '/k', 'v')"
+    )
+    live_script = hold.format(make="from aetcdcfg.testing import EtcdCluster\nmade = EtcdCluster(3)")
+    proxy_script = (
+        "from aetcdcfg.testing import EtcdGrpcProxy\n"
+        "made = EtcdGrpcProxy(['http://127.0.0.1:1'])\nprint(made.base_dir)\nmade.cleanup()\n"
+    )
+    foreign = Path(tempfile.mkdtemp(prefix="aetcdcfg-etcd-"))  # no owner file
+    (foreign / "keep").write_text("x")
+    dirs = [foreign]
+    popen = functools.partial(subprocess.Popen, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        with (
+            popen([sys.executable, "-c", killed_script]) as killed,
+            popen([sys.executable, "-c", live_script]) as live,
+        ):
+            assert killed.stdout is not None and live.stdout is not None and live.stdin is not None
+            dead_dir = _our_temp_dir(killed.stdout.readline())
+            live_dir = _our_temp_dir(live.stdout.readline())
+            dirs += [dead_dir, live_dir]
+            assert (dead_dir / "m0.data").is_dir() and live_dir.is_dir()
+            killed.kill()
+            killed.wait(timeout=10)
+            assert dead_dir.is_dir()  # SIGKILL: nothing of the killed process removed it
+            made = subprocess.run(
+                [sys.executable, "-c", proxy_script],
+                env=env,
+                check=True,
+                timeout=60,
+                capture_output=True,
+                text=True,
+            )
+            proxy_dir = _our_temp_dir(made.stdout)
+            assert not proxy_dir.exists()  # its own, removed by its cleanup
+            assert not dead_dir.exists()
+            assert live_dir.is_dir() and (foreign / "keep").is_file()
+            live.stdin.close()
+            assert live.wait(timeout=30) == 0
+        assert not live_dir.exists()  # the live one removed its own at exit
+    finally:
+        for directory in dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
 

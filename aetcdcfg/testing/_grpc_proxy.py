@@ -26,16 +26,16 @@ import http.client
 import json
 import socket
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from . import _tempdirs
 from ._binary import etcd_binary, etcd_flags, etcd_version
 from ._ports import free_port
-from ._process import OWNED_DIRS, ManagedProcess
+from ._process import ManagedProcess
 
 __all__ = ["GRPC_GO_KEEPALIVE_MIN_TIME", "EtcdGrpcProxy"]
 
@@ -94,9 +94,7 @@ class EtcdGrpcProxy(ManagedProcess):
             raise ValueError("EtcdGrpcProxy needs at least one etcd endpoint")
         self.upstreams = [_host_port(e) for e in endpoints]
         self._own_dir = base_dir is None
-        self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-grpcproxy-")) if base_dir is None else base_dir
-        if self._own_dir:
-            OWNED_DIRS.add(self.base_dir)
+        self.base_dir = _tempdirs.make("aetcdcfg-grpcproxy-") if base_dir is None else base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
         # Only --auto-tls writes here, but the default is "default.proxy" in the working directory.
         self.data_dir = self.base_dir / "grpc-proxy.data"

@@ -17,14 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _ports
+from . import _ports, _tempdirs
 from ._binary import kill_spawned, release
 from ._binary import spawn as spawn_process
 
-__all__ = ["OWNED_DIRS", "ManagedProcess", "cleanup_all"]
-
-#: Temp dirs made by members, clusters and proxies of this process, removed at exit if still there.
-OWNED_DIRS: set[Path] = set()
+__all__ = ["ManagedProcess", "cleanup_all"]
 
 
 @atexit.register
@@ -33,9 +30,7 @@ def cleanup_all() -> None:
     and release its port claims. Runs at exit; the pytest plugin also runs it on SIGTERM, whose
     default action skips ``atexit``. Takes no lock, so a signal handler may call it."""
     kill_spawned()
-    for directory in list(OWNED_DIRS):
-        shutil.rmtree(directory, ignore_errors=True)
-        OWNED_DIRS.discard(directory)
+    _tempdirs.remove_all()
     _ports.release_all()
 
 
@@ -179,8 +174,7 @@ class ManagedProcess:
         self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            OWNED_DIRS.discard(self.base_dir)
+            _tempdirs.remove(self.base_dir)
         self.release_ports()
 
     def release_ports(self) -> None:

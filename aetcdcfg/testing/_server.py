@@ -6,7 +6,8 @@ them from any thread or event loop. Everything binds to 127.0.0.1 on free ports 
 No etcd outlives the interpreter that started it: ``kill``/``stop``/``cleanup`` and the context
 managers end processes, an ``atexit`` hook (``_process.cleanup_all``, which the pytest plugin also
 runs on SIGTERM) ends any left over and removes their temp dirs, and on Linux the kernel kills etcd
-when the interpreter dies any other way (see ``_binary.spawn``). Ports come from ``_ports``.
+when the interpreter dies any other way (see ``_binary.spawn``); the dirs such a death leaves are
+removed by the next process that makes one (``_tempdirs``). Ports come from ``_ports``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,9 +27,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from . import _tempdirs
 from ._binary import etcd_binary, etcdctl_binary
 from ._ports import free_port
-from ._process import OWNED_DIRS, ManagedProcess
+from ._process import ManagedProcess
 from ._tls import TLSFiles
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdServer", "free_port"]
@@ -78,9 +79,7 @@ class EtcdMember(ManagedProcess):
     ) -> None:
         self.name = name
         self._own_dir = base_dir is None
-        self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-etcd-")) if base_dir is None else base_dir
-        if self._own_dir:
-            OWNED_DIRS.add(self.base_dir)
+        self.base_dir = _tempdirs.make("aetcdcfg-etcd-") if base_dir is None else base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.base_dir / f"{name}.data"
         self.log_file = self.base_dir / f"{name}.log"
@@ -353,8 +352,7 @@ class EtcdCluster:
     """
 
     def __init__(self, size: int = 3, **member_options: Any) -> None:
-        self.base_dir = Path(tempfile.mkdtemp(prefix="aetcdcfg-cluster-"))
-        OWNED_DIRS.add(self.base_dir)
+        self.base_dir = _tempdirs.make("aetcdcfg-cluster-")
         member_options.setdefault("cluster_token", f"aetcdcfg-{uuid.uuid4().hex[:8]}")
         self.members = [EtcdMember(f"m{i}", base_dir=self.base_dir, **member_options) for i in range(size)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -532,5 +530,4 @@ class EtcdCluster:
         for member in self.members:
             member.kill()
             member.release_ports()
-        shutil.rmtree(self.base_dir, ignore_errors=True)
-        OWNED_DIRS.discard(self.base_dir)
+        _tempdirs.remove(self.base_dir)
