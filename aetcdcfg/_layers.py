@@ -41,6 +41,11 @@ class Layer:
     sub: Subscription | None = None
     #: The canary layer of ``of`` (its ``prefix`` is ``/aetcdcfg/canary`` + ``of``); None: a prefix.
     of: str | None = None
+    #: Since when (``anyio.current_time()``) this layer has been off its watch (lagged, failed)
+    #: and not yet back to the revision its watch had delivered; None while it follows.
+    behind_since: float | None = None
+    #: The revision this layer must reach to follow again (its watch's, when it resubscribed).
+    behind_until: int = 0
 
     @property
     def canary(self) -> bool:

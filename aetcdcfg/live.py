@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -50,7 +51,7 @@ from .errors import (
 )
 from .events import Event, EventType
 from .source import leaf_paths
-from .status import AppliedChange, SettingsStatus
+from .status import AppliedChange, SettingsStatus, WatchStatus
 
 __all__ = ["LiveSettings"]
 
@@ -183,7 +184,9 @@ class LiveSettings(Generic[ModelT]):
 
         Raises ``RuntimeError`` before ``async with live:`` has started following etcd.
         """
-        watches = [(layer.canary, layer.sub.status) for layer in self._layers if layer.sub is not None]
+        watches = [
+            (layer.canary, self._layer_status(layer)) for layer in self._layers if layer.sub is not None
+        ]
         if not watches:
             raise RuntimeError("LiveSettings is not started: use `async with live:` first")
         return SettingsStatus(
@@ -199,6 +202,23 @@ class LiveSettings(Generic[ModelT]):
             history=tuple(self._history),
             report=self._presence.status(),
         )
+
+    def _layer_status(self, layer: Layer) -> WatchStatus:
+        """The layer's watch as it serves this object: a layer off its watch (lagged, or its resume
+        failing) is behind, and stale since then at least, however healthy the shared watch is."""
+        assert layer.sub is not None
+        watch = layer.sub.status
+        if layer.behind_since is None:
+            return watch
+        off = anyio.current_time() - layer.behind_since
+        return dataclasses.replace(
+            watch, state="behind", revision=self._known, staleness=max(watch.staleness, off)
+        )
+
+    def _following(self, layer: Layer) -> None:
+        """The layer reached the revision its watch had delivered when it resubscribed."""
+        if layer.behind_since is not None and self._known >= layer.behind_until:
+            layer.behind_since = None
 
     def etcd_fields(self) -> dict[tuple[str, ...], str]:
         """Which etcd key (full name) fills each field path, e.g. ``("db", "url")``; names, never values.
@@ -427,11 +447,29 @@ class LiveSettings(Generic[ModelT]):
                     async with self._apply_lock:
                         self._apply_state(*await read_all(client, self._layers, self._log))
                     reread = False
+                    for each in self._layers:  # every layer read at one revision: none behind
+                        each.behind_until = self._known
+                        self._following(each)
                 if sub is not None:
                     await self._consume(client, layer, sub)
                 else:
                     async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
                         layer.sub = resumed
+                        delivered = resumed.status.revision
+                        if delivered < self._known:
+                            # The shared watch is below what these settings reflect: etcd's history
+                            # was replaced (wiped, restored) while this layer was off it, and the
+                            # new one's revisions up to ours would never come: read afresh.
+                            self._log.warning(
+                                "config.layers_reread",
+                                layer=layer.prefix,
+                                reason="history_replaced",
+                                revision=self._known,
+                            )
+                            reread = True
+                            continue
+                        layer.behind_until = delivered
+                        self._following(layer)
                         await self._consume(client, layer, resumed)
             except RevisionCompacted:
                 # Lagged further back than the shared watch remembers, and etcd compacted those
@@ -450,53 +488,64 @@ class LiveSettings(Generic[ModelT]):
                 # (a gap found with nothing written since) is, and no replay holds it: read afresh.
                 reread = exc.resume_revision <= self._known
             except AetcdcfgError as exc:
-                # Unfixable for now (e.g. permission revoked): keep serving the last good settings.
+                # Keep serving the last good settings; the retry reads afresh, for resuming where
+                # this failed may never work (a catch-up etcd's gRPC proxy refuses to replay only
+                # grows), and a read says at once whether the cause (e.g. a revoked permission) is gone.
                 self._log.error(
                     "config.watch_failed", layer=layer.prefix, error=str(exc), revision=self._revision
                 )
+                reread = True
                 await anyio.sleep(2.0)
+            if layer.behind_since is None:
+                layer.behind_since = anyio.current_time()
             sub = None
 
     async def _consume(self, client: EtcdClient, layer: Layer, sub: Subscription) -> None:
         if len(self._layers) == 1:
             async for batch in sub.batches():
                 self._apply(layer, batch, {})
+                if layer.behind_since is not None:
+                    self._following(layer)
             return
         async for batch in sub.batches():
             async with self._apply_lock:
-                revision = batch[-1].revision
-                resync = batch[0].resync
-                if revision <= self._known and not resync:
-                    continue  # already read as part of another layer's revision
-                if resync:
-                    # The stream re-listed its prefix (after compaction, a gap, or from a wiped etcd
-                    # whose revisions restart below ours): its changes are relative to what the
-                    # stream had delivered, not to these layers' keys, so every layer is read afresh,
-                    # even at the revision they reflect (a gap found with nothing written since).
-                    self._log.warning(
-                        "config.layers_reread", layer=layer.prefix, reason="resync", revision=revision
-                    )
-                    self._apply_state(*await read_all(client, self._layers, self._log))
-                    continue
-                try:
-                    others = {
-                        other.prefix: await read_at(client, other, revision, self._log)
-                        for other in self._layers
-                        if other is not layer
-                    }
-                except (RevisionCompacted, FutureRevision) as exc:
-                    # Compacted within moments of the write (or etcd was replaced): reading the other
-                    # layers "as they are now" would combine two revisions, and the streams' older
-                    # batches would then go backwards; all layers are read at one newer revision.
-                    event = (
-                        "config.layer_read_compacted"
-                        if isinstance(exc, RevisionCompacted)
-                        else "config.layers_reread"
-                    )
-                    self._log.warning(event, layer=layer.prefix, reason=type(exc).__name__, revision=revision)
-                    self._apply_state(*await read_all(client, self._layers, self._log))
-                    continue
-                self._apply(layer, batch, others)
+                await self._apply_layered(client, layer, batch)
+            if layer.behind_since is not None:
+                self._following(layer)
+
+    async def _apply_layered(self, client: EtcdClient, layer: Layer, batch: Sequence[Event]) -> None:
+        """One revision of one layer of several: the others are read as of that revision."""
+        revision = batch[-1].revision
+        resync = batch[0].resync
+        if revision <= self._known and not resync:
+            return  # already read as part of another layer's revision
+        if resync:
+            # The stream re-listed its prefix (after compaction, a gap, or from a wiped etcd
+            # whose revisions restart below ours): its changes are relative to what the
+            # stream had delivered, not to these layers' keys, so every layer is read afresh,
+            # even at the revision they reflect (a gap found with nothing written since).
+            self._log.warning("config.layers_reread", layer=layer.prefix, reason="resync", revision=revision)
+            self._apply_state(*await read_all(client, self._layers, self._log))
+            return
+        try:
+            others = {
+                other.prefix: await read_at(client, other, revision, self._log)
+                for other in self._layers
+                if other is not layer
+            }
+        except (RevisionCompacted, FutureRevision) as exc:
+            # Compacted within moments of the write (or etcd was replaced): reading the other
+            # layers "as they are now" would combine two revisions, and the streams' older
+            # batches would then go backwards; all layers are read at one newer revision.
+            event = (
+                "config.layer_read_compacted"
+                if isinstance(exc, RevisionCompacted)
+                else "config.layers_reread"
+            )
+            self._log.warning(event, layer=layer.prefix, reason=type(exc).__name__, revision=revision)
+            self._apply_state(*await read_all(client, self._layers, self._log))
+            return
+        self._apply(layer, batch, others)
 
     def _load(self, revision: int) -> None:
         """The first object: built by pydantic-settings itself, which reads env, dotenv and secrets

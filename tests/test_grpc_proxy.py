@@ -422,3 +422,57 @@ async def test_a_deletion_not_yet_replayed_after_a_resume_does_not_confirm_the_w
                 status = sub.status
     assert status.state == "live"
     assert status.staleness > 1.2, status  # last confirmed before the outage
+
+
+async def test_live_settings_whose_resume_the_proxy_refuses_to_replay_reads_afresh(
+    quiet_etcd: EtcdServer, proxy: EtcdGrpcProxy, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lag resumed from further back than the shared watch remembers needs a private catch-up;
+    through the proxy, one of ``PROXY_REPLAY_LIMIT`` revisions or more is refused (EtcdError), and
+    LiveSettings retried that same resume every 2 s for good (the backlog only grows), serving old
+    settings. It reads every layer afresh after a failed resume now."""
+    from aetcdcfg import _fanout, _stream
+
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 1)  # the shared watch remembers one revision
+    monkeypatch.setattr(_stream, "PROXY_REPLAY_LIMIT", 2)
+    real_watch = EtcdClient.watch
+    writes: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None and not writes:  # the resume after the lag
+            for value in (1, 2, 3):
+                writes.append(await writer.put(etcd_prefix + "a", str(value)))
+            while hub.state is None or hub.state.delivered < writes[-1]:  # moved on without it
+                await anyio.sleep(0.01)
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    with capture_logs() as logs, anyio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            writer = await stack.enter_async_context(EtcdClient(endpoints=[quiet_etcd.endpoint]))
+            watcher = await stack.enter_async_context(
+                EtcdClient(endpoints=[proxy.endpoint], **WATCHER_OPTIONS)
+            )
+            live = await stack.enter_async_context(
+                LiveSettings(Three, prefix=etcd_prefix, client=watcher, report=False)
+            )
+            layer_sub = live._layers[0].sub
+            assert layer_sub is not None
+            hub = layer_sub._hub
+            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            monkeypatch.setattr(EtcdClient, "watch", watch)
+            mine.lag(live.revision + 1)
+            with anyio.move_on_after(10):
+                while live.current.a != 3:
+                    await anyio.sleep(0.05)
+            current = live.current
+            last = await writer.put(etcd_prefix + "b", "1")
+            with anyio.move_on_after(10):
+                while live.revision < last:
+                    await anyio.sleep(0.05)
+            after = live.current
+    refusals = [e for e in logs if e["event"] == "config.watch_failed"]
+    assert current == Three(a=3), [e["error"] for e in refusals]
+    assert after == Three(a=3, b=1)
+    assert len(refusals) == 1 and "gRPC proxy" in refusals[0]["error"]

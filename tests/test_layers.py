@@ -230,3 +230,58 @@ async def test_compaction_right_after_a_write_never_gives_a_torn_or_older_object
     assert [r for r, _, _ in applied] == sorted(r for r, _, _ in applied)  # never an older state
     assert [a for _, a, _ in applied] == sorted(a for _, a, _ in applied)
     assert [e for e in logs if e["event"] == "config.layer_read_compacted"]  # the case really arose
+
+
+async def test_settings_off_their_watch_while_etcd_is_wiped_read_afresh_when_they_resume(
+    etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LiveSettings lags; before it resumes, etcd is wiped and restarted, and the shared watch
+    re-lists the new history, whose revisions are below the ones the settings reflect. Resuming
+    after its own revision, it waited for revisions the new history had already passed, and kept
+    the old cluster's value: it reads afresh instead."""
+    import contextlib
+
+    real_watch = EtcdClient.watch
+    new: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None and not new:  # the resume after the lag
+            await anyio.to_thread.run_sync(server.wipe_and_restart)
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                new.append(await writer.put(etcd_prefix + "rate_limit", "7"))
+            while hub.state is None or hub.state.delivered != new[-1]:  # re-listed the new etcd
+                await anyio.sleep(0.02)
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    with capture_logs() as logs, EtcdServer(**MEMBER_OPTIONS) as server, anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[server.endpoint], **WATCHER_OPTIONS) as watcher,
+            LiveSettings(Service, prefix=etcd_prefix, client=watcher, report=False) as live,
+        ):
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                for n in range(1, 11):
+                    await writer.put(etcd_prefix + "rate_limit", str(10 + n))
+            await live.wait_for(lambda s: s.rate_limit == 20, timeout=5)
+            old = live.revision
+            layer_sub = live._layers[0].sub
+            assert layer_sub is not None
+            hub = layer_sub._hub
+            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            monkeypatch.setattr(EtcdClient, "watch", watch)
+            mine.lag(old + 1)
+            with anyio.move_on_after(RECOVERY_BOUND):
+                while live.current.rate_limit != 7:
+                    await anyio.sleep(0.05)
+            current = live.current
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                later = await writer.put(etcd_prefix + "rate_limit", "9")
+            with anyio.move_on_after(5):
+                while live.current.rate_limit != 9:
+                    await anyio.sleep(0.05)
+            assert (current.rate_limit, live.current.rate_limit) == (7, 9)
+            assert live.revision == later
+    assert new[-1] < old  # the revisions really went backwards
+    reasons = [e["reason"] for e in logs if e["event"] == "config.layers_reread"]
+    assert reasons == ["history_replaced"]

@@ -513,3 +513,53 @@ async def test_a_lag_resumed_below_a_compaction_reads_afresh_instead_of_retrying
             assert live.current.rate_limit == 4
             events = [e["event"] for e in logs if e["event"].startswith("config.")]
             assert "config.watch_failed" not in events and "config.layers_reread" in events
+
+
+async def test_a_settings_layer_off_its_watch_is_behind_however_healthy_the_shared_watch(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its status was the shared watch's, which another subscriber keeps healthy: a LiveSettings
+    that lagged and could not resume yet said ``live`` and fresh while it served old settings.
+    Until it is back to the revision its watch delivered, it is ``behind`` and stale since then."""
+    import contextlib
+
+    from aetcdcfg import EtcdUnavailable
+
+    real_watch = EtcdClient.watch
+    refused: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None:
+            refused.append(int(kwargs["start_revision"]))  # type: ignore[call-overload]
+            raise EtcdUnavailable("resume refused by the test", endpoints=[etcd_server.endpoint])
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        client.watch(etcd_prefix) as other,  # another subscriber of the same shared watch
+        LiveSettings(AppSettings, prefix=etcd_prefix, client=client, report=False) as live,
+    ):
+        layer_sub = live._layers[0].sub
+        assert layer_sub is not None
+        (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+        with anyio.fail_after(10):
+            while live.status.watch.state != "live":
+                await anyio.sleep(0.02)
+        monkeypatch.setattr(EtcdClient, "watch", watch)
+        mine.lag(live.revision + 1)
+        with anyio.fail_after(10):
+            while not refused:
+                await anyio.sleep(0.02)
+        changed = await client.put(etcd_prefix + "rate_limit", "7")
+        await anyio.sleep(1.2)
+        status = live.status
+        assert (status.watch.state, status.revision, live.current.rate_limit) == ("behind", changed - 1, 100)
+        assert status.watch.staleness >= 1.2 and not live.is_fresh(1.0)
+        assert other.status.state == "live" and other.status.revision == changed  # the shared one
+        monkeypatch.setattr(EtcdClient, "watch", real_watch)
+        with anyio.fail_after(10):
+            while live.current.rate_limit != 7 or live.status.watch.state != "live":
+                await anyio.sleep(0.02)
+        assert live.is_fresh()  # the shared watch's staleness again
