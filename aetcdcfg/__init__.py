@@ -40,6 +40,7 @@ from .errors import ConfigurationError as ConfigurationError
 from .errors import EtcdError as EtcdError
 from .errors import EtcdUnavailable as EtcdUnavailable
 from .errors import FutureRevision as FutureRevision
+from .errors import HistoryReplaced as HistoryReplaced
 from .errors import PermissionDenied as PermissionDenied
 from .errors import RequestTooLarge as RequestTooLarge
 from .errors import RevisionCompacted as RevisionCompacted
@@ -80,6 +81,7 @@ __all__ = [
     "FieldReport",
     "Fleet",
     "FutureRevision",
+    "HistoryReplaced",
     "History",
     "HistoryEntry",
     "InstanceRecord",

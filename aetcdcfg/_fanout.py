@@ -33,7 +33,7 @@ from ._reads import list_keys
 from ._resume import Batch, WatchState
 from ._stream import WatchLoop
 from ._wakeup import Sleeper, Waker
-from .errors import AetcdcfgError, ClientClosedError, EtcdError, SubscriberLagged
+from .errors import AetcdcfgError, ClientClosedError, EtcdError, HistoryReplaced, SubscriberLagged
 from .events import Event, Snapshot
 from .status import WatchHealth, WatchStatus
 
@@ -346,12 +346,25 @@ class PrefixWatch:
 
     def _reset(self, revision: int) -> None:
         """etcd's history was replaced (a wiped cluster): forget revisions of the old one, so the
-        resync at ``revision`` and what follows reach subscribers although they are lower."""
+        resync at ``revision`` and what follows reach subscribers although they are lower.
+
+        A subscriber still replaying the old history (a private catch-up) can be given neither: its
+        replay and the live revisions it holds are of the old history, and the resync is relative
+        to what the shared watch had delivered, not to where it got. It fails, to re-read.
+        """
         self.history.clear()
         self._history_events = 0
         self.floor = revision + 1
         for sub in self.subscribers:
-            sub.last_revision = min(sub.last_revision, revision - 1)
+            if sub.catching_up:
+                sub.pending = []
+                sub.fail(
+                    HistoryReplaced(
+                        prefix=self.label, requested_revision=sub.last_revision + 1, compact_revision=revision
+                    )
+                )
+            else:
+                sub.last_revision = min(sub.last_revision, revision - 1)
 
     def subscribe(
         self, start_revision: int | None, buffer_size: int, *, with_snapshot: bool

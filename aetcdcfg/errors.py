@@ -125,6 +125,27 @@ class RevisionCompacted(EtcdError):
         super().__init__(text)
 
 
+class HistoryReplaced(RevisionCompacted):
+    """etcd's history was replaced (the cluster wiped, or restored from a backup) while a watch was
+    still replaying the old one from ``requested_revision``: re-read the prefix (``with_snapshot``).
+
+    Revisions of the new history start again below the old ones; ``compact_revision`` is the new
+    history's revision when this was found, from which reads and watches work.
+    """
+
+    def __init__(self, *, prefix: str, requested_revision: int, compact_revision: int) -> None:
+        self.prefix = prefix
+        self.requested_revision = requested_revision
+        self.compact_revision = compact_revision
+        self.operation = "watch"
+        EtcdError.__init__(  # RevisionCompacted's own message would say "compacted"
+            self,
+            f"watch of {prefix!r} from revision {requested_revision} is impossible: etcd's history was "
+            f"replaced (the cluster wiped or restored) and is now at revision {compact_revision}; "
+            "re-read the prefix with get_prefix() or watch(with_snapshot=True)",
+        )
+
+
 class FutureRevision(EtcdError, ValueError):
     """A read asked for ``requested_revision``, but etcd is only at ``current_revision``."""
 

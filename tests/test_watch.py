@@ -394,3 +394,55 @@ async def test_cluster_wiped_and_restarted_is_detected_and_resynced(catch_up: bo
                     final = await writer.get_prefix(etcd_prefix)
     assert state == dict(final.items)
     assert any(e["event"] == "watch.revision_reset" for e in logs)
+
+
+async def test_a_subscriber_replaying_old_history_when_etcd_is_wiped_gets_history_replaced(
+    etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber from a revision older than the shared watch remembers replays it on a private
+    stream. etcd is wiped meanwhile: the shared watch re-lists the new history, whose revisions are
+    below the subscriber's. Its replay cannot go on (the revisions it waits for are the new
+    history's, or never come) and the resync is relative to the shared watch's old state, not to
+    where the subscriber got: it ends with HistoryReplaced, never silently stuck on old values."""
+    from aetcdcfg import HistoryReplaced, _fanout
+
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 1)
+    go = anyio.Event()
+
+    class WatchLoop(_fanout.WatchLoop):
+        async def run(self) -> None:
+            if self._stop_at is not None:  # a private catch-up: replays once etcd was wiped and re-listed
+                await go.wait()
+            await super().run()
+
+    monkeypatch.setattr(_fanout, "WatchLoop", WatchLoop)
+    with EtcdServer(keepalive_min_time=1) as server, anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[server.endpoint], keepalive_time=1, keepalive_timeout=1) as watcher,
+            watcher.watch(etcd_prefix) as shared,
+        ):
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                first = await writer.put(etcd_prefix + "k", "0")
+                for i in range(1, 20):
+                    last = await writer.put(etcd_prefix + "k", str(i))
+            while shared.status.revision < last:
+                await anyio.sleep(0.02)
+            hub = shared._hub
+            assert hub.floor > first + 1
+            events: list[Event] = []
+            with pytest.raises(HistoryReplaced) as raised:
+                async with watcher.watch(etcd_prefix, start_revision=first + 1) as old:
+                    await anyio.to_thread.run_sync(server.wipe_and_restart)
+                    async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                        new = await writer.put(etcd_prefix + "k", "new")
+                    while hub.state is None or hub.state.delivered != new:  # re-listed the new etcd
+                        await anyio.sleep(0.02)
+                    go.set()
+                    with anyio.fail_after(10):
+                        async for event in old:
+                            events.append(event)
+    assert new < first + 1 < last
+    assert events == []  # nothing of either history: its replay had not begun
+    assert raised.value.requested_revision == first + 1
+    assert 1 <= raised.value.compact_revision <= new  # where the new history was re-listed
+    assert "history was replaced" in str(raised.value)
