@@ -43,8 +43,9 @@ log = get_logger()
 
 #: Events of recent revisions kept per prefix so a lagged subscriber can resume without etcd.
 HISTORY_EVENTS = 10_000
-#: Live revisions held for a subscriber whose private catch-up has not finished; past this it lags
-#: (resuming later from where the catch-up got to) rather than holding memory without bound.
+#: Live revisions held for a subscriber whose private catch-up has not finished (besides the history
+#: replayed to it); past this it lags (resuming later from where the catch-up got to) rather than
+#: holding memory without bound.
 PENDING_LIMIT = 10_000
 
 
@@ -180,8 +181,10 @@ class _Subscriber:
             # with nothing written since): it corrects what was delivered up to that revision.
             return
         if self.catching_up:
-            if len(self.pending) >= PENDING_LIMIT:
-                self.lag(self.last_revision + 1)
+            # The history replayed into pending at subscribe (at most HISTORY_EVENTS batches)
+            # does not count against the live revisions it may hold.
+            if len(self.pending) >= PENDING_LIMIT + HISTORY_EVENTS:
+                self.lag(self._first_missing())
                 return
             self.pending.append(batch)
             return
@@ -198,6 +201,17 @@ class _Subscriber:
         if target is not None:
             target._available += 1
             self.hub.waker.wake(target._sleeper)
+
+    def _first_missing(self) -> int:
+        """The first revision not handed over: the last one, while a re-list of it waits in
+        pending (a gap the shared watch found at the revision the catch-up reached), else the next."""
+        last = self.last_revision
+        for batch in self.pending:
+            if batch[0].revision > last:
+                break
+            if batch[0].resync and batch[0].revision == last:
+                return last
+        return last + 1
 
     def lag(self, resume_revision: int) -> None:
         """Cut this subscriber off: it got everything before ``resume_revision``."""

@@ -10,6 +10,7 @@ ones ``watch()`` makes (``subscribe``, ``catch_up``'s ``offer_caught_up``/``fini
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import anyio
@@ -101,6 +102,7 @@ async def test_a_catch_up_that_falls_behind_lags_a_waiting_reader(
     """Live revisions held for a catching-up subscriber are bounded; past the bound it lags at the
     first revision it did not get, and a reader asleep on it wakes with SubscriberLagged."""
     monkeypatch.setattr(_fanout, "PENDING_LIMIT", 2)
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 0)  # room for replayed history: none here
     hub, _ = hubs.make(delivered=10, first_in_memory=11)
     sub, handle = hubs.join(hub, 5, 4)
     handle.offer_caught_up((revision(5), revision(6)))
@@ -123,6 +125,45 @@ async def test_a_catch_up_that_falls_behind_lags_a_waiting_reader(
     assert lagged.resume_revision == 7
     assert handle not in hub.subscribers
     assert hub.status().lagged_subscribers == 1
+
+
+async def test_a_catch_up_holds_the_whole_replayed_history_and_still_live_revisions(
+    hubs: Hubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber older than the history gets that history queued behind its catch-up: up to
+    HISTORY_EVENTS batches. With PENDING_LIMIT as large (the defaults), the first live revision
+    lagged it at once, and again on every resume: the live revisions have their own room."""
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 20)
+    monkeypatch.setattr(_fanout, "PENDING_LIMIT", 20)
+    hub, _ = hubs.make(delivered=30, first_in_memory=11)
+    assert len(hub.history) == 20
+    sub, handle = hubs.join(hub, 5, 64)
+    assert handle.catching_up and len(handle.pending) == 20
+    publish(hub, revision(31))
+    assert handle in hub.subscribers
+    handle.offer_caught_up(tuple(revision(n) for n in range(5, 11)))
+    handle.finish_catch_up()
+    assert await read(sub, 27) == list(range(5, 32))
+
+
+async def test_a_catch_up_lagging_while_a_relist_of_its_last_revision_waits_resumes_there(
+    hubs: Hubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up reached 10; the shared watch found a gap and re-listed at 10 (nothing written
+    since), and that resync waits in pending when the subscriber lags. Resuming at 11 would skip
+    the correction: it resumes at 10 (and LiveSettings, which reflects 10, reads afresh)."""
+    monkeypatch.setattr(_fanout, "PENDING_LIMIT", 1)
+    monkeypatch.setattr(_fanout, "HISTORY_EVENTS", 0)
+    hub, _ = hubs.make(delivered=10, first_in_memory=11)
+    sub, handle = hubs.join(hub, 5, 64)
+    handle.offer_caught_up(tuple(revision(n) for n in range(5, 11)))
+    relist = (dataclasses.replace(revision(10, "b")[0], resync=True),)
+    publish(hub, relist)
+    publish(hub, revision(11))
+    assert await read(sub, 6) == list(range(5, 11))
+    with pytest.raises(SubscriberLagged) as lagged:
+        await read(sub, 1)
+    assert lagged.value.resume_revision == 10
 
 
 async def test_a_failing_watch_wakes_a_waiting_reader_with_its_error_after_the_buffer(hubs: Hubs) -> None:
