@@ -153,7 +153,10 @@ def finite(value: Any) -> float:
 def strict_loads(raw: bytes) -> Any:
     """JSON as the standard has it: Python's ``NaN``/``Infinity`` and an overflowing ``1e400`` are
     errors, so that a record read back can be served as JSON (the status, ``--json``) as it is."""
-    return json.loads(raw, parse_constant=_no_constant, parse_float=finite)
+    try:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=finite)
+    except RecursionError:  # an attacker's (or a bug's) [[[[...]]]]: not a record, like bad JSON
+        raise ValueError("JSON nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,11 +116,10 @@ def decode_value(raw: bytes, decoding: Decoding, *, top_level: bool) -> tuple[An
         return value, None
     try:
         decoded = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON; or an integer, or nesting, past Python's limits
         if how != JSON:
             return text, None
-        what = "empty value" if not text.strip() else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-        return None, f"structured field needs JSON: {what}"
+        return None, f"structured field needs JSON: {json_problem(exc, text)}"
     if how == CONTAINER_OR_TEXT and not isinstance(decoded, (list, dict)):
         return text, None
     if decoded is None and top_level:
@@ -193,6 +192,15 @@ def _annotation_and_metadata(field: FieldInfo) -> tuple[Any, tuple[Any, ...]]:
     return annotation, metadata
 
 
+def json_problem(exc: ValueError | RecursionError, text: str) -> str:
+    """What is wrong with ``text`` as JSON, never quoting it (it may be a secret)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return "empty value" if not text.strip() else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return "a number too long for Python to read (sys.get_int_max_str_digits())"
+
+
 def _decodes(metadata: Sequence[Any], settings: ModelSettings) -> bool:
     """Whether a field with this metadata decodes JSON (``NoDecode``, ``ForceDecode``, else the
     model's ``enable_decoding``)."""
@@ -209,7 +217,7 @@ def _leniently(adapter: TypeAdapter[Any], text: str) -> Any:
         decoded = json.loads(text)
         if not isinstance(decoded, str):
             return adapter.validate_python(decoded)
-    except (ValidationError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # ValidationError is one; JSON past Python's limits too
         pass
     return text  # pydantic will reject it, naming the field
 

@@ -667,7 +667,16 @@ class LiveSettings(Generic[ModelT]):
         ``changed``: the full keys changed since the last build (None: decode every key). Each layer's
         keys go through its KeyDecoder, which decodes again only the fields those keys fill.
         """
-        decoded = [layer.decode(self.identity, changed) for layer in (self._layers if use_etcd else [])]
+        try:
+            decoded = [layer.decode(self.identity, changed) for layer in (self._layers if use_etcd else [])]
+        except Exception as exc:  # a value our decoding does not survive: a bug of ours, never fatal
+            self._log.error("config.decode_crashed", revision=revision, error_type=type(exc).__name__)
+            raise ConfigRejected(
+                prefix=self.prefix,
+                revision=revision,
+                keys=changed or (),
+                problems=[f"could not decode the keys ({type(exc).__name__}, a bug of aetcdcfg's)"],
+            ) from None
         return validate_layered(
             self.model,
             decoded,

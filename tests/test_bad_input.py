@@ -70,6 +70,65 @@ async def test_bad_values_are_rejected_by_key_and_good_state_is_kept(
 
 
 @pytest.mark.anyio
+async def test_json_past_pythons_limits_is_a_rejection_never_the_end_of_the_settings(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """``json.loads`` raises ValueError (not JSONDecodeError) for an integer of more than 4,300
+    digits, and RecursionError for deep nesting: either escaped the decoding, ended the settings'
+    follow task, and every later change was ignored while /readyz said "never loaded". Each is a
+    rejection of its key now, and the next good value applies."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge = b"9" * 5_000
+    cases = {
+        "tags": (deep, "nested too deeply"),
+        "limits": (b'{"burst": ' + huge + b"}", "a number too long"),
+        "regions": (b'{"eu": ' + huge + b"}", "a number too long"),
+    }
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        async with LiveSettings(Model, prefix=etcd_prefix, client=client, report=False) as live:
+            for key, (value, why) in cases.items():
+                good = live.current
+                error = await _rejection(client, live, etcd_prefix + key, value)
+                assert error.keys == (etcd_prefix + key,), key
+                assert why in str(error), (key, str(error))
+                assert "9999" not in str(error)  # never the value
+                assert live.current is good
+                await client.delete(etcd_prefix + key)
+                await live.wait_for(lambda s: live.last_error is None, timeout=5)
+            revision = await client.put(etcd_prefix + "rate_limit", "7")
+            settings = await live.wait_for(lambda s: s.rate_limit == 7, timeout=5)
+            assert (settings.rate_limit, live.revision) == (7, revision)
+
+
+@pytest.mark.anyio
+async def test_a_crash_of_our_decoding_is_a_rejection_never_the_end_of_the_settings(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: whatever our key decoding raises on some value is a rejection of that
+    revision (logged as ``config.decode_crashed``), and the next good value applies."""
+    from aetcdcfg._layers import Layer
+
+    real_decode = Layer.decode
+
+    def decode(layer: Layer, identity: object, changed: object) -> object:
+        if changed and any(key.endswith("/boom") for key in changed):  # type: ignore[attr-defined]
+            raise RuntimeError("a bug")
+        return real_decode(layer, identity, changed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Layer, "decode", decode)
+    with capture_logs() as logs:
+        async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+            async with LiveSettings(Model, prefix=etcd_prefix, client=client, report=False) as live:
+                good = live.current
+                error = await _rejection(client, live, etcd_prefix + "boom", b"1")
+                assert "RuntimeError" in str(error) and live.current is good
+                await client.put(etcd_prefix + "rate_limit", "7")
+                settings = await live.wait_for(lambda s: s.rate_limit == 7, timeout=5)
+    assert settings.rate_limit == 7
+    assert [e["error_type"] for e in logs if e["event"] == "config.decode_crashed"] == ["RuntimeError"]
+
+
+@pytest.mark.anyio
 async def test_large_empty_and_odd_keys_are_handled(etcd_server: EtcdServer, etcd_prefix: str) -> None:
     big = "x" * (1024 * 1024)
     async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
@@ -166,3 +225,14 @@ def test_decoding_valid_values_round_trips_through_the_model(values: dict[str, i
 )
 def test_dump_format_round_trips_any_keys_and_bytes(items: dict[str, bytes]) -> None:
     assert flatten(unflatten(items)) == items
+
+
+def test_records_and_canary_specs_nested_past_pythons_limits_are_no_records() -> None:
+    """A record or canary spec ``[[[[...]]]]`` raised RecursionError, which nothing reading them
+    expects (a bad one is skipped, or an empty overlay): now it is a ValueError like bad JSON."""
+    from aetcdcfg import AuditRecord, CanarySpec, InstanceRecord
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for kind in (InstanceRecord, AuditRecord, CanarySpec):
+        with pytest.raises(ValueError, match="nested too deeply"):
+            kind.from_json(deep)

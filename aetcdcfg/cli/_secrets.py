@@ -182,7 +182,7 @@ def _parse(value: bytes | None) -> Any:
         return _ABSENT
     try:
         return json.loads(value)
-    except ValueError:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or past Python's limits
         return _ABSENT
 
 
