@@ -414,18 +414,29 @@ class WatchLoop:
             endpoint.answers_progress = False
             self._log.info("watch.progress_unanswered", endpoint=endpoint.url, probe="range")
 
-    async def _read(self, session: _Session, **fields: Any) -> Any:
+    async def _read(self, session: _Session, *, tokenless_retry: bool = True, **fields: Any) -> Any:
         """One range on the session's own channel, within ``keepalive_timeout``; None if unanswered."""
         prefix = self._state.prefix
         request = rpc_pb2.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), **fields)
         endpoint = session.endpoint
         timeout = self._conn.settings.keepalive_timeout
+        token = self._conn.token
         try:
             response = await endpoint.kv.Range(request, timeout=timeout, metadata=self._conn.metadata())
         except grpc.aio.AioRpcError as exc:
             failure = classify(exc)
             if failure is Failure.COMPACTED:
                 raise CompactedRead(describe(exc), endpoint=endpoint.url) from None
+            if (
+                failure is Failure.AUTH_FAILED
+                and token is None
+                and self._conn.settings.username
+                and tokenless_retry
+            ):
+                # No token sent: etcd had auth off when we connected, and an operator turned it on
+                # since. Not a credentials problem (yet): authenticate once, as requests do, and read.
+                await self._conn.reauthenticate(endpoint, None)
+                return await self._read(session, tokenless_retry=False, **fields)
             if failure in (Failure.AUTH_FAILED, Failure.PERMISSION):
                 raise to_error(exc, endpoint=endpoint.url, key=self._label) from None
             if failure is Failure.AUTH_EXPIRED and self._conn.settings.username:

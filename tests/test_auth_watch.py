@@ -175,6 +175,32 @@ async def test_kv_recovers_when_an_operator_turns_auth_on_after_the_client_conne
     assert "apppw" not in repr(logs)
 
 
+async def test_a_watch_goes_on_when_an_operator_turns_auth_on_after_the_client_connected() -> None:
+    """The watch's own reads (the permission check, the verifications) sent no token after auth was
+    turned on, and took etcd's "user name is empty" for rejected credentials: error logs an
+    operator is told to page on (``watch.permission_revoked``, ``watch.failed``) and a restart of
+    the stream, for a cluster doing what it should. They authenticate once and go on, as requests do."""
+    prefix = f"/app/{uuid.uuid4().hex[:8]}/"
+    with EtcdServer(keepalive_min_time=1) as server:
+        await anyio.to_thread.run_sync(lambda: server.add_user("app", "apppw", readwrite_prefix="/app/"))
+        with capture_logs() as logs, anyio.fail_after(60):
+            async with (
+                EtcdClient(endpoints=[server.endpoint], permission_check_interval=1, **APP) as client,
+                client.watch(prefix) as sub,
+            ):
+                await until_live(sub)
+                await anyio.to_thread.run_sync(server.enable_auth, "rootpw")
+                await anyio.sleep(2.5)  # two permission checks, now with auth on
+                revision = await client.put(prefix + "k", "on")
+                event = await anext(sub)
+                assert (event.key, event.revision) == (prefix + "k", revision)
+                status = sub.status
+    assert (status.state, status.reconnects, status.last_error) == ("live", 0, None)
+    errors = [e["event"] for e in logs if e.get("log_level") == "error"]
+    assert errors == []
+    assert "etcd.reauthenticated" in [e["event"] for e in logs]
+
+
 async def test_revoked_permission_of_a_client_certificate_user_is_noticed_without_a_reconnect(
     etcd_tls_files: TLSFiles,
 ) -> None:
