@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -180,9 +180,9 @@ def probes_router(
     router = APIRouter()
 
     @router.get(readiness_path, include_in_schema=False)
-    async def readyz() -> JSONResponse:
+    async def readyz() -> Response:
         ok, body = readiness(lives, max_staleness)
-        return JSONResponse(body, status_code=200 if ok else 503, headers=_NO_STORE)
+        return _json(body, status_code=200 if ok else 503, headers=_NO_STORE)
 
     @router.get(liveness_path, include_in_schema=False)
     async def livez() -> JSONResponse:
@@ -260,6 +260,12 @@ def _follow_fleets(lives: Sequence[LiveSettings[Any]]) -> None:
 
 def _dumps(body: Any) -> str:
     return json.dumps(body, allow_nan=False, separators=(",", ":"))
+
+
+def _json(body: Any, *, status_code: int = 200, headers: Mapping[str, str]) -> Response:
+    """A JSON response. Not Starlette's JSONResponse: its ``ensure_ascii=False`` fails on a key
+    name that is not UTF-8 (kept with surrogate escapes, e.g. in the history); this escapes it."""
+    return Response(_dumps(body), status_code=status_code, media_type="application/json", headers=headers)
 
 
 @functools.cache
@@ -394,7 +400,7 @@ def status_router(
         headers = {**_NO_STORE, "Vary": "Accept"}
         if _prefers_html(request.headers.get("accept", "")):
             return HTMLResponse(_page(body), headers={**headers, "Content-Security-Policy": _PAGE_POLICY})
-        return JSONResponse(body, headers=headers)
+        return _json(body, headers=headers)
 
     @router.get(path.rstrip("/") + "/events", include_in_schema=False)
     async def events() -> Response:

@@ -508,7 +508,7 @@ async def test_infinite_and_nan_settings_show_as_strings_in_status_page_and_stre
 ) -> None:
     """``inf``/``-inf``/``nan`` are valid floats for pydantic; JSON has no such numbers, so the status
     shows them as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (what etcd holds, and what pydantic
-    reads back) instead of failing with a 500."""
+    reads back) instead of failing with a 500. A key name that is not UTF-8 is escaped."""
 
     class Floats(BaseSettings):
         ratio: float = 1.0
@@ -530,6 +530,12 @@ async def test_infinite_and_nan_settings_show_as_strings_in_status_page_and_stre
         app.include_router(status_router(live, max_staleness=float("inf"), heartbeat=0.1))
         async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
             assert live.current.ratio == float("inf")
+            # A stray key whose name is not UTF-8: kept with surrogate escapes, and in the history
+            # of changes, it made Starlette's JSONResponse (ensure_ascii=False) fail with a 500.
+            stray = await client.put((etcd_prefix + "notes").encode() + b"\xff", b"x")
+            with anyio.fail_after(5):
+                while live.revision < stray:
+                    await anyio.sleep(0.01)
             ready = await http.get("/readyz")
             status = await http.get("/status")
             page = await http.get("/status", headers={"accept": BROWSER})
@@ -544,6 +550,8 @@ async def test_infinite_and_nan_settings_show_as_strings_in_status_page_and_stre
     assert ready.status_code == 200
     assert status.status_code == 200, status.text
     assert page.status_code == 200, page.text
+    assert status.headers["content-type"] == "application/json"
+    assert "notes\\udcff" in status.text  # named, escaped
     body = strict_json(status.text)
     assert body["max_staleness"] == "inf"
     values = body["settings"][0]["settings"]["values"]
