@@ -611,6 +611,24 @@ async def test_bad_input_is_one_line_and_a_non_zero_exit_never_a_traceback(
     assert err.startswith("aetcdcfg: usage: 'odd.yaml': tags: a set"), err
 
 
+async def test_errors_about_bad_input_never_print_what_may_be_a_secret(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """PyYAML's own message quotes the offending line (``password: hunter2: ...``), and a
+    ``KEY=VALUE`` with no key was echoed whole: both land in CI logs. Where and what only."""
+    m = ("--model", "svc_settings:Settings")
+    (workdir / "bad.yaml").write_text("rate_limit: 200\ndb:\n  password: hunter2: very-secret\n")
+    for args in (("push", etcd_prefix, "bad.yaml", *m, "--dry-run"), ("set", etcd_prefix, "=hunter2", *m)):
+        with anyio.fail_after(30):
+            code, out, err = await run(*args, check=False)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (args, err)
+        assert "hunter2" not in err, err
+    code, _, err = await run("push", etcd_prefix, "bad.yaml", *m, check=False)
+    assert err.strip() == (
+        "aetcdcfg: usage: 'bad.yaml' is not valid YAML: mapping values are not allowed here at line 3, column 20"
+    )
+
+
 async def test_dates_in_yaml_and_toml_files_are_written_as_iso_8601_text(
     workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:

@@ -34,7 +34,13 @@ def loads(text: bytes, suffix: str, name: str) -> dict[str, Any]:
                 import yaml
             except ImportError as exc:
                 raise UsageError("YAML files need PyYAML: pip install 'aetcdcfg[cli]'") from exc
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.MarkedYAMLError as exc:
+                # str(exc) quotes the offending line, which may hold a secret: where, and what, only.
+                mark = exc.problem_mark
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                raise UsageError(f"{name!r} is not valid YAML: {exc.problem or exc.context}{where}") from None
         elif suffix == ".toml":
             if sys.version_info >= (3, 11):
                 import tomllib

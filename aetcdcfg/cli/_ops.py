@@ -146,7 +146,9 @@ def _assignments(prefix: str, pairs: list[str]) -> dict[str, bytes]:
         key, sep, value = pair.partition("=")
         key = key[len(prefix) :] if key.startswith(prefix) else key.lstrip("/")
         if not sep or not key:
-            raise UsageError(f"{pair!r}: expected KEY=VALUE, e.g. rate_limit=200 or db/url=postgres://db")
+            # Never the argument itself: what follows an "=" may be a secret.
+            shown = repr(pair) if not sep else "an argument with no key before '='"
+            raise UsageError(f"{shown}: expected KEY=VALUE, e.g. rate_limit=200 or db/url=postgres://db")
         if key in items:
             raise UsageError(f"{key!r} is given twice")
         items[key] = value.encode()
