@@ -629,6 +629,31 @@ async def test_errors_about_bad_input_never_print_what_may_be_a_secret(
     )
 
 
+async def test_a_key_another_spelling_of_its_field_shadows_is_refused_not_written(
+    workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """Field names match case-insensitively and ignore empty path parts, so ``RATE_LIMIT=5`` and
+    ``rate_limit/=7`` were accepted beside etcd's ``rate_limit``: written, "wrote 1 put(s)", exit
+    0, and the service kept building rate_limit from ``rate_limit``. Refused, naming the key to write."""
+    m = ("--model", "svc_settings:Settings")
+    (workdir / "shadow.yaml").write_text("RATE_LIMIT: 9\n")
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "rate_limit", "150")
+        for args in (
+            ("set", etcd_prefix, "RATE_LIMIT=5", *m),
+            ("set", etcd_prefix, "rate_limit/=7", *m),
+            ("push", etcd_prefix, "shadow.yaml", *m),
+        ):
+            with anyio.fail_after(30):
+                code, out, err = await run(*args, check=False)
+            assert code == 1 and err == "", (args, code, out, err)
+            assert out.startswith("REFUSED: ") and out.rstrip().endswith("nothing was written"), out
+            assert f"(its field is read from {etcd_prefix}rate_limit: write that key)" in out, out
+        assert (await client.get_prefix(etcd_prefix)).items == {etcd_prefix + "rate_limit": b"150"}
+        code, out, _ = await run("set", etcd_prefix, "rate_limit=5", *m)
+        assert code == 0 and await client.get(etcd_prefix + "rate_limit") == b"5"
+
+
 async def test_dates_in_yaml_and_toml_files_are_written_as_iso_8601_text(
     workdir: Path, etcd_server: EtcdServer, etcd_prefix: str
 ) -> None:

@@ -28,7 +28,7 @@ from ._common import (
     say_if_hidden,
     value_secrets,
 )
-from ._write import add_guard_options, base, refuse_unknown, write_result
+from ._write import add_guard_options, base, refuse_shadowed, refuse_unknown, write_result
 
 __all__ = ["register", "cmd_diff", "cmd_history", "cmd_rollback", "cmd_set"]
 
@@ -166,6 +166,9 @@ async def cmd_set(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         current = await base(args, client, prefix)
         result = {**current.items, **{prefix + k: v for k, v in wanted.items()}}
+        relative = {k[len(prefix) :]: v for k, v in result.items()}
+        if refuse_shadowed(model, prefix, wanted, relative, "the command line"):
+            return 1
         return await write_result(
             args,
             client,
@@ -257,7 +260,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="change a few keys, validated, in one txn",
         description="Write KEY=VALUE pairs under PREFIX, the way push writes a file: keys no field of "
-        "--model reads are refused, the resulting state is validated, the diff shown, and it is "
+        "--model reads (or that another spelling of their field in etcd overrides) are refused, "
+        "the resulting state is validated, the diff shown, and it is "
         "written in one transaction refused if the prefix changed meanwhile.",
     )
     set_.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)

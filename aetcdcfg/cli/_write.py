@@ -15,7 +15,7 @@ from .._validate import build_model
 from ..client import EtcdClient
 from ..errors import ConfigRejected
 from ..events import Snapshot
-from ..source import resolve_key
+from ..source import decode_items, resolve_key
 from ._common import (
     PREFIX_HELP,
     Secrets,
@@ -38,6 +38,7 @@ __all__ = [
     "register",
     "cmd_check",
     "cmd_push",
+    "refuse_shadowed",
     "refuse_unknown",
     "write_result",
 ]
@@ -112,6 +113,30 @@ def refuse_unknown(model: type[BaseModel], prefix: str, keys: Iterable[str], sou
     out(f"REFUSED: {source} has keys that no field of {model.__name__} reads:")
     for key in unknown:
         out(f"  {prefix}{key}")
+    out("nothing was written")
+    return True
+
+
+def refuse_shadowed(
+    model: type[BaseModel], prefix: str, keys: Iterable[str], result: Mapping[str, str | bytes], source: str
+) -> bool:
+    """Print a refusal and return True if some relative ``keys`` would be written and not read:
+    another spelling of the same field (``RATE_LIMIT``, ``rate_limit/`` beside ``rate_limit``) in
+    ``result`` (relative keys) is the one the model takes. The write would succeed and change nothing."""
+    origins = decode_items(
+        model, {k: v if isinstance(v, bytes) else v.encode() for k, v in result.items()}
+    ).origins
+    shadowed = []
+    for key in keys:
+        resolved = resolve_key(model, key)
+        taken = origins.get(resolved[0]) if resolved is not None else None
+        if taken is not None and taken != key:
+            shadowed.append((key, taken))
+    if not shadowed:
+        return False
+    out(f"REFUSED: {source} has keys that {model.__name__} would not read (another key fills their field):")
+    for key, taken in sorted(shadowed):
+        out(f"  {prefix}{key}  (its field is read from {prefix}{taken}: write that key)")
     out("nothing was written")
     return True
 
@@ -207,6 +232,8 @@ async def cmd_push(args: argparse.Namespace) -> int:
         extra = sorted(k for k in current if k not in wanted)
         result = {k: v for k, v in current.items() if not (args.prune and k in extra)}
         result.update(wanted)
+        if refuse_shadowed(model, prefix, wanted, result, file):
+            return 1
         notes = []
         if extra and not args.prune:
             notes.append(
@@ -275,9 +302,9 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="validate a file, show the diff, write it in one txn",
         description="Write a YAML, JSON or TOML file of settings under PREFIX: the resulting state "
         "is validated with --model first (refused, writing nothing, if invalid or if the file has "
-        "keys no field reads), the diff is shown with secrets masked, and it is written in one "
-        "transaction that is refused if the prefix changed meanwhile. Keys etcd has and the file "
-        "lacks are kept unless --prune.",
+        "keys no field reads, or that another spelling of their field overrides), the diff is "
+        "shown with secrets masked, and it is written in one transaction that is refused if the "
+        "prefix changed meanwhile. Keys etcd has and the file lacks are kept unless --prune.",
     )
     push.add_argument("prefix", metavar="PREFIX", help=PREFIX_HELP)
     push.add_argument("file", nargs="?", metavar="FILE", help="a .yaml, .json or .toml file of settings")
