@@ -594,6 +594,8 @@ async def test_bad_input_is_one_line_and_a_non_zero_exit_never_a_traceback(
         ("diff", p, "--from", "1", "--to", "0"),
         ("rollback", p, "--to-revision", "0", *m),
         ("rollback", p, "--to-revision", "x", *m),
+        ("rollback", p, "--to-revision", str(2**63), *m),  # past etcd's int64 revisions
+        ("diff", p, "--from", str(2**64)),
         ("watch", p, "--from-revision", "0"),
         ("push", p, "cfg.yaml", "--expect-revision", "0", *m),
         ("set", p, "rate_limit=caf\udce9", *m),  # a byte that is not UTF-8, as the shell passed it

@@ -86,7 +86,12 @@ def revision(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a revision number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"etcd's revisions start at 1, got {value}")
+    if value > _MAX_REVISION:  # etcd's revisions are int64: protobuf would refuse it later
+        raise argparse.ArgumentTypeError(f"etcd's revisions end at {_MAX_REVISION}, got {value}")
     return value
+
+
+_MAX_REVISION = 2**63 - 1
 
 
 def positive_float(text: str) -> float:
