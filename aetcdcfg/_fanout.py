@@ -82,6 +82,17 @@ class Subscription:
     def __repr__(self) -> str:
         return f"<Subscription {self.prefix!r} from revision {self.start_revision}>"
 
+    def _history_epoch(self) -> tuple[object, int]:
+        """(the shared watch, how many times it found etcd's history replaced): a subscriber that
+        resubscribes to the same watch and finds another count missed a replacement meanwhile."""
+        return self._hub, self._hub.resets
+
+    def _caught_up(self) -> bool:
+        """It took everything the shared watch handed it: nothing buffered, no private catch-up."""
+        if self._available:
+            return False
+        return not any(sub.catching_up for sub in self._hub.subscribers if sub.subscription is self)
+
     @property
     def status(self) -> WatchStatus:
         """How current the shared watch behind this subscription is (taken now; see ``WatchStatus``)."""
@@ -275,6 +286,8 @@ class PrefixWatch:
         self._starting = False
         self.closed = False
         self._holders = 0  # open watch() contexts, lagged or not
+        #: Times etcd's history was found replaced (a wiped or restored cluster): see ``_reset``.
+        self.resets = 0
 
     async def ensure_started(self, task_group: anyio.abc.TaskGroup) -> None:
         """List the prefix and start following it; raises if etcd cannot be read (e.g. unreachable)."""
@@ -366,6 +379,7 @@ class PrefixWatch:
         replay and the live revisions it holds are of the old history, and the resync is relative
         to what the shared watch had delivered, not to where it got. It fails, to re-read.
         """
+        self.resets += 1
         self.history.clear()
         self._history_events = 0
         self.floor = revision + 1

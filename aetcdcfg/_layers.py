@@ -44,8 +44,8 @@ class Layer:
     #: Since when (``anyio.current_time()``) this layer has been off its watch (lagged, failed)
     #: and not yet back to the revision its watch had delivered; None while it follows.
     behind_since: float | None = None
-    #: The revision this layer must reach to follow again (its watch's, when it resubscribed).
-    behind_until: int = 0
+    #: Its watch's history epoch when it last subscribed (see ``Subscription._history_epoch``).
+    epoch: tuple[object, int] | None = None
 
     @property
     def canary(self) -> bool:

@@ -43,8 +43,10 @@ from ._wakeup import Sleeper, Waker
 from .client import EtcdClient
 from .errors import (
     AetcdcfgError,
+    AuthenticationFailed,
     ConfigRejected,
     FutureRevision,
+    PermissionDenied,
     RevisionCompacted,
     SettingsClosed,
     SubscriberLagged,
@@ -189,12 +191,18 @@ class LiveSettings(Generic[ModelT]):
         ]
         if not watches:
             raise RuntimeError("LiveSettings is not started: use `async with live:` first")
+        watch = max((watch for _, watch in watches), key=lambda watch: watch.staleness)
+        behind = [watch for _, watch in watches if watch.state == "behind"]
+        if behind and watch.state != "behind":  # the stalest layer's staleness, a behind one's state
+            watch = dataclasses.replace(
+                max(behind, key=lambda watch: watch.staleness), staleness=watch.staleness
+            )
         return SettingsStatus(
             prefix=self.prefix,
             model=self.model.__name__,
             revision=self._revision,
             loaded=self._current is not None,
-            watch=max((watch for _, watch in watches), key=lambda watch: watch.staleness),
+            watch=watch,
             layers=tuple(watch for canary, watch in watches if not canary),
             applied=self._applied,
             rejected=self._rejected,
@@ -216,8 +224,9 @@ class LiveSettings(Generic[ModelT]):
         )
 
     def _following(self, layer: Layer) -> None:
-        """The layer reached the revision its watch had delivered when it resubscribed."""
-        if layer.behind_since is not None and self._known >= layer.behind_until:
+        """Off its watch no more once it took all its resumed watch held (nothing buffered, no
+        private catch-up left): it is where the shared watch is."""
+        if layer.behind_since is not None and layer.sub is not None and layer.sub._caught_up():
             layer.behind_since = None
 
     def etcd_fields(self) -> dict[tuple[str, ...], str]:
@@ -448,18 +457,17 @@ class LiveSettings(Generic[ModelT]):
                         self._apply_state(*await read_all(client, self._layers, self._log))
                     reread = False
                     for each in self._layers:  # every layer read at one revision: none behind
-                        each.behind_until = self._known
-                        self._following(each)
+                        each.behind_since = None
                 if sub is not None:
+                    layer.epoch = sub._history_epoch()
                     await self._consume(client, layer, sub)
                 else:
                     async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
                         layer.sub = resumed
-                        delivered = resumed.status.revision
-                        if delivered < self._known:
-                            # The shared watch is below what these settings reflect: etcd's history
-                            # was replaced (wiped, restored) while this layer was off it, and the
-                            # new one's revisions up to ours would never come: read afresh.
+                        seen, layer.epoch = layer.epoch, resumed._history_epoch()
+                        if seen is not None and seen[0] is layer.epoch[0] and seen != layer.epoch:
+                            # The shared watch re-listed a replaced etcd (wiped, restored) while this
+                            # layer was off it: the new history's revisions up to ours never come.
                             self._log.warning(
                                 "config.layers_reread",
                                 layer=layer.prefix,
@@ -468,7 +476,6 @@ class LiveSettings(Generic[ModelT]):
                             )
                             reread = True
                             continue
-                        layer.behind_until = delivered
                         self._following(layer)
                         await self._consume(client, layer, resumed)
             except RevisionCompacted:
@@ -488,13 +495,14 @@ class LiveSettings(Generic[ModelT]):
                 # (a gap found with nothing written since) is, and no replay holds it: read afresh.
                 reread = exc.resume_revision <= self._known
             except AetcdcfgError as exc:
-                # Keep serving the last good settings; the retry reads afresh, for resuming where
+                # Keep serving the last good settings. The retry reads afresh, for resuming where
                 # this failed may never work (a catch-up etcd's gRPC proxy refuses to replay only
-                # grows), and a read says at once whether the cause (e.g. a revoked permission) is gone.
+                # grows); not after a refused permission or credentials, which no read fixes (and a
+                # layer of many keys would be read every 2 s while it lasts).
                 self._log.error(
                     "config.watch_failed", layer=layer.prefix, error=str(exc), revision=self._revision
                 )
-                reread = True
+                reread = not isinstance(exc, (PermissionDenied, AuthenticationFailed))
                 await anyio.sleep(2.0)
             if layer.behind_since is None:
                 layer.behind_since = anyio.current_time()

@@ -563,3 +563,105 @@ async def test_a_settings_layer_off_its_watch_is_behind_however_healthy_the_shar
             while live.current.rate_limit != 7 or live.status.watch.state != "live":
                 await anyio.sleep(0.02)
         assert live.is_fresh()  # the shared watch's staleness again
+
+
+async def test_a_read_afresh_on_a_quiet_prefix_happens_once_not_in_a_loop(
+    etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
+    """A lag at the applied revision reads every layer afresh, at etcd's revision, which writes
+    elsewhere moved past this prefix's last event. Taking the shared watch's lower revision for a
+    replaced history re-read ~1,000 times a second, saying live, until this prefix was written.
+    Once; and a write still applies."""
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "app/rate_limit", "5")
+        async with LiveSettings(
+            AppSettings, prefix=etcd_prefix + "app/", client=client, report=False
+        ) as live:
+            for n in range(3):  # etcd moves on, this prefix stays quiet
+                await client.put(etcd_prefix + f"elsewhere/{n}", "x")
+            layer_sub = live._layers[0].sub
+            assert layer_sub is not None
+            (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+            with capture_logs() as logs:
+                mine.lag(live.revision)  # as a lag on a re-list of the revision it applied
+                await anyio.sleep(2)
+                rereads = [e for e in logs if e["event"] == "config.layers_reread"]
+                state = live.status.watch.state
+                written = await client.put(etcd_prefix + "app/rate_limit", "6")
+                settings = await live.wait_for(lambda s: s.rate_limit == 6, timeout=5)
+    assert len(rereads) <= 1 and state == "live", (len(rereads), state)
+    assert settings.rate_limit == 6 and live.revision == written
+
+
+async def test_a_layer_back_on_its_watch_is_not_left_behind_by_a_progress_notification(
+    etcd_prefix: str,
+) -> None:
+    """etcd's progress notification moves the shared watch's revision past this prefix's last
+    event. A layer that resubscribed then waited to apply a revision no event would bring, and
+    said ``behind`` (and /readyz 503) until the prefix was next written. It follows once it has
+    taken everything its watch held."""
+    with EtcdServer(keepalive_min_time=1, progress_notify_interval=1) as server:
+        async with EtcdClient(endpoints=[server.endpoint], keepalive_time=1, keepalive_timeout=1) as client:
+            await client.put(etcd_prefix + "app/rate_limit", "5")
+            async with LiveSettings(
+                AppSettings, prefix=etcd_prefix + "app/", client=client, report=False
+            ) as live:
+                elsewhere = await client.put(etcd_prefix + "elsewhere", "x")
+                layer_sub = live._layers[0].sub
+                assert layer_sub is not None
+                with anyio.fail_after(10):
+                    while layer_sub.status.revision < elsewhere:  # a progress notification came
+                        await anyio.sleep(0.05)
+                (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+                mine.lag(live.revision + 1)
+                with anyio.fail_after(5):
+                    while live._layers[0].sub is layer_sub:  # until it resubscribed
+                        await anyio.sleep(0.01)
+                with anyio.move_on_after(5):
+                    while live.status.watch.state != "live":
+                        await anyio.sleep(0.05)
+                status, fresh = live.status, live.is_fresh()
+    assert live.revision < elsewhere  # nothing of this prefix came since
+    assert status.watch.state == "live" and fresh
+
+
+async def test_a_refused_permission_is_not_answered_with_full_reads_every_two_seconds(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed resume reads every layer afresh, except when the failure is a permission or the
+    credentials: no read fixes those, and a layer of many keys would be read every 2 s meanwhile."""
+    import contextlib
+
+    from aetcdcfg import PermissionDenied
+    from aetcdcfg import live as live_module
+
+    real_watch = EtcdClient.watch
+    refused: list[int] = []
+    reads: list[int] = []
+    real_read_all = live_module.read_all
+
+    async def read_all(*args: object) -> object:
+        reads.append(1)
+        return await real_read_all(*args)  # type: ignore[arg-type]
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None:
+            refused.append(1)
+            raise PermissionDenied("the test revoked it", key=prefix)
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    async with (
+        EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+        LiveSettings(AppSettings, prefix=etcd_prefix, client=client, report=False) as live,
+    ):
+        layer_sub = live._layers[0].sub
+        assert layer_sub is not None
+        (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+        monkeypatch.setattr(EtcdClient, "watch", watch)
+        monkeypatch.setattr(live_module, "read_all", read_all)
+        mine.lag(live.revision + 1)
+        await anyio.sleep(4.5)
+    assert len(refused) >= 2  # retried every 2 s
+    assert reads == []
