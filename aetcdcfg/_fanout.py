@@ -43,9 +43,9 @@ log = get_logger()
 
 #: Events of recent revisions kept per prefix so a lagged subscriber can resume without etcd.
 HISTORY_EVENTS = 10_000
-#: Live revisions held for a subscriber whose private catch-up has not finished (besides the history
-#: replayed to it); past this it lags (resuming later from where the catch-up got to) rather than
-#: holding memory without bound.
+#: Revisions held for a subscriber whose private catch-up has not finished, besides the history
+#: replayed to it (at most HISTORY_EVENTS batches): it holds at most the sum; past it, it lags
+#: (resuming later from where the catch-up got to) rather than holding memory without bound.
 PENDING_LIMIT = 10_000
 
 
