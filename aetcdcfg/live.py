@@ -468,13 +468,7 @@ class LiveSettings(Generic[ModelT]):
                         if seen is not None and seen[0] is layer.epoch[0] and seen != layer.epoch:
                             # The shared watch re-listed a replaced etcd (wiped, restored) while this
                             # layer was off it: the new history's revisions up to ours never come.
-                            self._log.warning(
-                                "config.layers_reread",
-                                layer=layer.prefix,
-                                reason="history_replaced",
-                                revision=self._known,
-                            )
-                            reread = True
+                            reread = self._reread_for(layer, "history_replaced")
                             continue
                         self._following(layer)
                         await self._consume(client, layer, resumed)
@@ -482,13 +476,7 @@ class LiveSettings(Generic[ModelT]):
                 # Lagged further back than the shared watch remembers, and etcd compacted those
                 # revisions meanwhile: resuming there can never work (it was retried for good), so
                 # every layer is read afresh at one revision and followed from there.
-                self._log.warning(
-                    "config.layers_reread",
-                    layer=layer.prefix,
-                    reason="RevisionCompacted",
-                    revision=self._known,
-                )
-                reread = True
+                reread = self._reread_for(layer, "RevisionCompacted")
             except SubscriberLagged as exc:
                 self._log.warning("config.lagged", layer=layer.prefix, resume_revision=exc.resume_revision)
                 # What it missed is at a revision already applied: only a re-list of that revision
@@ -507,6 +495,11 @@ class LiveSettings(Generic[ModelT]):
             if layer.behind_since is None:
                 layer.behind_since = anyio.current_time()
             sub = None
+
+    def _reread_for(self, layer: Layer, reason: str) -> bool:
+        """Log why every layer is about to be read afresh (``config.layers_reread``); True."""
+        self._log.warning("config.layers_reread", layer=layer.prefix, reason=reason, revision=self._known)
+        return True
 
     async def _consume(self, client: EtcdClient, layer: Layer, sub: Subscription) -> None:
         if len(self._layers) == 1:
