@@ -77,6 +77,8 @@ class Subscription:
         self._error: BaseException | None = None
         self._available = 0  # revisions the hub put in the buffer and we have not taken yet
         self._ended = False
+        #: The hub's side of this subscription (set by ``subscribe``).
+        self._handle: _Subscriber | None = None
         self._sleeper = Sleeper(hub.waker.loop)
 
     def __repr__(self) -> str:
@@ -88,10 +90,9 @@ class Subscription:
         return self._hub, self._hub.resets
 
     def _caught_up(self) -> bool:
-        """It took everything the shared watch handed it: nothing buffered, no private catch-up."""
-        if self._available:
-            return False
-        return not any(sub.catching_up for sub in self._hub.subscribers if sub.subscription is self)
+        """It took everything the shared watch handed it (nothing buffered, no private catch-up) and
+        is still handed the rest (not cut off: lagged or failed)."""
+        return not (self._available or self._ended or self._handle is None or self._handle.catching_up)
 
     @property
     def status(self) -> WatchStatus:
@@ -420,6 +421,7 @@ class PrefixWatch:
             )
         subscription = Subscription(self.label, receive, start_revision=first, snapshot=snapshot, hub=self)
         sub.subscription = subscription
+        subscription._handle = sub
         for batch in replay:
             sub.offer(batch)
         self.subscribers = (*self.subscribers, sub)

@@ -458,18 +458,27 @@ class LiveSettings(Generic[ModelT]):
                     reread = False
                     for each in self._layers:  # every layer read at one revision: none behind
                         each.behind_since = None
+                        if each.sub is not None:  # and none missed a replaced history since
+                            each.epoch = each.sub._history_epoch()
                 if sub is not None:
                     layer.epoch = sub._history_epoch()
                     await self._consume(client, layer, sub)
                 else:
                     async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
                         layer.sub = resumed
-                        seen, layer.epoch = layer.epoch, resumed._history_epoch()
-                        if seen is not None and seen[0] is layer.epoch[0] and seen != layer.epoch:
+                        epoch, seen = resumed._history_epoch(), layer.epoch
+                        if seen is not None and (
+                            (seen[0] is epoch[0] and seen != epoch)
+                            # another shared watch (the old one failed): its listing is etcd's
+                            # revision then, below ours only if etcd's history was replaced
+                            or (seen[0] is not epoch[0] and resumed.status.revision < self._known)
+                        ):
                             # The shared watch re-listed a replaced etcd (wiped, restored) while this
                             # layer was off it: the new history's revisions up to ours never come.
+                            # (The epoch is taken once the re-read succeeded.)
                             reread = self._reread_for(layer, "history_replaced")
                             continue
+                        layer.epoch = epoch
                         self._following(layer)
                         await self._consume(client, layer, resumed)
             except RevisionCompacted:
@@ -490,7 +499,7 @@ class LiveSettings(Generic[ModelT]):
                 self._log.error(
                     "config.watch_failed", layer=layer.prefix, error=str(exc), revision=self._revision
                 )
-                reread = not isinstance(exc, (PermissionDenied, AuthenticationFailed))
+                reread = reread or not isinstance(exc, (PermissionDenied, AuthenticationFailed))
                 await anyio.sleep(2.0)
             if layer.behind_since is None:
                 layer.behind_since = anyio.current_time()

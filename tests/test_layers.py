@@ -232,28 +232,48 @@ async def test_compaction_right_after_a_write_never_gives_a_torn_or_older_object
     assert [e for e in logs if e["event"] == "config.layer_read_compacted"]  # the case really arose
 
 
+@pytest.mark.parametrize("how", ["same_watch", "read_fails_once", "new_watch"])
 async def test_settings_off_their_watch_while_etcd_is_wiped_read_afresh_when_they_resume(
-    etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+    how: str, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A LiveSettings lags; before it resumes, etcd is wiped and restarted, and the shared watch
     re-lists the new history, whose revisions are below the ones the settings reflect. Resuming
     after its own revision, it waited for revisions the new history had already passed, and kept
-    the old cluster's value: it reads afresh instead."""
+    the old cluster's value: it reads afresh instead. Also when that read fails once (the re-read
+    stays due), and when the shared watch ended meanwhile and a new one listed the new history."""
     import contextlib
 
+    from aetcdcfg import PermissionDenied
+    from aetcdcfg import live as live_module
+
     real_watch = EtcdClient.watch
+    real_read_all = live_module.read_all
     new: list[int] = []
+    reads: list[int] = []
+
+    async def read_all(*args: object) -> object:
+        reads.append(1)
+        if how == "read_fails_once" and len(reads) == 1:
+            raise PermissionDenied("refused once by the test")
+        return await real_read_all(*args)  # type: ignore[arg-type]
 
     @contextlib.asynccontextmanager
     async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
         if kwargs.get("start_revision") is not None and not new:  # the resume after the lag
+            if how == "new_watch":
+                assert hub._scope is not None
+                hub._scope.cancel()  # the shared watch ends (as on a failure) and is forgotten
+                while not hub.closed:
+                    await anyio.sleep(0.02)
             await anyio.to_thread.run_sync(server.wipe_and_restart)
             async with EtcdClient(endpoints=[server.endpoint]) as writer:
                 new.append(await writer.put(etcd_prefix + "rate_limit", "7"))
-            while hub.state is None or hub.state.delivered != new[-1]:  # re-listed the new etcd
-                await anyio.sleep(0.02)
+            while how != "new_watch" and (hub.state is None or hub.state.delivered != new[-1]):
+                await anyio.sleep(0.02)  # re-listed the new etcd
         async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
             yield sub
+
+    monkeypatch.setattr(live_module, "read_all", read_all)
 
     with capture_logs() as logs, EtcdServer(**MEMBER_OPTIONS) as server, anyio.fail_after(60):
         async with (
@@ -285,3 +305,4 @@ async def test_settings_off_their_watch_while_etcd_is_wiped_read_afresh_when_the
     assert new[-1] < old  # the revisions really went backwards
     reasons = [e["reason"] for e in logs if e["event"] == "config.layers_reread"]
     assert reasons == ["history_replaced"]
+    assert len(reads) == (2 if how == "read_fails_once" else 1)
