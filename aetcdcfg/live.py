@@ -216,6 +216,8 @@ class LiveSettings(Generic[ModelT]):
         failing) is behind, and stale since then at least, however healthy the shared watch is."""
         assert layer.sub is not None
         watch = layer.sub.status
+        if layer.behind_since is not None:
+            self._following(layer)  # a catch-up that handed over nothing wakes no consumer
         if layer.behind_since is None:
             return watch
         off = anyio.current_time() - layer.behind_since
@@ -466,6 +468,10 @@ class LiveSettings(Generic[ModelT]):
                 else:
                     async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
                         layer.sub = resumed
+                        if resumed.start_revision > self._known + 1:
+                            # Another layer's re-read (a replaced history: lower revisions) ran while
+                            # this one subscribed: from where that read left every layer, instead.
+                            continue
                         epoch, seen = resumed._history_epoch(), layer.epoch
                         if seen is not None and (
                             (seen[0] is epoch[0] and seen != epoch)

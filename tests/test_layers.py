@@ -306,3 +306,71 @@ async def test_settings_off_their_watch_while_etcd_is_wiped_read_afresh_when_the
     reasons = [e["reason"] for e in logs if e["event"] == "config.layers_reread"]
     assert reasons == ["history_replaced"]
     assert len(reads) == (2 if how == "read_fails_once" else 1)
+
+
+async def test_two_layers_resuming_across_a_wiped_etcd_miss_nothing_of_either(
+    etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both layers lag; etcd is wiped. The first to resume finds the history replaced and reads
+    every layer afresh, at a revision below the one the second is subscribing from (and takes the
+    second's epoch, as read). The second then followed the new history from the old revision and
+    missed its own writes below it: it resubscribes from where the re-read left every layer."""
+    import contextlib
+
+    shared, own = etcd_prefix + "shared/", etcd_prefix + "own/"
+    real_watch = EtcdClient.watch
+    reread_done = anyio.Event()
+    wiped: list[int] = []
+    late: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None and prefix == shared and not wiped:
+            await anyio.to_thread.run_sync(server.wipe_and_restart)
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                wiped.append(await writer.put(shared + "a", "7"))
+            while hubs[shared].resets == 0 or hubs[own].resets == 0:  # both re-listed the new etcd
+                await anyio.sleep(0.02)
+        if kwargs.get("start_revision") is not None and prefix == own and not late:
+            await reread_done.wait()  # the shared layer's re-read ran while this one subscribed
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                late.append(await writer.put(own + "b", "8"))
+            while hubs[own].state is None or hubs[own].state.delivered < late[-1]:
+                await anyio.sleep(0.02)
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    with capture_logs() as logs, EtcdServer(**MEMBER_OPTIONS) as server, anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[server.endpoint], **WATCHER_OPTIONS) as watcher,
+            LiveSettings(Service, prefix=[shared, own], client=watcher, canary=False, report=False) as live,
+        ):
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                for n in range(1, 11):
+                    await writer.put_many({shared + "a": str(n), own + "b": str(n)})
+            await live.wait_for(lambda s: (s.a, s.b) == (10, 10), timeout=5)
+            old = live.revision
+            hubs = {layer.prefix: layer.sub._hub for layer in live._layers}  # type: ignore[union-attr]
+            handles = [
+                handle
+                for layer in live._layers
+                for handle in hubs[layer.prefix].subscribers
+                if handle.subscription is layer.sub
+            ]
+            monkeypatch.setattr(EtcdClient, "watch", watch)
+
+            async def mark_reread() -> None:
+                while not any(e["event"] == "config.layers_reread" for e in logs) or live.revision >= old:
+                    await anyio.sleep(0.01)
+                reread_done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(mark_reread)
+                for handle in handles:
+                    handle.lag(old + 1)
+            with anyio.move_on_after(RECOVERY_BOUND):
+                while (live.current.a, live.current.b) != (7, 8):
+                    await anyio.sleep(0.05)
+            current = live.current
+    assert wiped and wiped[-1] < late[-1] < old  # written in the new history, below the old revision
+    assert (current.a, current.b) == (7, 8)

@@ -665,3 +665,55 @@ async def test_a_refused_permission_is_not_answered_with_full_reads_every_two_se
         await anyio.sleep(4.5)
     assert len(refused) >= 2  # retried every 2 s
     assert reads == []
+
+
+async def test_a_layer_whose_catch_up_hands_over_nothing_is_not_left_behind(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its resume was refused once (no re-read for a permission) and its shared watch ended; the
+    new one lists etcd above the settings' revision (written elsewhere meanwhile), so the resume
+    replays that gap privately, and finds nothing of this prefix in it. No batch comes to wake the
+    layer: it said ``behind`` until the prefix was next written. Its status sees it caught up."""
+    import contextlib
+
+    from aetcdcfg import PermissionDenied
+
+    real_watch = EtcdClient.watch
+    refused: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None and not refused:
+            refused.append(1)
+            assert hub._scope is not None
+            hub._scope.cancel()  # the shared watch ends and is forgotten
+            while not hub.closed:
+                await anyio.sleep(0.02)
+            for n in range(3):  # etcd moves on elsewhere
+                await client.put(etcd_prefix + f"elsewhere/{n}", "x")
+            raise PermissionDenied("refused once by the test", key=prefix)
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    async with EtcdClient(endpoints=[etcd_server.endpoint]) as client:
+        await client.put(etcd_prefix + "app/rate_limit", "5")
+        async with LiveSettings(
+            AppSettings, prefix=etcd_prefix + "app/", client=client, report=False, canary=False
+        ) as live:
+            layer_sub = live._layers[0].sub
+            assert layer_sub is not None
+            hub = layer_sub._hub
+            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            monkeypatch.setattr(EtcdClient, "watch", watch)
+            mine.lag(live.revision + 1)
+            with anyio.fail_after(10):
+                while live._layers[0].sub is layer_sub or live._layers[0].sub._hub is hub:  # type: ignore[union-attr]
+                    await anyio.sleep(0.02)  # until it resumed on a new shared watch
+            with anyio.move_on_after(5):
+                while live.status.watch.state != "live":
+                    await anyio.sleep(0.05)
+            state = live.status.watch.state
+            written = await client.put(etcd_prefix + "app/rate_limit", "6")
+            settings = await live.wait_for(lambda s: s.rate_limit == 6, timeout=5)
+    assert refused == [1] and state == "live"
+    assert (settings.rate_limit, live.revision) == (6, written)
