@@ -456,12 +456,8 @@ class LiveSettings(Generic[ModelT]):
             try:
                 if reread:
                     async with self._apply_lock:
-                        self._apply_state(*await read_all(client, self._layers, self._log))
+                        await self._read_afresh(client)
                     reread = False
-                    for each in self._layers:  # every layer read at one revision: none behind
-                        each.behind_since = None
-                        if each.sub is not None:  # and none missed a replaced history since
-                            each.epoch = each.sub._history_epoch()
                 if sub is not None:
                     layer.epoch = sub._history_epoch()
                     await self._consume(client, layer, sub)
@@ -525,9 +521,26 @@ class LiveSettings(Generic[ModelT]):
             return
         async for batch in sub.batches():
             async with self._apply_lock:
-                await self._apply_layered(client, layer, batch)
+                if sub._history_epoch() != layer.epoch:
+                    # etcd's history was replaced under this watch; if its re-listing changed
+                    # nothing here (an empty prefix, the canary layer) no resync came, and this
+                    # batch's lower revision would be skipped as applied: read afresh.
+                    self._reread_for(layer, "history_replaced")
+                    await self._read_afresh(client)
+                else:
+                    await self._apply_layered(client, layer, batch)
             if layer.behind_since is not None:
                 self._following(layer)
+
+    async def _read_afresh(self, client: EtcdClient) -> None:
+        """Every layer read at one revision (the caller holds the apply lock). Each layer's watch
+        epoch is taken before the read, so a replacement found after it is still noticed; a layer
+        off its watch stays behind until it has caught up on it again."""
+        epochs = [each.sub._history_epoch() if each.sub is not None else None for each in self._layers]
+        self._apply_state(*await read_all(client, self._layers, self._log))
+        for each, epoch in zip(self._layers, epochs, strict=True):
+            each.epoch = epoch
+            self._following(each)
 
     async def _apply_layered(self, client: EtcdClient, layer: Layer, batch: Sequence[Event]) -> None:
         """One revision of one layer of several: the others are read as of that revision."""

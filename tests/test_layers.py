@@ -374,3 +374,90 @@ async def test_two_layers_resuming_across_a_wiped_etcd_miss_nothing_of_either(
             current = live.current
     assert wiped and wiped[-1] < late[-1] < old  # written in the new history, below the old revision
     assert (current.a, current.b) == (7, 8)
+
+
+async def test_an_empty_layered_settings_follows_an_etcd_wiped_under_it(etcd_prefix: str) -> None:
+    """A service on its defaults: its prefix and its canary layer are empty. etcd is wiped; each
+    shared watch re-lists and finds nothing changed, so no resync batch comes, and the settings
+    still reflect the old, higher revision. The next writes come at lower revisions and were
+    skipped as applied (status ``live``) until etcd's revision passed the old one."""
+    with capture_logs() as logs, EtcdServer(**MEMBER_OPTIONS) as server, anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[server.endpoint], **WATCHER_OPTIONS) as watcher,
+            LiveSettings(Service, prefix=etcd_prefix + "svc/", client=watcher, report=False) as live,
+        ):
+            assert len(live._layers) == 2  # the prefix and its canary layer
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                for n in range(20):  # etcd's revision moves on elsewhere
+                    await writer.put(etcd_prefix + f"elsewhere/{n % 3}", "x")
+                await writer.put(etcd_prefix + "svc/b", "1")
+            await live.wait_for(lambda s: s.b == 1, timeout=5)
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                await writer.delete(etcd_prefix + "svc/b")
+            await live.wait_for(lambda s: s.b == 0, timeout=5)
+            old = live.revision
+            await anyio.to_thread.run_sync(server.wipe_and_restart)
+            hub = live._layers[0].sub._hub  # type: ignore[union-attr]
+            with anyio.fail_after(RECOVERY_BOUND):
+                while hub.resets == 0:  # the prefix's watch re-listed the new, empty etcd
+                    await anyio.sleep(0.02)
+            async with EtcdClient(endpoints=[server.endpoint]) as writer:
+                new = await writer.put(etcd_prefix + "svc/b", "7")
+            with anyio.move_on_after(5):
+                while live.current.b != 7:
+                    await anyio.sleep(0.05)
+            current = live.current
+    assert new < old
+    assert current.b == 7
+    assert "history_replaced" in [e.get("reason") for e in logs if e["event"] == "config.layers_reread"]
+
+
+async def test_a_read_afresh_leaves_a_layer_still_off_its_watch_behind(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two layers lag. One's resume keeps failing (a refused permission: retried every 2 s); the
+    other's lag is at the applied revision, so it reads every layer afresh. That read marked every
+    layer as following, the failing one too: ``live`` (and fresh) until its next failure."""
+    import contextlib
+
+    from aetcdcfg import PermissionDenied
+
+    shared, own = etcd_prefix + "shared/", etcd_prefix + "own/"
+    real_watch = EtcdClient.watch
+    refused: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def watch(self: EtcdClient, prefix: str, **kwargs: object) -> object:
+        if kwargs.get("start_revision") is not None and prefix == own:
+            refused.append(1)
+            raise PermissionDenied("refused by the test", key=prefix)
+        async with real_watch(self, prefix, **kwargs) as sub:  # type: ignore[arg-type]
+            yield sub
+
+    with anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+            LiveSettings(Service, prefix=[shared, own], client=client, canary=False, report=False) as live,
+        ):
+            await client.put_many({shared + "a": "1", own + "b": "1"})
+            await live.wait_for(lambda s: (s.a, s.b) == (1, 1), timeout=5)
+            handles = {
+                layer.prefix: handle
+                for layer in live._layers
+                for handle in layer.sub._hub.subscribers  # type: ignore[union-attr]
+                if handle.subscription is layer.sub
+            }
+            monkeypatch.setattr(EtcdClient, "watch", watch)
+            handles[own].lag(live.revision + 1)
+            with anyio.fail_after(5):
+                while not refused:
+                    await anyio.sleep(0.01)
+            before = live._layers[0].sub
+            handles[shared].lag(live.revision)  # at the applied revision: a read afresh
+            with anyio.fail_after(5):
+                while live._layers[0].sub is before:  # read afresh, then resubscribed
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)
+            states = [watch.state for watch in live.status.layers]
+    assert len(refused) == 1  # still in its 2 s pause
+    assert states == ["live", "behind"]  # the shared layer follows again; the refused one does not
