@@ -89,6 +89,11 @@ class Subscription:
         resubscribes to the same watch and finds another count missed a replacement meanwhile."""
         return self._hub, self._hub.resets
 
+    def _leave(self) -> None:
+        """Stop being handed revisions, before the ``watch()`` context ends (it still must)."""
+        if self._handle is not None:
+            self._hub.discard(self._handle)
+
     def _caught_up(self) -> bool:
         """It took everything the shared watch handed it (nothing buffered, no private catch-up) and
         is still handed the rest (not cut off: lagged or failed)."""

@@ -113,6 +113,7 @@ async def subscribe_all(
             layers.remove(layer)
             continue
         assert sub.snapshot is not None
+        layer.epoch = sub._history_epoch()  # from the listing on: a replaced history is noticed
         layer.sub = sub
         layer.items = layer.relative(sub.snapshot.items)
         revisions.append(sub.snapshot.revision)

@@ -452,6 +452,7 @@ class LiveSettings(Generic[ModelT]):
         """Apply every revision of one layer; re-subscribes gap-free if it lags or the watch fails."""
         sub = layer.sub
         reread = False
+        pause = 0.0  # after a failure: before the next attempt
         while True:
             try:
                 if reread:
@@ -459,7 +460,6 @@ class LiveSettings(Generic[ModelT]):
                         await self._read_afresh(client)
                     reread = False
                 if sub is not None:
-                    layer.epoch = sub._history_epoch()
                     await self._consume(client, layer, sub)
                 else:
                     async with client.watch(layer.prefix, start_revision=self._known + 1) as resumed:
@@ -502,10 +502,17 @@ class LiveSettings(Generic[ModelT]):
                     "config.watch_failed", layer=layer.prefix, error=str(exc), revision=self._revision
                 )
                 reread = reread or not isinstance(exc, (PermissionDenied, AuthenticationFailed))
-                await anyio.sleep(2.0)
+                pause = 2.0
             if layer.behind_since is None:
                 layer.behind_since = anyio.current_time()
+            if layer.sub is not None:
+                # Off it now (a read inside it failed, say): not handed more to overflow with, and
+                # never taken for caught up while nothing consumes it.
+                layer.sub._leave()
             sub = None
+            if pause:
+                await anyio.sleep(pause)
+                pause = 0.0
 
     def _reread_for(self, layer: Layer, reason: str) -> bool:
         """Log why every layer is about to be read afresh (``config.layers_reread``); True."""

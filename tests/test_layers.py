@@ -461,3 +461,45 @@ async def test_a_read_afresh_leaves_a_layer_still_off_its_watch_behind(
             states = [watch.state for watch in live.status.layers]
     assert len(refused) == 1  # still in its 2 s pause
     assert states == ["live", "behind"]  # the shared layer follows again; the refused one does not
+
+
+async def test_a_layer_whose_read_failed_is_behind_until_it_resumed_and_then_applies_the_change(
+    etcd_server: EtcdServer, etcd_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the other layer as of a revision is refused once. The layer leaves its watch for
+    2 s; its first subscription was still attached, and on a quiet prefix looked caught up: the
+    status said ``live`` while nothing consumed it (and it would have overflowed later). It is
+    ``behind`` until it resumed, then the refused revision is applied."""
+    from aetcdcfg import PermissionDenied
+    from aetcdcfg import live as live_module
+
+    shared, own = etcd_prefix + "shared/", etcd_prefix + "own/"
+    real_read_at = live_module.read_at
+    refused: list[int] = []
+
+    async def read_at(*args: object) -> object:
+        if not refused:
+            refused.append(1)
+            raise PermissionDenied("refused once by the test")
+        return await real_read_at(*args)  # type: ignore[arg-type]
+
+    with anyio.fail_after(60):
+        async with (
+            EtcdClient(endpoints=[etcd_server.endpoint]) as client,
+            LiveSettings(Service, prefix=[shared, own], client=client, canary=False, report=False) as live,
+        ):
+            await client.put_many({shared + "a": "1", own + "b": "1"})
+            await live.wait_for(lambda s: (s.a, s.b) == (1, 1), timeout=5)
+            monkeypatch.setattr(live_module, "read_at", read_at)
+            written = await client.put(own + "b", "2")
+            with anyio.fail_after(5):
+                while not refused:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.5)  # in its 2 s pause
+            during = [watch.state for watch in live.status.layers]
+            settings = await live.wait_for(lambda s: s.b == 2, timeout=10)
+            with anyio.fail_after(5):
+                while [watch.state for watch in live.status.layers] != ["live", "live"]:
+                    await anyio.sleep(0.05)
+    assert during == ["live", "behind"]
+    assert settings.b == 2 and live.revision == written
