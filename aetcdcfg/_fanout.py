@@ -37,7 +37,7 @@ from .errors import AetcdcfgError, ClientClosedError, EtcdError, HistoryReplaced
 from .events import Event, Snapshot
 from .status import WatchHealth, WatchStatus
 
-__all__ = ["PrefixWatch", "Subscription", "WatchRegistry"]
+__all__ = ["PrefixWatch", "Subscription", "WatchRegistry", "caught_up", "history_epoch", "leave"]
 
 log = get_logger()
 
@@ -83,21 +83,6 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.prefix!r} from revision {self.start_revision}>"
-
-    def _history_epoch(self) -> tuple[object, int]:
-        """(the shared watch, how many times it found etcd's history replaced): a subscriber that
-        resubscribes to the same watch and finds another count missed a replacement meanwhile."""
-        return self._hub, self._hub.resets
-
-    def _leave(self) -> None:
-        """Stop being handed revisions, before the ``watch()`` context ends (it still must)."""
-        if self._handle is not None:
-            self._hub.discard(self._handle)
-
-    def _caught_up(self) -> bool:
-        """It took everything the shared watch handed it (nothing buffered, no private catch-up) and
-        is still handed the rest (not cut off: lagged or failed)."""
-        return not (self._available or self._ended or self._handle is None or self._handle.catching_up)
 
     @property
     def status(self) -> WatchStatus:
@@ -158,6 +143,24 @@ class Subscription:
     def _end(self) -> None:
         self._ended = True
         self._hub.waker.wake(self._sleeper)
+
+
+def history_epoch(sub: Subscription) -> tuple[object, int]:
+    """(the shared watch, how many times it found etcd's history replaced): a subscriber that
+    resubscribes to the same watch and finds another count missed a replacement meanwhile."""
+    return sub._hub, sub._hub.resets
+
+
+def leave(sub: Subscription) -> None:
+    """Stop handing ``sub`` revisions, before its ``watch()`` context ends (which it still must)."""
+    if sub._handle is not None:
+        sub._hub.discard(sub._handle)
+
+
+def caught_up(sub: Subscription) -> bool:
+    """``sub`` took everything the shared watch handed it (nothing buffered, no private catch-up)
+    and is still handed the rest (not cut off: lagged, failed or left)."""
+    return not (sub._available or sub._ended or sub._handle is None or sub._handle.catching_up)
 
 
 class _Subscriber:

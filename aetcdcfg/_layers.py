@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from ._backoff import Backoff
 from ._canary import canary_prefix, overlay_of
-from ._fanout import Subscription
+from ._fanout import Subscription, history_epoch
 from ._log import Logger
 from ._records import Identity
 from .client import EtcdClient
@@ -44,7 +44,7 @@ class Layer:
     #: Since when (``anyio.current_time()``) this layer has been off its watch (lagged, failed)
     #: and not yet back to the revision its watch had delivered; None while it follows.
     behind_since: float | None = None
-    #: Its watch's history epoch when it last subscribed (see ``Subscription._history_epoch``).
+    #: Its watch's history epoch when it last subscribed (see ``_fanout.history_epoch``).
     epoch: tuple[object, int] | None = None
 
     @property
@@ -113,7 +113,7 @@ async def subscribe_all(
             layers.remove(layer)
             continue
         assert sub.snapshot is not None
-        layer.epoch = sub._history_epoch()  # from the listing on: a replaced history is noticed
+        layer.epoch = history_epoch(sub)  # from the listing on: a replaced history is noticed
         layer.sub = sub
         layer.items = layer.relative(sub.snapshot.items)
         revisions.append(sub.snapshot.revision)

@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 from pydantic import BaseModel
 
-from ._fanout import Subscription
+from ._fanout import Subscription, caught_up, history_epoch, leave
 from ._fleetview import FleetView
 from ._layers import Layer, canaries_followed, in_canary, layers_of, read_all, read_at, subscribe_all
 from ._log import get_logger
@@ -228,7 +228,7 @@ class LiveSettings(Generic[ModelT]):
     def _following(self, layer: Layer) -> None:
         """Off its watch no more once it took all its resumed watch held (nothing buffered, no
         private catch-up left): it is where the shared watch is."""
-        if layer.behind_since is not None and layer.sub is not None and layer.sub._caught_up():
+        if layer.behind_since is not None and layer.sub is not None and caught_up(layer.sub):
             layer.behind_since = None
 
     def etcd_fields(self) -> dict[tuple[str, ...], str]:
@@ -468,7 +468,7 @@ class LiveSettings(Generic[ModelT]):
                             # Another layer's re-read (a replaced history: lower revisions) ran while
                             # this one subscribed: from where that read left every layer, instead.
                             continue
-                        epoch, seen = resumed._history_epoch(), layer.epoch
+                        epoch, seen = history_epoch(resumed), layer.epoch
                         if seen is not None and (
                             (seen[0] is epoch[0] and seen != epoch)
                             # another shared watch (the old one failed): its listing is etcd's
@@ -508,7 +508,7 @@ class LiveSettings(Generic[ModelT]):
             if layer.sub is not None:
                 # Off it now (a read inside it failed, say): not handed more to overflow with, and
                 # never taken for caught up while nothing consumes it.
-                layer.sub._leave()
+                leave(layer.sub)
             sub = None
             if pause:
                 await anyio.sleep(pause)
@@ -528,7 +528,7 @@ class LiveSettings(Generic[ModelT]):
             return
         async for batch in sub.batches():
             async with self._apply_lock:
-                if sub._history_epoch() != layer.epoch:
+                if history_epoch(sub) != layer.epoch:
                     # etcd's history was replaced under this watch; if its re-listing changed
                     # nothing here (an empty prefix, the canary layer) no resync came, and this
                     # batch's lower revision would be skipped as applied: read afresh.
@@ -543,7 +543,7 @@ class LiveSettings(Generic[ModelT]):
         """Every layer read at one revision (the caller holds the apply lock). Each layer's watch
         epoch is taken before the read, so a replacement found after it is still noticed; a layer
         off its watch stays behind until it has caught up on it again."""
-        epochs = [each.sub._history_epoch() if each.sub is not None else None for each in self._layers]
+        epochs = [history_epoch(each.sub) if each.sub is not None else None for each in self._layers]
         self._apply_state(*await read_all(client, self._layers, self._log))
         for each, epoch in zip(self._layers, epochs, strict=True):
             each.epoch = epoch

@@ -361,19 +361,19 @@ async def test_a_relist_at_the_revision_last_handed_over_still_reaches_a_subscri
 
 
 async def test_a_subscription_cut_off_is_never_caught_up(hubs: Hubs) -> None:
-    """``_caught_up`` (a LiveSettings layer follows its watch again) holds while the subscription
+    """``caught_up`` (a LiveSettings layer follows its watch again) holds while the subscription
     has taken all it was handed and is still handed the rest: never once it lagged or failed,
     though its buffer is empty; not while its private catch-up runs."""
     hub, _ = hubs.make(delivered=10, first_in_memory=11)
     sub, _handle = hubs.join(hub, None, 1)
-    assert sub._caught_up()
+    assert _fanout.caught_up(sub)
     publish(hub, revision(11))
-    assert not sub._caught_up()  # buffered
+    assert not _fanout.caught_up(sub)  # buffered
     assert await read(sub, 1) == [11]
-    assert sub._caught_up()
+    assert _fanout.caught_up(sub)
     publish(hub, revision(12))
     publish(hub, revision(13))  # the buffer of one overflows: cut off
     assert await read(sub, 1) == [12]
-    assert not sub._caught_up()
+    assert not _fanout.caught_up(sub)
     old, catching = hubs.join(hub, 5, 4)
-    assert catching.catching_up and not old._caught_up()
+    assert catching.catching_up and not _fanout.caught_up(old)
