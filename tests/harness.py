@@ -23,6 +23,7 @@ from aetcd.rpc import rpc_pb2
 from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, EtcdError, Event, EventType, LiveSettings, Subscription
+from aetcdcfg._fanout import _Subscriber
 from aetcdcfg._resume import Step, StepKind, WatchState
 from aetcdcfg.testing import EtcdMember, TLSFiles, as_records, etcd_history
 
@@ -280,6 +281,14 @@ class Dropping:
     def clear(self) -> None:
         self.revisions.clear()
         self.from_revision = None
+
+
+def subscriber_of(sub: Subscription | None) -> _Subscriber:
+    """The shared watch's side of ``sub``, still handed revisions: to lag it as a full buffer would."""
+    assert sub is not None
+    handle = sub._handle
+    assert handle is not None and handle in sub._hub.subscribers
+    return handle
 
 
 def drop_revisions(monkeypatch: pytest.MonkeyPatch, prefix: str) -> Dropping:

@@ -31,6 +31,7 @@ from .harness import (
     logged,
     report,
     stall_detected,
+    subscriber_of,
     wait_logged,
 )
 
@@ -460,7 +461,7 @@ async def test_live_settings_whose_resume_the_proxy_refuses_to_replay_reads_afre
             layer_sub = live._layers[0].sub
             assert layer_sub is not None
             hub = layer_sub._hub
-            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            mine = subscriber_of(layer_sub)
             monkeypatch.setattr(EtcdClient, "watch", watch)
             mine.lag(live.revision + 1)
             with anyio.move_on_after(10):

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from aetcdcfg import ConfigRejected, EtcdClient, LiveSettings
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
-from .harness import MEMBER_OPTIONS, RECOVERY_BOUND, WATCHER_OPTIONS
+from .harness import MEMBER_OPTIONS, RECOVERY_BOUND, WATCHER_OPTIONS, subscriber_of
 
 pytestmark = pytest.mark.anyio
 
@@ -288,7 +288,7 @@ async def test_settings_off_their_watch_while_etcd_is_wiped_read_afresh_when_the
             layer_sub = live._layers[0].sub
             assert layer_sub is not None
             hub = layer_sub._hub
-            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            mine = subscriber_of(layer_sub)
             monkeypatch.setattr(EtcdClient, "watch", watch)
             mine.lag(old + 1)
             with anyio.move_on_after(RECOVERY_BOUND):
@@ -351,12 +351,7 @@ async def test_two_layers_resuming_across_a_wiped_etcd_miss_nothing_of_either(
             await live.wait_for(lambda s: (s.a, s.b) == (10, 10), timeout=5)
             old = live.revision
             hubs = {layer.prefix: layer.sub._hub for layer in live._layers}  # type: ignore[union-attr]
-            handles = [
-                handle
-                for layer in live._layers
-                for handle in hubs[layer.prefix].subscribers
-                if handle.subscription is layer.sub
-            ]
+            handles = [subscriber_of(layer.sub) for layer in live._layers]
             monkeypatch.setattr(EtcdClient, "watch", watch)
 
             async def mark_reread() -> None:
@@ -441,12 +436,7 @@ async def test_a_read_afresh_leaves_a_layer_still_off_its_watch_behind(
         ):
             await client.put_many({shared + "a": "1", own + "b": "1"})
             await live.wait_for(lambda s: (s.a, s.b) == (1, 1), timeout=5)
-            handles = {
-                layer.prefix: handle
-                for layer in live._layers
-                for handle in layer.sub._hub.subscribers  # type: ignore[union-attr]
-                if handle.subscription is layer.sub
-            }
+            handles = {layer.prefix: subscriber_of(layer.sub) for layer in live._layers}
             monkeypatch.setattr(EtcdClient, "watch", watch)
             handles[own].lag(live.revision + 1)
             with anyio.fail_after(5):

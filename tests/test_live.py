@@ -23,7 +23,7 @@ from aetcdcfg import (
 )
 from aetcdcfg.testing import EtcdServer, FaultProxy
 
-from .harness import WATCHER_OPTIONS
+from .harness import WATCHER_OPTIONS, subscriber_of
 from .test_validate import LEAKY_VALUES, SECRET, Leaky
 
 pytestmark = pytest.mark.anyio
@@ -498,7 +498,7 @@ async def test_a_lag_resumed_below_a_compaction_reads_afresh_instead_of_retrying
             assert layer_sub is not None
             hub = layer_sub._hub
             monkeypatch.setattr(EtcdClient, "watch", watch)
-            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            mine = subscriber_of(layer_sub)
             with capture_logs() as logs:
                 mine.lag(live.revision + 1)
                 with anyio.fail_after(10):
@@ -543,7 +543,7 @@ async def test_a_settings_layer_off_its_watch_is_behind_however_healthy_the_shar
     ):
         layer_sub = live._layers[0].sub
         assert layer_sub is not None
-        (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+        mine = subscriber_of(layer_sub)
         with anyio.fail_after(10):
             while live.status.watch.state != "live":
                 await anyio.sleep(0.02)
@@ -581,7 +581,7 @@ async def test_a_read_afresh_on_a_quiet_prefix_happens_once_not_in_a_loop(
                 await client.put(etcd_prefix + f"elsewhere/{n}", "x")
             layer_sub = live._layers[0].sub
             assert layer_sub is not None
-            (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+            mine = subscriber_of(layer_sub)
             with capture_logs() as logs:
                 mine.lag(live.revision)  # as a lag on a re-list of the revision it applied
                 await anyio.sleep(2)
@@ -612,7 +612,7 @@ async def test_a_layer_back_on_its_watch_is_not_left_behind_by_a_progress_notifi
                 with anyio.fail_after(10):
                     while layer_sub.status.revision < elsewhere:  # a progress notification came
                         await anyio.sleep(0.05)
-                (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+                mine = subscriber_of(layer_sub)
                 mine.lag(live.revision + 1)
                 with anyio.fail_after(5):
                     while live._layers[0].sub is layer_sub:  # until it resubscribed
@@ -658,7 +658,7 @@ async def test_a_refused_permission_is_not_answered_with_full_reads_every_two_se
     ):
         layer_sub = live._layers[0].sub
         assert layer_sub is not None
-        (mine,) = [s for s in layer_sub._hub.subscribers if s.subscription is layer_sub]
+        mine = subscriber_of(layer_sub)
         monkeypatch.setattr(EtcdClient, "watch", watch)
         monkeypatch.setattr(live_module, "read_all", read_all)
         mine.lag(live.revision + 1)
@@ -703,7 +703,7 @@ async def test_a_layer_whose_catch_up_hands_over_nothing_is_not_left_behind(
             layer_sub = live._layers[0].sub
             assert layer_sub is not None
             hub = layer_sub._hub
-            (mine,) = [s for s in hub.subscribers if s.subscription is layer_sub]
+            mine = subscriber_of(layer_sub)
             monkeypatch.setattr(EtcdClient, "watch", watch)
             mine.lag(live.revision + 1)
             with anyio.fail_after(10):
