@@ -561,7 +561,7 @@ class LiveSettings(Generic[ModelT]):
             # stream had delivered, not to these layers' keys, so every layer is read afresh,
             # even at the revision they reflect (a gap found with nothing written since).
             self._log.warning("config.layers_reread", layer=layer.prefix, reason="resync", revision=revision)
-            self._apply_state(*await read_all(client, self._layers, self._log))
+            await self._read_afresh(client)
             return
         try:
             others = {
@@ -579,7 +579,7 @@ class LiveSettings(Generic[ModelT]):
                 else "config.layers_reread"
             )
             self._log.warning(event, layer=layer.prefix, reason=type(exc).__name__, revision=revision)
-            self._apply_state(*await read_all(client, self._layers, self._log))
+            await self._read_afresh(client)
             return
         self._apply(layer, batch, others)
 
