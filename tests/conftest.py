@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import faulthandler
 import functools
 import inspect
 import sys
 import threading
+import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
@@ -19,20 +22,123 @@ if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
 
 
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return "asyncio", {"loop_factory": _new_loop}
 
 
 @pytest.fixture(scope="session", autouse=True)
-async def _one_event_loop(anyio_backend: str) -> AsyncIterator[None]:
+async def _one_event_loop(anyio_backend: object) -> AsyncIterator[None]:
     """grpc.aio binds its completion queue to the first event loop it sees; a session-scoped async
     fixture keeps anyio's runner, and so a single loop, alive for every test."""
     _LOOPS.append(asyncio.get_running_loop())
+    runner = asyncio.current_task()
+    _watch_runner(runner)
     yield
+    if isinstance(runner, _TracedTask):  # the runner's own end at the session's end is no news
+        runner.traced = False
+        runner.remove_done_callback(_runner_ended)
     _LOOPS.remove(asyncio.get_running_loop())
 
 
 _LOOPS: list[asyncio.AbstractEventLoop] = []
+
+
+class _TracedTask(asyncio.Task):  # type: ignore[type-arg]
+    """A task that, once marked, remembers where each ``cancel()`` of it came from.
+
+    anyio runs every async test and fixture in one runner task. Whatever cancels that task outside
+    a test's own cancel scopes (a scope left open past its test, a stray ``task.cancel()``) ends it,
+    and every later test fails with ``ClosedResourceError``: the stacks say who did it.
+    """
+
+    traced = False
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.traced:
+            stack = f"  msg={msg!r}{_scope_of(sys._getframe(1))}\n"
+            stack += "".join(traceback.format_stack(limit=24)[:-1])
+            _RUNNER_CANCELS.append((_CURRENT_TEST[0], time.monotonic(), stack))
+        return super().cancel(msg)
+
+
+def _scope_of(frame: Any) -> str:
+    """The anyio cancel scope delivering a cancellation from ``frame`` (or a caller), described."""
+    while frame is not None:
+        if frame.f_code.co_name == "_deliver_cancellation":
+            scope = frame.f_locals.get("origin")
+            host = getattr(scope, "_host_task", None)
+            return (
+                f" scope={scope!r} active={getattr(scope, '_active', '?')}"
+                f" deadline={getattr(scope, '_deadline', '?')} now={time.monotonic():.3f}"
+                f" host={host.get_name() if host is not None else None}"
+            )
+        frame = frame.f_back
+    return ""
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_task_factory(lambda loop, coro, **kwargs: _TracedTask(coro, loop=loop, **kwargs))
+    return loop
+
+
+_RUNNER_CANCELS: collections.deque[tuple[str, float, str]] = collections.deque(maxlen=6)
+_CURRENT_TEST = ["(session set-up)"]
+_RUNNER_DEATHS: list[str] = []
+_RUNNER_DEATHS_UNREPORTED: list[str] = []
+
+
+def _watch_runner(task: asyncio.Task[Any] | None) -> None:
+    """Trace the runner task's cancellations, and say loudly when and how it ends."""
+    if isinstance(task, _TracedTask):
+        task.traced = True
+        task.add_done_callback(_runner_ended)
+
+
+def _recent_cancels() -> str:
+    now = time.monotonic()
+    lines = ["the runner task's last cancel() calls:"]
+    for test, at, stack in _RUNNER_CANCELS:
+        lines.append(f"-- {now - at:.2f} s ago, during {test}:\n{stack}")
+    return "\n".join(lines)
+
+
+def _runner_ended(task: asyncio.Task[Any]) -> None:
+    how = "cancelled" if task.cancelled() else f"ended with {task.exception()!r}"
+    _RUNNER_DEATHS.append(f"anyio's runner task {how} during {_CURRENT_TEST[0]}; {_recent_cancels()}")
+    _RUNNER_DEATHS_UNREPORTED.append(_RUNNER_DEATHS[-1])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A runner task that ended since the last test is replaced (no cascade of ``ClosedResourceError``
+    through the rest of the session), and this test errors with the stacks of whoever cancelled it."""
+    from anyio import pytest_plugin
+
+    runner = pytest_plugin._current_runner
+    task = getattr(runner, "_runner_task", None)
+    if task is not None and task.done():
+        runner._runner_task = None  # type: ignore[union-attr]  # anyio starts a new one on demand
+    if _RUNNER_DEATHS_UNREPORTED:
+        pytest.fail(_RUNNER_DEATHS_UNREPORTED.pop(), pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """A test during which the runner task ended fails, and its report says who cancelled the task."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "call" and _RUNNER_DEATHS_UNREPORTED:
+        report.outcome = "failed"
+        report.sections.append(("anyio runner task", _RUNNER_DEATHS_UNREPORTED.pop()))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for death in _RUNNER_DEATHS:
+        terminalreporter.write_sep("=", "anyio's runner task ended", red=True)
+        terminalreporter.write_line(death)
+
+
 #: A test body gets this much less than pytest-timeout's limit, and the watchdog fires this much
 #: before it: see :func:`_no_stray_cancel` and :func:`pytest_runtest_protocol`.
 _BODY_MARGIN, _WATCHDOG_MARGIN = 20.0, 8.0
@@ -88,6 +194,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
     stays in anyio's runner and every later test of the session fails behind it. The dump says
     where the first one hung (a shielded close, a blocking call in the loop's thread).
     """
+    _CURRENT_TEST[0] = item.nodeid
     limit = _time_limit(item)
     timer = None
     if limit is not None and limit > _WATCHDOG_MARGIN:
@@ -136,7 +243,9 @@ def _no_stray_cancel(
             task = asyncio.current_task()
             while task is not None and hasattr(task, "uncancel") and task.uncancel() > 0:
                 pass  # leave the runner task as uncancelled as it was for the next test
-            raise StrayCancellation(f"{test.__name__} ended with a stray {exc!r}") from exc
+            raise StrayCancellation(
+                f"{test.__name__} ended with a stray {exc!r}; {_recent_cancels()}"
+            ) from exc
 
     return run
 

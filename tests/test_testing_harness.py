@@ -42,11 +42,6 @@ from aetcdcfg.testing import (
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll ``condition`` until true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
