@@ -210,6 +210,34 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
             timer.cancel()
 
 
+class ScopeLeftOpen(AssertionError):
+    """A test returned with an anyio cancel scope it entered still open in anyio's runner task."""
+
+
+async def _no_scope_left_open(body: Awaitable[Any]) -> Any:
+    """Await ``body``; fail if it left a cancel scope (a timeout, a task group) open in this task.
+
+    Such a scope (entered in a generator or context manager never closed) stays in the runner task
+    that runs every later test: its deadline or a failure in its task group would cancel whatever
+    test runs then, or the runner itself between two tests.
+    """
+    from anyio._backends._asyncio import _task_states
+
+    task = asyncio.current_task()
+    state = _task_states.get(task) if task is not None else None
+    before = state.cancel_scope if state is not None else None
+    try:
+        return await body
+    finally:
+        state = _task_states.get(task) if task is not None else None
+        after = state.cancel_scope if state is not None else None
+        if after is not before:
+            raise ScopeLeftOpen(
+                f"the test left {after!r} open in the runner task (deadline {after._deadline},"  # type: ignore[union-attr]
+                f" cancelled {after.cancel_called}; the scope around the test: {before!r})"  # type: ignore[union-attr]
+            )
+
+
 class StrayCancellation(AssertionError):
     """A test ended with a ``CancelledError`` that nobody requested of it (or a group holding one)."""
 
@@ -234,9 +262,9 @@ def _no_stray_cancel(
     async def run(**kwargs: Any) -> Any:
         try:
             if limit is None or limit <= _BODY_MARGIN:
-                return await test(**kwargs)
+                return await _no_scope_left_open(test(**kwargs))
             with anyio.fail_after(limit - _BODY_MARGIN):
-                return await test(**kwargs)
+                return await _no_scope_left_open(test(**kwargs))
         except (asyncio.CancelledError, BaseExceptionGroup) as exc:
             if isinstance(exc, Exception):
                 raise  # an ExceptionGroup fails the test as it is
