@@ -11,7 +11,6 @@ This module holds the layers' keys and reads them from etcd; ``live`` decides wh
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 
 from ._backoff import Backoff
 from ._canary import canary_prefix, overlay_of
+from ._exits import ExitStack
 from ._fanout import Subscription, history_epoch
 from ._log import Logger
 from ._records import Identity
@@ -94,9 +94,7 @@ def canaries_followed(layers: Sequence[Layer]) -> tuple[str, ...]:
     return tuple(layer.of for layer in layers if layer.of is not None)
 
 
-async def subscribe_all(
-    stack: contextlib.AsyncExitStack, client: EtcdClient, layers: list[Layer], log: Logger
-) -> list[int]:
+async def subscribe_all(stack: ExitStack, client: EtcdClient, layers: list[Layer], log: Logger) -> list[int]:
     """Subscribe to every layer with a snapshot (undone by ``stack``); each layer's revision listed.
 
     A canary layer the role may not read is dropped from ``layers`` (log ``fleet.canary_unreadable``):

@@ -8,7 +8,6 @@ reporter's task and the views' watches run there; on exit the lease is revoked o
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -16,6 +15,7 @@ import anyio
 import anyio.abc
 from pydantic import BaseModel
 
+from ._exits import ExitStack
 from ._fleetview import FleetView
 from ._log import Logger
 from ._records import Identity, InstanceRecord, library_version, report_enabled, schema_fingerprint
@@ -85,7 +85,7 @@ class Presence:
 
     async def start(
         self,
-        stack: contextlib.AsyncExitStack,
+        stack: ExitStack,
         client: EtcdClient,
         build: Callable[[], InstanceRecord],
         fresh: Callable[[], bool],

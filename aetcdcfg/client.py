@@ -11,6 +11,7 @@ import anyio
 from pydantic import ValidationError
 
 from ._connection import NOT_OPEN, Connection
+from ._exits import ExitStack
 from ._fanout import Subscription, WatchRegistry
 from ._keys import KeyLike, as_bytes, prefix_range_end
 from ._kv import KV
@@ -51,7 +52,7 @@ class EtcdClient(KV):
     def __init__(self, settings: EtcdSettings | None = None, **overrides: Any) -> None:
         self.settings = _settings_from(settings, overrides)
         super().__init__(Connection(self.settings))
-        self._stack: contextlib.AsyncExitStack | None = None
+        self._stack: ExitStack | None = None
         self._watches: WatchRegistry | None = None
 
     def __repr__(self) -> str:
@@ -64,7 +65,7 @@ class EtcdClient(KV):
     async def __aenter__(self) -> EtcdClient:
         if self._stack is not None:
             raise RuntimeError("EtcdClient is already open")
-        stack = contextlib.AsyncExitStack()
+        stack = ExitStack()
         await stack.__aenter__()
         try:
             stack.push_async_callback(self._conn.aclose)

@@ -25,6 +25,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
+from ._exits import ExitStack
 from ._log import get_logger
 from ._report import json_number, status_report
 from .live import DEFAULT_MAX_STALENESS, LiveSettings
@@ -95,7 +96,7 @@ def combine_lifespans(live: LiveSettings[Any], app_lifespan: Lifespan | None = N
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         async with live.lifespan(app) as state:
             more: dict[str, Any] = {}
-            async with contextlib.AsyncExitStack() as stack:
+            async with ExitStack() as stack:
                 if app_lifespan is not None:
                     more = dict(await stack.enter_async_context(app_lifespan(app)) or {})
                 lives = dict.fromkeys((*_lives_in(state), *_lives_in(more)))

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 from pydantic import BaseModel
 
+from ._exits import ExitStack
 from ._fanout import Subscription, caught_up, history_epoch, leave
 from ._fleetview import FleetView
 from ._layers import Layer, canaries_followed, in_canary, layers_of, read_all, read_at, subscribe_all
@@ -148,7 +149,7 @@ class LiveSettings(Generic[ModelT]):
         self._sleepers: list[Sleeper] = []
         self._waiters: list[_Waiter[ModelT]] = []  # wait_for() calls: each gets every applied object
         self._closed = False
-        self._stack: contextlib.AsyncExitStack | None = None
+        self._stack: ExitStack | None = None
         #: How logs and the repr name it: the prefix, or the list of layers.
         self._where: str | list[str] = self.prefix if len(self.prefixes) == 1 else list(self.prefixes)
         self._log = log.bind(prefix=self._where, model=model.__name__)
@@ -352,7 +353,7 @@ class LiveSettings(Generic[ModelT]):
 
     async def __aenter__(self) -> LiveSettings[ModelT]:
         self._closed = False
-        stack = contextlib.AsyncExitStack()
+        stack = ExitStack()
         await stack.__aenter__()
         try:
             client = self._client

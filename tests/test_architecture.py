@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "aetcdcfg"
 
 #: Lower layers first; a module may import only from its own layer or below (ARCHITECTURE.md).
 LAYERS: list[set[str]] = [
-    {"errors", "events", "settings", "status", "_keys", "_backoff", "_log", "_wakeup", "_version"},
+    {"errors", "events", "settings", "status", "_keys", "_backoff", "_log", "_wakeup", "_exits", "_version"},
     {"_grpc_errors", "_resume", "_diff", "_values", "_names", "source", "_records", "_canary"},
     {"_channel", "_validate"},
     {"_connection"},
