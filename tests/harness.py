@@ -220,6 +220,13 @@ def logged(logs: list[dict[str, Any]], event: str, prefix: str) -> list[dict[str
     return [entry for entry in logs if entry["event"] == event and entry.get("prefix") == prefix]
 
 
+def learned_not_etcd(logs: list[dict[str, Any]], endpoint: str) -> bool:
+    """A watch found that ``endpoint`` answers no progress request (etcd's gRPC proxy). Logged once
+    per endpoint of a client, by whichever of its watches (prefixes) learned it first; every watch
+    on it is verified by reads from then on."""
+    return any(e["event"] == "watch.progress_unanswered" and e.get("endpoint") == endpoint for e in logs)
+
+
 async def wait_logged(logs: list[dict[str, Any]], event: str, prefix: str, timeout: float) -> dict[str, Any]:
     with anyio.fail_after(timeout):
         while not logged(logs, event, prefix):

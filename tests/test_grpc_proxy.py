@@ -28,6 +28,7 @@ from .harness import (
     apply_events,
     drop_revisions,
     following,
+    learned_not_etcd,
     logged,
     report,
     stall_detected,
@@ -306,7 +307,7 @@ async def test_a_revision_the_proxy_drops_reaches_every_subscriber_even_with_not
             assert sub.snapshot is not None
             state = dict(sub.snapshot.items)
             events: list[Event] = []
-            while not logged(logs, "watch.progress_unanswered", own):  # verified by reads from now on
+            while not learned_not_etcd(logs, proxy.endpoint):  # verified by reads from now on
                 await anyio.sleep(0.05)
             a = await writer.put(own + "a", "1")
             async for event in sub:
