@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings
 
 from aetcdcfg import EtcdClient, LiveSettings
 from aetcdcfg._exits import ExitStack
+from aetcdcfg.fastapi import combine_lifespans
 from aetcdcfg.testing import EtcdServer
 
 pytestmark = pytest.mark.anyio
@@ -40,17 +41,31 @@ def context_cycle(exc: BaseException | None) -> list[str] | None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def _app_lifespan_with_tasks(app: object) -> AsyncIterator[dict[str, Any]]:
+    """An application's own lifespan that keeps a task running while the app serves."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.sleep_forever)
+        yield {"started": True}
+        tg.cancel_scope.cancel()
+
+
 def opened(kind: str, server: EtcdServer, client: EtcdClient, prefix: str) -> Any:
     if kind == "client":
         return EtcdClient(endpoints=[server.endpoint])
     if kind == "settings":
         return LiveSettings(Flags, prefix=prefix, client=client)
+    if kind == "watch":
+        return client.watch(prefix, with_snapshot=True)
+    if kind == "lifespan":
+        live = LiveSettings(Flags, prefix=prefix, client=client)
+        return combine_lifespans(live, _app_lifespan_with_tasks)(None)
     if kind == "layers":
         return LiveSettings(Flags, prefix=[prefix + "shared/", prefix], client=client)
     return LiveSettings(Flags, prefix=prefix)  # its own client, from AETCDCFG_ENDPOINTS
 
 
-@pytest.mark.parametrize("kind", ["client", "settings", "layers", "settings_own_client"])
+@pytest.mark.parametrize("kind", ["client", "watch", "settings", "layers", "settings_own_client", "lifespan"])
 async def test_cancelled_while_opening_or_open_leaves_a_chain_without_loops(
     etcd_server: EtcdServer, etcd_prefix: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
