@@ -31,9 +31,8 @@ async def _one_event_loop(anyio_backend: object) -> AsyncIterator[None]:
     """grpc.aio binds its completion queue to the first event loop it sees; a session-scoped async
     fixture keeps anyio's runner, and so a single loop, alive for every test."""
     _LOOPS.append(asyncio.get_running_loop())
-    runner = asyncio.current_task()
-    _watch_runner(runner)
     yield
+    runner = asyncio.current_task()  # the one running now: anyio's first, or one started after it
     if isinstance(runner, _TracedTask):  # the runner's own end at the session's end is no news
         runner.traced = False
         runner.remove_done_callback(_runner_ended)
@@ -78,21 +77,24 @@ def _scope_of(frame: Any) -> str:
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
-    loop.set_task_factory(lambda loop, coro, **kwargs: _TracedTask(coro, loop=loop, **kwargs))
+    loop.set_task_factory(_new_task)
     return loop
+
+
+def _new_task(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> _TracedTask:
+    """Every task is traceable; anyio's runner task (the first, or one started after it ended) is
+    traced from the start."""
+    task = _TracedTask(coro, loop=loop, **kwargs)
+    if getattr(coro, "__qualname__", "").endswith("._run_tests_and_fixtures"):
+        task.traced = True
+        task.add_done_callback(_runner_ended)
+    return task
 
 
 _RUNNER_CANCELS: collections.deque[tuple[str, float, str]] = collections.deque(maxlen=6)
 _CURRENT_TEST = ["(session set-up)"]
 _RUNNER_DEATHS: list[str] = []
 _RUNNER_DEATHS_UNREPORTED: list[str] = []
-
-
-def _watch_runner(task: asyncio.Task[Any] | None) -> None:
-    """Trace the runner task's cancellations, and say loudly when and how it ends."""
-    if isinstance(task, _TracedTask):
-        task.traced = True
-        task.add_done_callback(_runner_ended)
 
 
 def _recent_cancels() -> str:
