@@ -66,7 +66,6 @@ class EtcdClient(KV):
         if self._stack is not None:
             raise RuntimeError("EtcdClient is already open")
         stack = ExitStack()
-        await stack.__aenter__()
         try:
             stack.push_async_callback(self._conn.aclose)
             task_group = await stack.enter_async_context(anyio.create_task_group())

@@ -354,7 +354,6 @@ class LiveSettings(Generic[ModelT]):
     async def __aenter__(self) -> LiveSettings[ModelT]:
         self._closed = False
         stack = ExitStack()
-        await stack.__aenter__()
         try:
             client = self._client
             if client is None:
